@@ -1,0 +1,310 @@
+"""The per-track processing stages, as plain functions over folders (no Dagster).
+
+Each stage reads what the previous one stored, so any stage can be re-run on its own
+(a variant backfill reads the stored stems and never re-separates)::
+
+    library/<job_id>/  job.json, cover.*, source.flac, source.json, variants.json
+    stems/<job_id>/    <stem>.flac (24-bit, scaled by stems.json's "scale"), stems.json
+    outputs/<job_id>/  manifest.json, files/audio/*.m4a, files/stems/*.flac (PRESERVE_STEMS)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import audio as audio_mod
+from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
+from .fsutil import atomic_path, safe_filename, sha256_file, write_json_atomic
+from .queues import Claim, Owner, QueueStore
+from .settings import Settings
+from .variants import VARIANTS, mix, selected_variants
+
+SOURCE_RATE = 44100
+SOURCE_CHANNELS = 2
+STEM_FORMAT = "flac"
+
+
+class StageError(RuntimeError):
+    """A stage failed for a reason a person can act on."""
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{type(exc).__name__}: {exc.strerror}{where}"
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, (BundleError, StageError, audio_mod.AudioError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+@contextmanager
+def failing_to_archive(store: QueueStore, job_id: str, stage: str) -> Iterator[None]:
+    """Any exception inside moves the job's working copy to ``failed/`` with
+    ``error.json`` naming the stage, then propagates."""
+    try:
+        yield
+    except BaseException as exc:
+        store.fail(job_id, stage, describe_error(exc))
+        raise
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Library:
+    library_dir: Path
+    stems_dir: Path
+    outputs_dir: Path
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "Library":
+        return cls(s.library_dir, s.stems_dir, s.outputs_dir)
+
+    def track_dir(self, job_id: str) -> Path:
+        return self.library_dir / job_id
+
+    def stem_dir(self, job_id: str) -> Path:
+        return self.stems_dir / job_id
+
+    def output_dir(self, job_id: str) -> Path:
+        return self.outputs_dir / job_id
+
+    def bundle(self, job_id: str) -> JobBundle:
+        """The validated bundle as stored by the source stage (media paths refer to the
+        library copy: only the cover is kept there)."""
+        path = self.track_dir(job_id) / "job.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise StageError(f"track {job_id} has no stored source: materialize source_audio "
+                             "first") from None
+        return JobBundle.from_dict(data, root=self.track_dir(job_id))
+
+    def read_json(self, job_id: str, name: str, *, stems: bool = False) -> dict:
+        folder = self.stem_dir(job_id) if stems else self.track_dir(job_id)
+        path = folder / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise StageError(f"track {job_id}: {path} is missing (upstream asset not "
+                             "materialized)") from None
+
+    def has_stems(self, job_id: str) -> bool:
+        return (self.stem_dir(job_id) / "stems.json").is_file()
+
+    def forget(self, job_id: str, *, outputs: bool = False) -> None:
+        shutil.rmtree(self.track_dir(job_id), ignore_errors=True)
+        shutil.rmtree(self.stem_dir(job_id), ignore_errors=True)
+        if outputs:
+            shutil.rmtree(self.output_dir(job_id), ignore_errors=True)
+
+
+def track_basename(artist: str, title: str) -> str:
+    """``Artist - Track``, safe as one file name (``AC/DC`` -> ``AC_DC``)."""
+    return safe_filename(f"{safe_filename(artist, 90)} - {safe_filename(title, 120)}", 200)
+
+
+# ----- stage 1: source audio -------------------------------------------------------------
+def prepare_source(settings: Settings, store: QueueStore, lib: Library, job_id: str,
+                   owner: Owner, is_alive: Callable[[Claim], bool] | None = None) -> dict:
+    """Claim the bundle, validate it, keep job.json + cover in the library, decode the audio
+    to FLAC at the model rate and check its duration against the online one."""
+    state, folder = store.acquire(job_id, owner, is_alive)
+    with failing_to_archive(store, job_id, "source_audio"):
+        bundle = JobBundle.load(folder)
+        src = bundle.media_path("audio")
+        info = audio_mod.probe(src)
+        if info["audio"] is None:
+            raise StageError(f"{bundle.audio}: no audio stream")
+        wav = audio_mod.decode(src, SOURCE_RATE, SOURCE_CHANNELS)
+        duration = wav.shape[1] / SOURCE_RATE
+        if duration < 0.5:
+            raise StageError(f"{bundle.audio}: only {duration:.2f} s of audio")
+        online = bundle.youtube.duration_online_s if bundle.youtube else None
+        if online:
+            tol = max(settings.ytdl_duration_tol_sec, settings.ytdl_duration_tol_pct * online)
+            if abs(duration - online) > tol:
+                raise StageError(f"duration mismatch: the file lasts {duration:.2f} s but the "
+                                 f"source says {online:.2f} s (tolerance {tol:.2f} s)")
+        track = lib.track_dir(job_id)
+        track.mkdir(parents=True, exist_ok=True)
+        stored = JobBundle.from_dict(bundle.to_dict())
+        stored.audio = "source.flac"
+        stored.video = None
+        stored.cover = None
+        if bundle.cover:
+            cover_src = bundle.media_path("cover")
+            cover_name = "cover" + (Path(bundle.cover).suffix.lower()[:6] or ".img")
+            with atomic_path(track / cover_name) as tmp:
+                shutil.copyfile(cover_src, tmp)
+            stored.cover = cover_name
+        audio_mod.encode(wav, SOURCE_RATE, track / "source.flac", STEM_FORMAT)
+        meta = {
+            "job_id": job_id,
+            "duration_s": round(duration, 4),
+            "sample_rate": SOURCE_RATE,
+            "channels": SOURCE_CHANNELS,
+            "input_codec": info["audio"]["codec"],
+            "input_sample_rate": info["audio"]["sample_rate"],
+            "input_channels": info["audio"]["channels"],
+            "input_sha256": sha256_file(src),
+            "input_file": bundle.audio,
+            "source_type": bundle.source_type,
+            "source_url": bundle.source_url,
+            "duration_online_s": online,
+            "bundle_state": state,
+            "original_bundle": bundle.to_dict(),
+            "at": now_iso(),
+        }
+        stored.save(track)
+        write_json_atomic(track / "source.json", meta)
+    return meta
+
+
+# ----- stage 2: stems -------------------------------------------------------------------
+def separate_stems(lib: Library, job_id: str, separator) -> dict:
+    """Separate the stored source with ``separator`` (an object with ``load()`` returning a
+    ``LoadedModel`` and ``separate(wav)``) and store the stems losslessly."""
+    loaded = separator.load()
+    wav = audio_mod.decode(lib.track_dir(job_id) / "source.flac", loaded.samplerate, loaded.channels)
+    start = time.perf_counter()
+    stems = separator.separate(wav)
+    seconds = time.perf_counter() - start
+    peak = max(float(np.max(np.abs(s))) for s in stems.values())
+    # 24-bit FLAC holds [-1, 1): scale all stems by one factor when any would clip.
+    scale = 1.0 if peak < 0.999 else 0.999 / peak
+    folder = lib.stem_dir(job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in stems.items():
+        audio_mod.encode(data * scale, loaded.samplerate, folder / f"{name}.flac", STEM_FORMAT)
+    meta = {
+        "job_id": job_id,
+        "sources": list(stems),
+        "scale": scale,
+        "sample_rate": loaded.samplerate,
+        "channels": loaded.channels,
+        "duration_s": round(wav.shape[1] / loaded.samplerate, 4),
+        "model": loaded.name,
+        "signature": loaded.signature,
+        "device": str(loaded.device),
+        "segment": separator.segment,
+        "overlap": separator.overlap,
+        "shifts": separator.shifts,
+        "separation_seconds": round(seconds, 3),
+        "at": now_iso(),
+    }
+    write_json_atomic(folder / "stems.json", meta)
+    return meta
+
+
+def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
+    meta = lib.read_json(job_id, "stems.json", stems=True)
+    folder = lib.stem_dir(job_id)
+    stems = {name: audio_mod.decode(folder / f"{name}.flac", meta["sample_rate"], meta["channels"])
+             / meta["scale"] for name in meta["sources"]}
+    return stems, meta
+
+
+# ----- stage 3: variants ----------------------------------------------------------------
+def make_variants(settings: Settings, lib: Library, job_id: str) -> dict:
+    """Mix every selected variant from the stored stems, encode, tag, publish."""
+    bundle = lib.bundle(job_id)
+    stems, stems_meta = load_stems(lib, job_id)
+    rate = stems_meta["sample_rate"]
+    names = selected_variants(bundle.variants, no_drums=settings.generate_no_drums_variant,
+                              drums_only=settings.generate_drums_only_variant)
+    fmt = settings.output_audio_format
+    base = track_basename(bundle.artist, bundle.title)
+    out_dir = lib.output_dir(job_id)
+    cover = bundle.media_path("cover") if bundle.cover else None
+    records = []
+    for name in names:
+        spec = VARIANTS[name]
+        mixed, gain = mix(stems, spec)
+        rel = f"files/audio/{base}{spec.suffix}{audio_mod.extension(fmt)}"
+        tags = audio_mod.Tags(artist=bundle.artist, title=f"{bundle.title}{spec.suffix}",
+                              album=bundle.album, cover=cover, job_id=job_id, variant=name)
+        audio_mod.encode(mixed, rate, out_dir / rel, fmt, settings.output_audio_bitrate, tags)
+        records.append({"kind": "audio", "variant": name, "label": spec.label, "path": rel,
+                        "gain_db": round(20 * np.log10(gain), 3),
+                        "stems": spec.stems_for(list(stems))})
+    if settings.preserve_stems:
+        for stem in stems_meta["sources"]:
+            rel = f"files/stems/{base} ({stem}).flac"
+            dest = out_dir / rel
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(lib.stem_dir(job_id) / f"{stem}.flac", tmp)
+            records.append({"kind": "stems", "variant": stem, "label": f"Stem ({stem})",
+                            "path": rel, "scale": stems_meta["scale"]})
+    meta = {"job_id": job_id, "format": fmt, "artifacts": records,
+            "stems_preserved": settings.preserve_stems, "at": now_iso()}
+    write_json_atomic(lib.track_dir(job_id) / "variants.json", meta)
+    return meta
+
+
+# ----- stage 4: manifest ----------------------------------------------------------------
+def write_manifest(store: QueueStore, lib: Library, job_id: str) -> JobManifest:
+    """Describe every artifact (probed + hashed), write manifest.json last and atomically,
+    then archive the bundle to done/."""
+    bundle = lib.bundle(job_id)
+    source = lib.read_json(job_id, "source.json")
+    stems_meta = lib.read_json(job_id, "stems.json", stems=True)
+    variants = lib.read_json(job_id, "variants.json")
+    out_dir = lib.output_dir(job_id)
+    artifacts = []
+    for rec in variants["artifacts"]:
+        path = out_dir / rec["path"]
+        if not path.is_file():
+            raise StageError(f"{rec['path']} listed by the variants step is missing")
+        info = audio_mod.probe(path)
+        if info["audio"] is None:
+            raise StageError(f"{rec['path']} has no audio stream")
+        artifacts.append(ArtifactMetadata(
+            kind=rec["kind"], variant=rec["variant"], label=rec["label"], path=rec["path"],
+            codec=info["audio"]["codec"], duration_s=round(info["duration_s"] or 0.0, 3),
+            sample_rate=info["audio"]["sample_rate"], channels=info["audio"]["channels"],
+            size_bytes=path.stat().st_size, sha256=sha256_file(path),
+            gain_db=rec.get("gain_db")))
+    manifest = JobManifest(
+        job_id=job_id, source_type=bundle.source_type, artist=bundle.artist, album=bundle.album,
+        title=bundle.title, stems_preserved=bool(variants.get("stems_preserved")),
+        artifacts=artifacts,
+        provenance={
+            "source": {"type": bundle.source_type, "url": bundle.source_url,
+                       "input_sha256": source["input_sha256"], "input_file": source["input_file"],
+                       "duration_s": source["duration_s"]},
+            "separation": {"model": stems_meta["model"], "signature": stems_meta["signature"],
+                           "device": stems_meta["device"], "segment": stems_meta["segment"],
+                           "shifts": stems_meta["shifts"], "overlap": stems_meta["overlap"],
+                           "seconds": stems_meta["separation_seconds"],
+                           "separated_at": stems_meta["at"]},
+            "software": software_versions(),
+            "created_at": now_iso(),
+        })
+    manifest.save(out_dir)
+    store.archive_done(job_id)
+    return manifest
+
+
+def software_versions() -> dict[str, str]:
+    out = {}
+    for key, dist in (("instrumental_maker", "instrumental-maker"), ("demucs", "demucs"),
+                      ("dagster", "dagster"), ("torch", "torch")):
+        try:
+            out[key] = pkg_version(dist)
+        except Exception:  # noqa: BLE001 - a missing optional package is not an error here
+            out[key] = "unknown"
+    return out

@@ -1,0 +1,121 @@
+"""Demucs source separation, with the model loaded once per process (no Dagster)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+_CACHE: dict[tuple[str, str | None, str], "LoadedModel"] = {}
+_LOCK = threading.Lock()
+
+
+class SeparationError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    signature: str
+    device: str
+    model: object = field(repr=False)
+    samplerate: int = 44100
+    channels: int = 2
+    sources: tuple[str, ...] = ()
+    load_seconds: float = 0.0
+
+
+def resolve_device(spec: str) -> str:
+    import torch
+
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise SeparationError(f"DEMUCS_DEVICE={spec} but no CUDA device is available")
+    return spec
+
+
+def _signature(name: str, repo: Path | None, model) -> str:
+    """The model's signature(s): from the bag's YAML in a local repo, else a hash of
+    the weights (computed once per load)."""
+    if repo is not None:
+        bag = repo / f"{name}.yaml"
+        if bag.is_file():
+            import yaml
+
+            sigs = (yaml.safe_load(bag.read_text()) or {}).get("models") or []
+            if sigs:
+                return "+".join(str(s) for s in sigs)
+        return name
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:8]
+
+
+def load_model(name: str, repo: Path | None = None, device: str = "auto") -> LoadedModel:
+    """Load a demucs model (bag) through ``demucs.pretrained.get_model``; cached per process."""
+    device = resolve_device(device)
+    key = (name, str(repo) if repo else None, device)
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        from demucs.pretrained import ModelLoadingError, get_model
+
+        start = time.perf_counter()
+        try:
+            model = get_model(name, repo=Path(repo) if repo else None)
+        except ModelLoadingError as exc:
+            where = f"model repo {repo}" if repo else "the model hub/cache"
+            raise SeparationError(f"cannot load demucs model {name!r} from {where}: {exc}") from None
+        except SystemExit as exc:  # demucs calls fatal() -> sys.exit for a missing repo
+            raise SeparationError(f"cannot load demucs model {name!r}: {exc}") from None
+        model.to(device)
+        model.eval()
+        loaded = LoadedModel(name=name, signature=_signature(name, repo, model), device=device,
+                             model=model, samplerate=int(model.samplerate),
+                             channels=int(model.audio_channels), sources=tuple(model.sources),
+                             load_seconds=time.perf_counter() - start)
+        _CACHE[key] = loaded
+        return loaded
+
+
+def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = None,
+             overlap: float = 0.25, shifts: int = 1) -> dict[str, np.ndarray]:
+    """Separate ``wav`` (channels, samples at the model's rate) into ``{source: array}``.
+
+    Same normalisation as ``demucs.separate`` (zero mean, unit std of the mono mix),
+    then ``demucs.apply.apply_model`` with the given segment/overlap/shifts."""
+    import torch
+    from demucs.apply import apply_model
+
+    if wav.ndim != 2 or wav.shape[0] != loaded.channels:
+        raise SeparationError(f"expected {loaded.channels} channels, got shape {wav.shape}")
+    mix = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    ref = mix.mean(0)
+    mean, std = ref.mean(), ref.std()
+    if not torch.isfinite(std) or float(std) < 1e-8:
+        return {name: np.zeros_like(wav, dtype=np.float32) for name in loaded.sources}
+    mix = (mix - mean) / std
+    with torch.inference_mode():
+        out = apply_model(loaded.model, mix[None], device=loaded.device, shifts=shifts,
+                          split=True, overlap=overlap, segment=segment, progress=False)[0]
+    out = out * std + mean
+    out = out.to("cpu").numpy().astype(np.float32, copy=False)
+    return {name: out[i] for i, name in enumerate(loaded.sources)}
+
+
+def demucs_version() -> str:
+    from importlib.metadata import version
+
+    return version("demucs")

@@ -1,0 +1,156 @@
+"""Every setting of instrumental-maker, read from the environment in this one place.
+
+Names follow the original plan (``../shared/seeds``). Defaults work on a laptop: all
+data lives under ``IMAKER_DATA`` (default ``./data``) unless a path variable says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _clean(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None:
+        return None
+    value = value.strip().strip('"').strip("'").strip()
+    return value or None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _clean(env, name)
+    if raw is None:
+        return default
+    low = raw.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true/false)")
+
+
+def _num(env: Mapping[str, str], name: str, default, kind=float):
+    raw = _clean(env, name)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = (_clean(env, name) or default).lower()
+    if raw not in allowed:
+        raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    queue_youtube_audio: Path
+    queue_youtube_video: Path
+    queue_other: Path
+    working_dir: Path
+    archive_dir: Path
+    outputs_dir: Path
+    library_dir: Path
+    stems_dir: Path
+    generate_no_drums_variant: bool
+    generate_drums_only_variant: bool
+    preserve_stems: bool
+    output_audio_format: str
+    output_audio_bitrate: str
+    max_claim_attempts: int
+    sensor_max_jobs_per_tick: int
+    demucs_model: str
+    demucs_model_repo: Path | None
+    demucs_device: str
+    demucs_segment: float | None
+    demucs_overlap: float
+    demucs_shifts: int
+    nas_sync_enabled: bool
+    nas_sync_config_path: Path
+    ytdl_mode: str
+    ytdl_audio_format: str
+    ytdl_duration_tol_sec: float
+    ytdl_duration_tol_pct: float
+
+    @property
+    def queues(self) -> dict[str, Path]:
+        """Queue name -> folder, in the order they are scanned."""
+        return {
+            "youtube_audio": self.queue_youtube_audio,
+            "youtube_video": self.queue_youtube_video,
+            "other": self.queue_other,
+        }
+
+    def as_dict(self) -> dict[str, object]:
+        return {f.name: (str(v) if isinstance(v, Path) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``env`` (default: ``os.environ``)."""
+    env = os.environ if env is None else env
+    data = Path(_clean(env, "IMAKER_DATA") or "data").expanduser().resolve()
+
+    def path(name: str, default: Path) -> Path:
+        raw = _clean(env, name)
+        return Path(raw).expanduser().resolve() if raw else default
+
+    segment = _num(env, "DEMUCS_SEGMENT", None)
+    repo = _clean(env, "DEMUCS_MODEL_REPO")
+    device = (_clean(env, "DEMUCS_DEVICE") or "auto").lower()
+    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+        raise SettingsError(f"DEMUCS_DEVICE={device!r}: expected auto, cpu, cuda or cuda:N")
+    settings = Settings(
+        data_dir=data,
+        queue_youtube_audio=path("QUEUE_YOUTUBE_AUDIO", data / "queues" / "youtube_audio"),
+        queue_youtube_video=path("QUEUE_YOUTUBE_VIDEO", data / "queues" / "youtube_video"),
+        queue_other=path("QUEUE_OTHER", data / "queues" / "other"),
+        working_dir=path("WORKING_DIR", data / "working"),
+        archive_dir=path("ARCHIVE_DIR", data / "archive"),
+        outputs_dir=path("OUTPUTS_DIR", data / "outputs"),
+        library_dir=path("LIBRARY_DIR", data / "library"),
+        stems_dir=path("STEMS_DIR", data / "stems"),
+        generate_no_drums_variant=_bool(env, "GENERATE_NO_DRUMS_VARIANT", True),
+        generate_drums_only_variant=_bool(env, "GENERATE_DRUMS_ONLY_VARIANT", False),
+        preserve_stems=_bool(env, "PRESERVE_STEMS", False),
+        output_audio_format=_choice(env, "OUTPUT_AUDIO_FORMAT", "m4a", ("m4a", "mp3", "flac")),
+        output_audio_bitrate=_clean(env, "OUTPUT_AUDIO_BITRATE") or "256k",
+        max_claim_attempts=_num(env, "MAX_CLAIM_ATTEMPTS", 3, int),
+        sensor_max_jobs_per_tick=_num(env, "SENSOR_MAX_JOBS_PER_TICK", 20, int),
+        demucs_model=_clean(env, "DEMUCS_MODEL") or "htdemucs",
+        demucs_model_repo=Path(repo).expanduser().resolve() if repo else None,
+        demucs_device=device,
+        demucs_segment=segment,
+        demucs_overlap=_num(env, "DEMUCS_OVERLAP", 0.25),
+        demucs_shifts=_num(env, "DEMUCS_SHIFTS", 1, int),
+        nas_sync_enabled=_bool(env, "NAS_SYNC_ENABLED", False),
+        nas_sync_config_path=path("NAS_SYNC_CONFIG_PATH", data / "nas_sync_config.yaml"),
+        ytdl_mode=_choice(env, "YTDL_MODE", "audio", ("audio", "video", "both")),
+        ytdl_audio_format=_clean(env, "YTDL_AUDIO_FORMAT") or "m4a",
+        ytdl_duration_tol_sec=_num(env, "YTDL_DURATION_TOL_SEC", 2.0),
+        ytdl_duration_tol_pct=_num(env, "YTDL_DURATION_TOL_PCT", 0.01),
+    )
+    if settings.max_claim_attempts < 1:
+        raise SettingsError("MAX_CLAIM_ATTEMPTS must be at least 1")
+    if settings.sensor_max_jobs_per_tick < 1:
+        raise SettingsError("SENSOR_MAX_JOBS_PER_TICK must be at least 1")
+    if not 0 <= settings.demucs_overlap < 1:
+        raise SettingsError("DEMUCS_OVERLAP must be in [0, 1)")
+    if settings.demucs_shifts < 0:
+        raise SettingsError("DEMUCS_SHIFTS must be >= 0")
+    return settings

@@ -1,0 +1,1 @@
+"""Dagster definitions of instrumental-maker (assets, jobs, checks). See ``definitions``."""

@@ -1,0 +1,17 @@
+"""The code location: ``dagster dev -w workspace.yaml`` loads ``defs`` from here."""
+
+from dagster import Definitions
+
+from imaker.settings import load_settings
+from resources import build_resources
+from sensors import queue_sensor
+
+from .assets import track_assets
+from .jobs import ingest_track
+
+defs = Definitions(
+    assets=track_assets,
+    jobs=[ingest_track],
+    sensors=[queue_sensor],
+    resources=build_resources(load_settings()),
+)

@@ -1,0 +1,8 @@
+from dagster import AssetSelection, define_asset_job
+
+from .assets import track_assets
+
+#: source_audio -> stems -> variants -> manifest for one track (partition)
+ingest_track = define_asset_job(
+    "ingest_track", selection=AssetSelection.assets(*track_assets),
+    description="Process one queued track end to end (one partition of `tracks`).")

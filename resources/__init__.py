@@ -1,0 +1,114 @@
+"""Dagster resources: thin, configurable wrappers over the domain objects in ``imaker``.
+
+Defaults come from the environment (``imaker.settings``); every field can be overridden
+per run in the launchpad.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from dagster import ConfigurableResource
+
+from imaker.pipeline import Library
+from imaker.queues import QueueStore
+from imaker.separation import LoadedModel, load_model, separate
+from imaker.settings import Settings, load_settings
+
+
+class QueueResource(ConfigurableResource):
+    """The queue folders, the working folder and the done/failed archive."""
+
+    queue_youtube_audio: str
+    queue_youtube_video: str
+    queue_other: str
+    working_dir: str
+    archive_dir: str
+    max_claim_attempts: int = 3
+
+    def store(self) -> QueueStore:
+        return QueueStore({"youtube_audio": Path(self.queue_youtube_audio),
+                           "youtube_video": Path(self.queue_youtube_video),
+                           "other": Path(self.queue_other)},
+                          Path(self.working_dir), Path(self.archive_dir), self.max_claim_attempts)
+
+
+class LibraryResource(ConfigurableResource):
+    """Where per-track data lives (library, stems store, outputs) and how outputs are made."""
+
+    library_dir: str
+    stems_dir: str
+    outputs_dir: str
+    generate_no_drums_variant: bool = True
+    generate_drums_only_variant: bool = False
+    preserve_stems: bool = False
+    output_audio_format: str = "m4a"
+    output_audio_bitrate: str = "256k"
+    ytdl_duration_tol_sec: float = 2.0
+    ytdl_duration_tol_pct: float = 0.01
+
+    def library(self) -> Library:
+        return Library(Path(self.library_dir), Path(self.stems_dir), Path(self.outputs_dir))
+
+    def settings(self) -> Settings:
+        """Process settings with this resource's (possibly run-overridden) fields applied."""
+        import dataclasses
+
+        return dataclasses.replace(
+            load_settings(),
+            library_dir=Path(self.library_dir), stems_dir=Path(self.stems_dir),
+            outputs_dir=Path(self.outputs_dir),
+            generate_no_drums_variant=self.generate_no_drums_variant,
+            generate_drums_only_variant=self.generate_drums_only_variant,
+            preserve_stems=self.preserve_stems, output_audio_format=self.output_audio_format,
+            output_audio_bitrate=self.output_audio_bitrate,
+            ytdl_duration_tol_sec=self.ytdl_duration_tol_sec,
+            ytdl_duration_tol_pct=self.ytdl_duration_tol_pct)
+
+
+class SeparatorResource(ConfigurableResource):
+    """Demucs on the GPU when there is one (``device="auto"``), else the CPU.
+
+    The model is loaded on first use and cached for the life of the process, so a run
+    that separates several tracks (``imaker ingest --once``) loads it once."""
+
+    model: str = "htdemucs"
+    model_repo: str | None = None
+    device: str = "auto"
+    segment: float | None = None
+    overlap: float = 0.25
+    shifts: int = 1
+
+    def load(self) -> LoadedModel:
+        return load_model(self.model, Path(self.model_repo) if self.model_repo else None,
+                          self.device)
+
+    def separate(self, wav: np.ndarray) -> dict[str, np.ndarray]:
+        return separate(self.load(), wav, segment=self.segment, overlap=self.overlap,
+                        shifts=self.shifts)
+
+
+def build_resources(settings: Settings | None = None) -> dict[str, ConfigurableResource]:
+    s = settings or load_settings()
+    return {
+        "queues": QueueResource(
+            queue_youtube_audio=str(s.queue_youtube_audio),
+            queue_youtube_video=str(s.queue_youtube_video), queue_other=str(s.queue_other),
+            working_dir=str(s.working_dir), archive_dir=str(s.archive_dir),
+            max_claim_attempts=s.max_claim_attempts),
+        "library": LibraryResource(
+            library_dir=str(s.library_dir), stems_dir=str(s.stems_dir),
+            outputs_dir=str(s.outputs_dir),
+            generate_no_drums_variant=s.generate_no_drums_variant,
+            generate_drums_only_variant=s.generate_drums_only_variant,
+            preserve_stems=s.preserve_stems, output_audio_format=s.output_audio_format,
+            output_audio_bitrate=s.output_audio_bitrate,
+            ytdl_duration_tol_sec=s.ytdl_duration_tol_sec,
+            ytdl_duration_tol_pct=s.ytdl_duration_tol_pct),
+        "separator": SeparatorResource(
+            model=s.demucs_model,
+            model_repo=str(s.demucs_model_repo) if s.demucs_model_repo else None,
+            device=s.demucs_device, segment=s.demucs_segment, overlap=s.demucs_overlap,
+            shifts=s.demucs_shifts),
+    }
