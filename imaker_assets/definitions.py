@@ -2,16 +2,22 @@
 
 from dagster import Definitions
 
-from imaker.settings import load_settings
+from imaker.settings import Settings, load_settings
 from resources import build_resources
 from sensors import queue_sensor
 
 from .assets import track_assets
 from .jobs import ingest_track
 
-defs = Definitions(
-    assets=track_assets,
-    jobs=[ingest_track],
-    sensors=[queue_sensor],
-    resources=build_resources(load_settings()),
-)
+
+def build_defs(settings: Settings | None = None) -> Definitions:
+    """Definitions with resources configured from ``settings`` (default: the environment)."""
+    return Definitions(
+        assets=track_assets,
+        jobs=[ingest_track],
+        sensors=[queue_sensor],
+        resources=build_resources(settings or load_settings()),
+    )
+
+
+defs = build_defs()

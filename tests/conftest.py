@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny demucs model repo, generated audio, a temp data root and a
+temp Dagster instance. Everything is real (ffmpeg, demucs loading code, Dagster)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imaker.devmodel import build_model_repo
+
+MODEL_NAME = "tiny_htdemucs"
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory) -> Path:
+    return build_model_repo(tmp_path_factory.mktemp("models"), MODEL_NAME)
+
+
+def make_audio(path: Path, seconds: float = 3.0, *, freq: int = 440, fmt_args=()) -> Path:
+    """A stereo tone plus noise, encoded by ffmpeg according to the file extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-y",
+         "-f", "lavfi", "-i", f"sine=frequency={freq}:sample_rate=44100:duration={seconds}",
+         "-f", "lavfi", "-i", f"anoisesrc=color=pink:amplitude=0.2:sample_rate=44100:duration={seconds}",
+         "-filter_complex", "[0][1]amix=inputs=2:normalize=0,pan=stereo|c0=c0|c1=0.8*c0",
+         *fmt_args, str(path)], check=True)
+    return path
+
+
+def make_cover(path: Path) -> Path:
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "color=c=red:s=64x64", "-frames:v", "1", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def source_m4a(tmp_path_factory) -> Path:
+    return make_audio(tmp_path_factory.mktemp("media") / "audio.m4a", 3.0)
+
+
+@pytest.fixture(scope="session")
+def cover_jpg(tmp_path_factory) -> Path:
+    return make_cover(tmp_path_factory.mktemp("cover") / "cover.jpg")
+
+
+@pytest.fixture
+def imaker_env(tmp_path, monkeypatch, model_repo):
+    """A private data root + DAGSTER_HOME, and the tiny model on the CPU."""
+    data = tmp_path / "data"
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    for key in ("QUEUE_YOUTUBE_AUDIO", "QUEUE_YOUTUBE_VIDEO", "QUEUE_OTHER", "OUTPUTS_DIR",
+                "ARCHIVE_DIR", "WORKING_DIR", "LIBRARY_DIR", "STEMS_DIR",
+                "GENERATE_NO_DRUMS_VARIANT", "GENERATE_DRUMS_ONLY_VARIANT", "PRESERVE_STEMS",
+                "OUTPUT_AUDIO_FORMAT", "DEMUCS_SEGMENT", "DEMUCS_SHIFTS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("IMAKER_DATA", str(data))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("DEMUCS_MODEL", MODEL_NAME)
+    monkeypatch.setenv("DEMUCS_MODEL_REPO", str(model_repo))
+    monkeypatch.setenv("DEMUCS_DEVICE", "cpu")
+    return data
+
+
+def write_bundle(queue_dir: Path, job_id: str, media: Path | None, *, folder: str | None = None,
+                 cover: Path | None = None, **fields) -> Path:
+    """Write a bundle the way a retriever must: job_<id>.tmp/ then rename to job_<id>/."""
+    name = folder or f"job_{job_id}"
+    tmp = queue_dir / f"{name}.tmp"
+    tmp.mkdir(parents=True)
+    data = {"schema_version": 1, "job_id": job_id, "source_type": "youtube",
+            "title": "Test Song", "artist": "AC/DC", "album": "YTDL", "audio": "audio.m4a"}
+    if media is not None:
+        shutil.copy(media, tmp / "audio.m4a")  # fields below may point "audio" elsewhere
+    if cover is not None:
+        shutil.copy(cover, tmp / "cover.jpg")
+        data["cover"] = "cover.jpg"
+    data.update(fields)
+    raw = data.pop("_raw", None)
+    (tmp / "job.json").write_text(raw if raw is not None else json.dumps(data))
+    final = queue_dir / name
+    tmp.rename(final)
+    return final

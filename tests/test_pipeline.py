@@ -1,0 +1,154 @@
+"""Full materialization of a track partition with real Dagster, demucs code and ffmpeg."""
+
+import json
+
+import numpy as np
+import pytest
+from dagster import DagsterInstance, materialize
+from mutagen import File as MutagenFile
+
+from conftest import write_bundle
+from imaker import audio, separation
+from imaker.bundle import JobManifest, schema_errors
+from imaker.fsutil import sha256_file
+from imaker.pipeline import Library, load_stems
+from imaker.settings import load_settings
+from imaker.variants import VARIANTS
+from imaker_assets.assets import manifest, track_assets, variants
+from resources import build_resources
+
+
+def _materialize(job_id, selection=None):
+    settings = load_settings()
+    instance = DagsterInstance.get()
+    if not instance.has_dynamic_partition("tracks", job_id):
+        instance.add_dynamic_partitions("tracks", [job_id])
+    result = materialize(track_assets, selection=selection, partition_key=job_id,
+                         instance=instance, resources=build_resources(settings),
+                         raise_on_error=False)
+    return result, settings
+
+
+def test_track_materializes_with_contract_names_tags_and_manifest(imaker_env, source_m4a, cover_jpg):
+    settings = load_settings()
+    write_bundle(settings.queue_youtube_audio, "yt_abc", source_m4a, cover=cover_jpg,
+                 youtube={"video_id": "abc", "url": "https://www.youtube.com/watch?v=abc",
+                          "channel": "AC/DC", "duration_online_s": 3.0})
+    result, settings = _materialize("yt_abc")
+    assert result.success
+    out = settings.outputs_dir / "yt_abc"
+    names = sorted(p.name for p in (out / "files" / "audio").iterdir())
+    assert names == ["AC_DC - Test Song (no drum).m4a", "AC_DC - Test Song.m4a"]
+
+    data = json.loads((out / "manifest.json").read_text())
+    assert schema_errors("manifest", data) == []
+    source_duration = data["provenance"]["source"]["duration_s"]
+    assert data["provenance"]["separation"]["model"] == "tiny_htdemucs"
+    assert data["provenance"]["source"]["input_sha256"] == sha256_file(source_m4a)
+    assert data["provenance"]["source"]["url"] == "https://www.youtube.com/watch?v=abc"
+    assert [a["variant"] for a in data["artifacts"]] == ["instrumental", "no_drums"]
+    for art in data["artifacts"]:
+        path = out / art["path"]
+        assert sha256_file(path) == art["sha256"] and path.stat().st_size == art["size_bytes"]
+        assert abs(audio.probe(path)["duration_s"] - source_duration) <= 0.05
+        tags = MutagenFile(path, easy=True)
+        assert tags["artist"] == ["AC/DC"] and tags["album"] == ["YTDL"]
+        assert tags["title"][0] == "Test Song" + VARIANTS[art["variant"]].suffix
+        raw = MutagenFile(path)
+        assert bytes(raw.tags["----:com.apple.iTunes:IMAKER_JOB_ID"][0]) == b"yt_abc"
+        assert bytes(raw.tags["covr"][0]) == cover_jpg.read_bytes()
+    # the bundle is archived, nothing is left in the queue or in working/
+    assert (settings.archive_dir / "done" / "job_yt_abc" / "job.json").is_file()
+    assert list(settings.queue_youtube_audio.iterdir()) == []
+    assert list(settings.working_dir.iterdir()) == []
+    # no temporary files anywhere in the outputs
+    assert not [p for p in out.rglob("*") if ".part" in p.name]
+    # the asset metadata users see in the UI
+    mats = {m.asset_key.path[-1]: m for m in result.asset_materializations_for_node("stems")}
+    assert mats["stems"].metadata["model"].value == "tiny_htdemucs"
+
+
+def test_each_variant_equals_the_sum_of_its_stems(imaker_env, source_m4a, monkeypatch):
+    monkeypatch.setenv("OUTPUT_AUDIO_FORMAT", "flac")  # lossless, so the check can be exact
+    monkeypatch.setenv("GENERATE_DRUMS_ONLY_VARIANT", "true")
+    monkeypatch.setenv("PRESERVE_STEMS", "true")
+    settings = load_settings()
+    write_bundle(settings.queue_other, "sum1", source_m4a, source_type="local")
+    result, settings = _materialize("sum1")
+    assert result.success
+    stems, meta = load_stems(Library.from_settings(settings), "sum1")
+    assert sorted(stems) == ["bass", "drums", "other", "vocals"]
+    man = JobManifest.load(settings.outputs_dir / "sum1")
+    audio_arts = {a.variant: a for a in man.artifacts if a.kind == "audio"}
+    assert sorted(audio_arts) == ["drums_only", "instrumental", "no_drums"]
+    for name, art in audio_arts.items():
+        got = audio.decode(settings.outputs_dir / "sum1" / art.path, meta["sample_rate"], 2)
+        expected = sum(stems[s] for s in VARIANTS[name].stems_for(list(stems)))
+        expected = expected * 10 ** (art.gain_db / 20)
+        assert np.max(np.abs(got - expected)) < 1e-4, name
+        assert np.max(np.abs(got)) <= 10 ** (-1 / 20) + 1e-4  # never above -1 dBFS
+    # vocals are really excluded: the instrumental differs from the full mix by the vocals
+    assert np.max(np.abs(stems["vocals"])) > 1e-4
+    stem_arts = sorted(a.variant for a in man.artifacts if a.kind == "stems")
+    assert stem_arts == ["bass", "drums", "other", "vocals"] and man.stems_preserved
+
+
+def test_adding_a_variant_later_reuses_stored_stems(imaker_env, source_m4a, monkeypatch):
+    settings = load_settings()
+    write_bundle(settings.queue_other, "later", source_m4a)
+    assert _materialize("later")[0].success
+    stems_json = settings.stems_dir / "later" / "stems.json"
+    before = stems_json.stat().st_mtime_ns
+
+    calls = []
+    real = separation.separate
+    monkeypatch.setattr(separation, "separate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("GENERATE_DRUMS_ONLY_VARIANT", "true")
+    result, settings = _materialize("later", selection=[variants, manifest])
+    assert result.success
+    assert calls == [] and stems_json.stat().st_mtime_ns == before
+    files = sorted(p.name for p in (settings.outputs_dir / "later" / "files" / "audio").iterdir())
+    assert "AC_DC - Test Song (drums only).m4a" in files
+    man = JobManifest.load(settings.outputs_dir / "later")
+    assert "drums_only" in [a.variant for a in man.artifacts]
+
+
+@pytest.mark.parametrize("case,stage,needle", [
+    ("undecodable", "source_audio", "cannot read audio.m4a"),
+    ("duration", "source_audio", "duration mismatch"),
+])
+def test_bad_audio_fails_into_failed_with_reason(imaker_env, source_m4a, tmp_path, case, stage, needle):
+    settings = load_settings()
+    if case == "undecodable":
+        junk = tmp_path / "junk.m4a"
+        junk.write_bytes(b"\x00garbage" * 1000)
+        write_bundle(settings.queue_other, "bad1", junk)
+    else:
+        write_bundle(settings.queue_other, "bad1", source_m4a,
+                     youtube={"video_id": "x", "url": "https://example.invalid/x",
+                              "duration_online_s": 200.0})
+    result, settings = _materialize("bad1")
+    assert not result.success
+    error = json.loads((settings.archive_dir / "failed" / "job_bad1" / "error.json").read_text())
+    assert error["job_id"] == "bad1" and error["stage"] == stage and needle in error["error"]
+    assert (settings.archive_dir / "failed" / "job_bad1" / "audio.m4a").is_file()  # nothing lost
+    assert not (settings.outputs_dir / "bad1").exists()
+
+
+def test_separator_loads_through_demucs_repo_once_per_process(model_repo):
+    a = separation.load_model("tiny_htdemucs", model_repo, "cpu")
+    b = separation.load_model("tiny_htdemucs", model_repo, "cpu")
+    assert a is b and a.sources == ("drums", "bass", "other", "vocals")
+    from demucs.apply import BagOfModels
+
+    assert isinstance(a.model, BagOfModels)  # came through demucs' own bag loading
+    wav = (0.1 * np.random.default_rng(1).standard_normal((2, 44100))).astype(np.float32)
+    out = separation.separate(a, wav)
+    assert set(out) == set(a.sources) and all(v.shape == wav.shape for v in out.values())
+    silent = separation.separate(a, np.zeros_like(wav))
+    assert all(not v.any() for v in silent.values())
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(separation.SeparationError, match="cannot load demucs model 'nope'"):
+        separation.load_model("nope", tmp_path, "cpu")
