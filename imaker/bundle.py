@@ -150,6 +150,9 @@ class JobBundle:
         missing = [k for k in ("job_id", "source_type", "title", "artist", "audio") if k not in data]
         if missing:
             raise BundleError(f"job.json: missing required field(s): {', '.join(missing)}")
+        for key in ("audio", "video", "cover"):  # clearer messages than the schema's
+            if isinstance(data.get(key), str):
+                _check_relpath(key, data[key])
         errors = schema_errors("job", data)
         if errors:
             raise BundleError("job.json does not match the schema: " + "; ".join(errors[:5]))
@@ -218,6 +221,8 @@ class JobBundle:
 def _check_relpath(key: str, rel: str) -> None:
     if rel.startswith("/") or re.match(r"^[A-Za-z]:", rel) or "\\" in rel:
         raise BundleError(f"job.json: {key} must be a path relative to the bundle, got {rel!r}")
+    if any(ord(c) < 32 for c in rel):
+        raise BundleError(f"job.json: {key} {rel!r} contains control characters")
     if ".." in Path(rel).parts:
         raise BundleError(f"job.json: {key} {rel!r} must not contain '..'")
 

@@ -51,6 +51,10 @@ def ingest_once(instance, settings, out=sys.stdout) -> int:
         store.reject(entry)
         print(f"{entry.path.name}: failed: {entry.reason}", file=out, flush=True)
         failures += 1
+    if not ready and not invalid:
+        print("no bundles waiting in " + ", ".join(str(p) for p in settings.queues.values()),
+              file=out, flush=True)
+        return 0
     job_def = build_defs(settings).resolve_job_def("ingest_track")
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     seen: set[str] = set()

@@ -1,0 +1,67 @@
+"""`imaker ingest --once` end to end, as a user runs it (a real subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_bundle
+from imaker.settings import load_settings
+
+ROOT = Path(__file__).parents[1]
+
+
+def _imaker(*args):
+    exe = Path(sys.executable).with_name("imaker")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "imaker.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT,
+                          env=os.environ.copy(), timeout=600)
+
+
+def test_ingest_once_processes_good_and_fails_hostile_without_losing_anything(
+        imaker_env, source_m4a, cover_jpg, tmp_path):
+    s = load_settings()
+    write_bundle(s.queue_youtube_audio, "good_1", source_m4a, cover=cover_jpg)
+    write_bundle(s.queue_other, "good_2", source_m4a, artist="Ünïcode Artist", title="Song: Part 2?")
+    write_bundle(s.queue_other, "bad_json", source_m4a, _raw="{oops")
+    write_bundle(s.queue_other, "bad_path", source_m4a, audio="../../../etc/passwd")
+    write_bundle(s.queue_youtube_video, "bad_missing", None)
+    junk = tmp_path / "junk.m4a"
+    junk.write_bytes(os.urandom(4096))
+    write_bundle(s.queue_other, "bad_audio", junk)
+    (s.queue_other / "job_still_writing.tmp").mkdir()
+    (s.queue_other / "job_bad id!").mkdir()
+
+    proc = _imaker("ingest", "--once")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+    assert lines["good_1"] == str(s.outputs_dir / "good_1")
+    assert lines["good_2"] == str(s.outputs_dir / "good_2")
+    assert lines["bad_json"].startswith("failed: source_audio: job.json is not valid JSON")
+    assert lines["bad_path"].startswith("failed: ") and "'..'" in lines["bad_path"]
+    assert "does not exist" in lines["bad_missing"]
+    assert "cannot read audio.m4a" in lines["bad_audio"]
+    assert lines["job_bad id!"].startswith("failed: folder name")
+
+    done = sorted(p.name for p in (s.archive_dir / "done").iterdir())
+    failed = sorted(p.name for p in (s.archive_dir / "failed").iterdir())
+    assert done == ["job_good_1", "job_good_2"]
+    assert failed == ["job_bad_audio", "job_bad_id_", "job_bad_json", "job_bad_missing", "job_bad_path"]
+    for name in failed:
+        error = json.loads((s.archive_dir / "failed" / name / "error.json").read_text())
+        assert error["error"] and error["at"] and "stage" in error
+    assert (s.outputs_dir / "good_2" / "files" / "audio" / "Ünïcode Artist - Song_ Part 2_.m4a").is_file()
+    assert json.loads((s.outputs_dir / "good_1" / "manifest.json").read_text())["job_id"] == "good_1"
+    # the .tmp bundle is untouched; nothing is left claimed
+    assert [p.name for p in s.queue_other.iterdir()] == ["job_still_writing.tmp"]
+    assert list(s.working_dir.iterdir()) == []
+
+    # the runs and partitions are in $DAGSTER_HOME's instance
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.get()
+    assert {"good_1", "good_2", "bad_json"} <= set(instance.get_dynamic_partitions("tracks"))
+
+    again = _imaker("ingest", "--once")
+    assert again.returncode == 0 and "no bundles waiting" in again.stdout

@@ -1,0 +1,32 @@
+"""The code location loads the way `dagster dev` loads it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_dagster_definitions_validate_workspace(imaker_env):
+    dagster = Path(sys.executable).with_name("dagster")
+    proc = subprocess.run([str(dagster), "definitions", "validate", "-w", "workspace.yaml"],
+                          cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "instrumental_maker" in proc.stdout + proc.stderr
+
+
+def test_definitions_contents(imaker_env):
+    from imaker_assets.definitions import build_defs
+
+    defs = build_defs()
+    job = defs.resolve_job_def("ingest_track")
+    assert job.partitions_def.name == "tracks"
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == {"source_audio", "stems", "variants", "manifest"}
+    from imaker_assets.assets import stems
+
+    assert stems.op.pool == "gpu"
+    assert defs.resolve_sensor_def("queue_sensor").job_name == "ingest_track"
