@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("settings", help="print the effective settings as JSON")
     sch = sub.add_parser("schema", help="print a published JSON Schema")
     sch.add_argument("name", choices=["job", "manifest"])
+    dev = sub.add_parser("dev-model", help="write a tiny random HTDemucs model repo (offline "
+                                           "demos and tests; not musically useful)")
+    dev.add_argument("path", type=Path)
+    dev.add_argument("--name", default="tiny_htdemucs")
     args = parser.parse_args(argv)
 
     try:
@@ -102,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "settings":
         print(json.dumps(settings.as_dict(), indent=2))
+        return 0
+    if args.command == "dev-model":
+        from .devmodel import build_model_repo
+
+        build_model_repo(args.path, args.name)
+        print(f"DEMUCS_MODEL={args.name} DEMUCS_MODEL_REPO={args.path.resolve()}")
         return 0
     if args.command == "schema":
         print(schema_path(args.name).read_text(), end="")

@@ -11,8 +11,10 @@ Each stage reads what the previous one stored, so any stage can be re-run on its
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -230,17 +232,20 @@ def make_variants(settings: Settings, lib: Library, job_id: str) -> dict:
     base = track_basename(bundle.artist, bundle.title)
     out_dir = lib.output_dir(job_id)
     cover = bundle.media_path("cover") if bundle.cover else None
-    records = []
-    for name in names:
+
+    def render(name: str) -> dict:
         spec = VARIANTS[name]
         mixed, gain = mix(stems, spec)
         rel = f"files/audio/{base}{spec.suffix}{audio_mod.extension(fmt)}"
         tags = audio_mod.Tags(artist=bundle.artist, title=f"{bundle.title}{spec.suffix}",
                               album=bundle.album, cover=cover, job_id=job_id, variant=name)
         audio_mod.encode(mixed, rate, out_dir / rel, fmt, settings.output_audio_bitrate, tags)
-        records.append({"kind": "audio", "variant": name, "label": spec.label, "path": rel,
-                        "gain_db": round(20 * np.log10(gain), 3),
-                        "stems": spec.stems_for(list(stems))})
+        return {"kind": "audio", "variant": name, "label": spec.label, "path": rel,
+                "gain_db": round(20 * np.log10(gain), 3), "stems": spec.stems_for(list(stems))}
+
+    # ffmpeg encodes run in parallel (one process per variant, bounded by the cores)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
+        records = list(pool.map(render, names))
     if settings.preserve_stems:
         for stem in stems_meta["sources"]:
             rel = f"files/stems/{base} ({stem}).flac"
