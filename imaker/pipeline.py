@@ -56,7 +56,7 @@ def failing_to_archive(store: QueueStore, job_id: str, stage: str) -> Iterator[N
     ``error.json`` naming the stage, then propagates."""
     try:
         yield
-    except BaseException as exc:
+    except Exception as exc:  # an interrupted run (BaseException) stays claimed: recovery requeues it
         store.fail(job_id, stage, describe_error(exc))
         raise
 

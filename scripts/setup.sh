@@ -14,7 +14,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
-PY=${PYTHON:-python3.11}
+PY=${PYTHON:-$(command -v python3.11 || command -v python3 || true)}
+if [ -z "$PY" ] || ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    echo "instrumental-maker needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2
+    exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

@@ -30,6 +30,10 @@ def test_ingest_once_processes_good_and_fails_hostile_without_losing_anything(
     junk = tmp_path / "junk.m4a"
     junk.write_bytes(os.urandom(4096))
     write_bundle(s.queue_other, "bad_audio", junk)
+    write_bundle(s.queue_other, "bad_version", source_m4a, schema_version=7)
+    write_bundle(s.queue_other, "bad_huge", source_m4a, artist="A" * 50_000)
+    link = write_bundle(s.queue_other, "bad_link", None, audio="x.m4a")
+    os.symlink("/etc/hostname", link / "x.m4a")
     (s.queue_other / "job_still_writing.tmp").mkdir()
     (s.queue_other / "job_bad id!").mkdir()
 
@@ -43,11 +47,15 @@ def test_ingest_once_processes_good_and_fails_hostile_without_losing_anything(
     assert "does not exist" in lines["bad_missing"]
     assert "cannot read audio.m4a" in lines["bad_audio"]
     assert lines["job_bad id!"].startswith("failed: folder name")
+    assert "unknown schema_version 7" in lines["bad_version"]
+    assert "artist" in lines["bad_huge"] and len(lines["bad_huge"]) < 1000
+    assert "outside the bundle" in lines["bad_link"]
 
     done = sorted(p.name for p in (s.archive_dir / "done").iterdir())
     failed = sorted(p.name for p in (s.archive_dir / "failed").iterdir())
     assert done == ["job_good_1", "job_good_2"]
-    assert failed == ["job_bad_audio", "job_bad_id_", "job_bad_json", "job_bad_missing", "job_bad_path"]
+    assert failed == ["job_bad_audio", "job_bad_huge", "job_bad_id_", "job_bad_json", "job_bad_link",
+                      "job_bad_missing", "job_bad_path", "job_bad_version"]
     for name in failed:
         error = json.loads((s.archive_dir / "failed" / name / "error.json").read_text())
         assert error["error"] and error["at"] and "stage" in error

@@ -152,3 +152,25 @@ def test_separator_loads_through_demucs_repo_once_per_process(model_repo):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(separation.SeparationError, match="cannot load demucs model 'nope'"):
         separation.load_model("nope", tmp_path, "cpu")
+
+
+def test_disk_error_in_outputs_fails_the_job_with_reason_and_keeps_the_stems(
+        imaker_env, source_m4a, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the outputs folder should be")
+    monkeypatch.setenv("OUTPUTS_DIR", str(blocker / "outputs"))
+    settings = load_settings()
+    write_bundle(settings.queue_other, "disk1", source_m4a)
+    result, settings = _materialize("disk1")
+    assert not result.success
+    error = json.loads((settings.archive_dir / "failed" / "job_disk1" / "error.json").read_text())
+    assert error["stage"] == "variants" and "NotADirectoryError" in error["error"]
+    assert (settings.stems_dir / "disk1" / "stems.json").is_file()  # separation is not lost
+
+    # once the disk is fixed, re-running the track takes the bundle back from failed/
+    blocker.unlink()
+    result, settings = _materialize("disk1")
+    assert result.success
+    assert (settings.outputs_dir / "disk1" / "manifest.json").is_file()
+    assert (settings.archive_dir / "done" / "job_disk1").is_dir()
+    assert not (settings.archive_dir / "failed" / "job_disk1").exists()
