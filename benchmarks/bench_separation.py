@@ -44,7 +44,7 @@ def run_ours_child(args) -> None:
                                  write_manifest)
     from imaker.queues import Owner, QueueStore
     from imaker.settings import load_settings
-    from resources import SeparatorResource
+    from resources import SeparatorResource, build_resources
 
     t_import = time.perf_counter() - t0
     settings = load_settings()
@@ -56,14 +56,14 @@ def run_ours_child(args) -> None:
     sep.load()
     times["model_load"] = time.perf_counter() - t
     t = time.perf_counter()
-    prepare_source(settings, store, lib, "bench", Owner.current("bench"))
+    prepare_source(store, lib, "bench", Owner.current("bench"))
     times["source_audio"] = time.perf_counter() - t
     t = time.perf_counter()
     meta = separate_stems(lib, "bench", sep)
     times["stems_total"] = time.perf_counter() - t
     times["separation"] = meta["separation_seconds"]
     t = time.perf_counter()
-    make_variants(settings, lib, "bench")
+    make_variants(build_resources(settings)["library"].output_options(), lib, "bench")
     times["variants"] = time.perf_counter() - t
     t = time.perf_counter()
     write_manifest(store, lib, "bench")

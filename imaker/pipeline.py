@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,8 +26,8 @@ import numpy as np
 from . import audio as audio_mod
 from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
 from .fsutil import atomic_path, safe_filename, sha256_file, write_json_atomic
-from .queues import Claim, Owner, QueueStore
-from .settings import Settings
+from .queues import Claim, Owner, QueueStore, utcnow
+from .settings import OutputOptions, Settings
 from .variants import VARIANTS, mix, selected_variants
 
 SOURCE_RATE = 44100
@@ -59,10 +58,6 @@ def failing_to_archive(store: QueueStore, job_id: str, stage: str) -> Iterator[N
     except Exception as exc:  # an interrupted run (BaseException) stays claimed: recovery requeues it
         store.fail(job_id, stage, describe_error(exc))
         raise
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -120,10 +115,12 @@ def track_basename(artist: str, title: str) -> str:
 
 
 # ----- stage 1: source audio -------------------------------------------------------------
-def prepare_source(settings: Settings, store: QueueStore, lib: Library, job_id: str,
-                   owner: Owner, is_alive: Callable[[Claim], bool] | None = None) -> dict:
+def prepare_source(store: QueueStore, lib: Library, job_id: str, owner: Owner,
+                   is_alive: Callable[[Claim], bool] | None = None, *,
+                   tolerance: tuple[float, float] = (2.0, 0.01)) -> dict:
     """Claim the bundle, validate it, keep job.json + cover in the library, decode the audio
-    to FLAC at the model rate and check its duration against the online one."""
+    to FLAC at the model rate and check its duration against the online one, within
+    ``tolerance`` = (seconds, fraction), whichever is larger."""
     state, folder = store.acquire(job_id, owner, is_alive)
     with failing_to_archive(store, job_id, "source_audio"):
         bundle = JobBundle.load(folder)
@@ -137,7 +134,7 @@ def prepare_source(settings: Settings, store: QueueStore, lib: Library, job_id: 
             raise StageError(f"{bundle.audio}: only {duration:.2f} s of audio")
         online = bundle.youtube.duration_online_s if bundle.youtube else None
         if online:
-            tol = max(settings.ytdl_duration_tol_sec, settings.ytdl_duration_tol_pct * online)
+            tol = max(tolerance[0], tolerance[1] * online)
             if abs(duration - online) > tol:
                 raise StageError(f"duration mismatch: the file lasts {duration:.2f} s but the "
                                  f"source says {online:.2f} s (tolerance {tol:.2f} s)")
@@ -169,7 +166,7 @@ def prepare_source(settings: Settings, store: QueueStore, lib: Library, job_id: 
             "duration_online_s": online,
             "bundle_state": state,
             "original_bundle": bundle.to_dict(),
-            "at": now_iso(),
+            "at": utcnow(),
         }
         stored.save(track)
         write_json_atomic(track / "source.json", meta)
@@ -206,7 +203,7 @@ def separate_stems(lib: Library, job_id: str, separator) -> dict:
         "overlap": separator.overlap,
         "shifts": separator.shifts,
         "separation_seconds": round(seconds, 3),
-        "at": now_iso(),
+        "at": utcnow(),
     }
     write_json_atomic(folder / "stems.json", meta)
     return meta
@@ -221,14 +218,14 @@ def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
 
 
 # ----- stage 3: variants ----------------------------------------------------------------
-def make_variants(settings: Settings, lib: Library, job_id: str) -> dict:
+def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
     """Mix every selected variant from the stored stems, encode, tag, publish."""
     bundle = lib.bundle(job_id)
     stems, stems_meta = load_stems(lib, job_id)
     rate = stems_meta["sample_rate"]
-    names = selected_variants(bundle.variants, no_drums=settings.generate_no_drums_variant,
-                              drums_only=settings.generate_drums_only_variant)
-    fmt = settings.output_audio_format
+    names = selected_variants(bundle.variants, no_drums=options.no_drums,
+                              drums_only=options.drums_only)
+    fmt = options.audio_format
     base = track_basename(bundle.artist, bundle.title)
     out_dir = lib.output_dir(job_id)
     cover = bundle.media_path("cover") if bundle.cover else None
@@ -239,14 +236,14 @@ def make_variants(settings: Settings, lib: Library, job_id: str) -> dict:
         rel = f"files/audio/{base}{spec.suffix}{audio_mod.extension(fmt)}"
         tags = audio_mod.Tags(artist=bundle.artist, title=f"{bundle.title}{spec.suffix}",
                               album=bundle.album, cover=cover, job_id=job_id, variant=name)
-        audio_mod.encode(mixed, rate, out_dir / rel, fmt, settings.output_audio_bitrate, tags)
+        audio_mod.encode(mixed, rate, out_dir / rel, fmt, options.audio_bitrate, tags)
         return {"kind": "audio", "variant": name, "label": spec.label, "path": rel,
                 "gain_db": round(20 * np.log10(gain), 3), "stems": spec.stems_for(list(stems))}
 
     # ffmpeg encodes run in parallel (one process per variant, bounded by the cores)
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
         records = list(pool.map(render, names))
-    if settings.preserve_stems:
+    if options.preserve_stems:
         for stem in stems_meta["sources"]:
             rel = f"files/stems/{base} ({stem}).flac"
             dest = out_dir / rel
@@ -255,7 +252,7 @@ def make_variants(settings: Settings, lib: Library, job_id: str) -> dict:
             records.append({"kind": "stems", "variant": stem, "label": f"Stem ({stem})",
                             "path": rel, "scale": stems_meta["scale"]})
     meta = {"job_id": job_id, "format": fmt, "artifacts": records,
-            "stems_preserved": settings.preserve_stems, "at": now_iso()}
+            "stems_preserved": options.preserve_stems, "at": utcnow()}
     write_json_atomic(lib.track_dir(job_id) / "variants.json", meta)
     return meta
 
@@ -297,7 +294,7 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str) -> JobManifest:
                            "seconds": stems_meta["separation_seconds"],
                            "separated_at": stems_meta["at"]},
             "software": software_versions(),
-            "created_at": now_iso(),
+            "created_at": utcnow(),
         })
     manifest.save(out_dir)
     store.archive_done(job_id)

@@ -57,6 +57,17 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
 
 
 @dataclass(frozen=True)
+class OutputOptions:
+    """What the variants stage produces."""
+
+    no_drums: bool = True
+    drums_only: bool = False
+    preserve_stems: bool = False
+    audio_format: str = "m4a"
+    audio_bitrate: str = "256k"
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     queue_youtube_audio: Path

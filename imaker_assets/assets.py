@@ -6,6 +6,8 @@ stage archives the job to ``failed/`` with the stage and reason.
 """
 
 
+from contextlib import contextmanager
+
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from imaker import pipeline
@@ -17,14 +19,25 @@ from .runtime import claim_alive, owner_for
 GROUP = "tracks"
 
 
+@contextmanager
+def _stage(context: AssetExecutionContext, queues: QueueResource, stage: str):
+    """Mark the job's claim as worked on by this step; archive the job to failed/ if the
+    stage raises."""
+    store = queues.store()
+    store.touch(context.partition_key, owner_for(context))
+    with pipeline.failing_to_archive(store, context.partition_key, stage):
+        yield store
+
+
 @asset(partitions_def=tracks, group_name=GROUP, code_version="1", kinds={"ffmpeg", "audio"},
        description="The bundle's audio, validated and decoded to 44.1 kHz stereo FLAC in the "
                    "track library. Claims the bundle from its queue.")
 def source_audio(context: AssetExecutionContext, queues: QueueResource,
                  library: LibraryResource) -> MaterializeResult:
     job_id = context.partition_key
-    meta = pipeline.prepare_source(library.settings(), queues.store(), library.library(), job_id,
-                                   owner_for(context), claim_alive(context.instance))
+    meta = pipeline.prepare_source(queues.store(), library.library(), job_id, owner_for(context),
+                                   claim_alive(context.instance),
+                                   tolerance=library.duration_tolerance)
     return MaterializeResult(
         metadata={
             "duration_s": meta["duration_s"], "sample_rate": meta["sample_rate"],
@@ -41,11 +54,8 @@ def source_audio(context: AssetExecutionContext, queues: QueueResource,
                    "variants can be re-mixed without separating again.")
 def stems(context: AssetExecutionContext, queues: QueueResource, library: LibraryResource,
           separator: SeparatorResource) -> MaterializeResult:
-    job_id = context.partition_key
-    store = queues.store()
-    store.touch(job_id, owner_for(context))
-    with pipeline.failing_to_archive(store, job_id, "stems"):
-        meta = pipeline.separate_stems(library.library(), job_id, separator)
+    with _stage(context, queues, "stems"):
+        meta = pipeline.separate_stems(library.library(), context.partition_key, separator)
     return MaterializeResult(metadata={
         "sources": ", ".join(meta["sources"]), "model": meta["model"],
         "signature": meta["signature"], "device": meta["device"],
@@ -60,11 +70,9 @@ def stems(context: AssetExecutionContext, queues: QueueResource, library: Librar
                    "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/.")
 def variants(context: AssetExecutionContext, queues: QueueResource,
              library: LibraryResource) -> MaterializeResult:
-    job_id = context.partition_key
-    store = queues.store()
-    store.touch(job_id, owner_for(context))
-    with pipeline.failing_to_archive(store, job_id, "variants"):
-        meta = pipeline.make_variants(library.settings(), library.library(), job_id)
+    with _stage(context, queues, "variants"):
+        meta = pipeline.make_variants(library.output_options(), library.library(),
+                                      context.partition_key)
     return MaterializeResult(metadata={
         "variants": ", ".join(a["variant"] for a in meta["artifacts"] if a["kind"] == "audio"),
         "files": MetadataValue.json([a["path"] for a in meta["artifacts"]]),
@@ -79,10 +87,8 @@ def variants(context: AssetExecutionContext, queues: QueueResource,
 def manifest(context: AssetExecutionContext, queues: QueueResource,
              library: LibraryResource) -> MaterializeResult:
     job_id = context.partition_key
-    store = queues.store()
-    store.touch(job_id, owner_for(context))
     lib = library.library()
-    with pipeline.failing_to_archive(store, job_id, "manifest"):
+    with _stage(context, queues, "manifest") as store:
         result = pipeline.write_manifest(store, lib, job_id)
     return MaterializeResult(metadata={
         "path": MetadataValue.path(str(lib.output_dir(job_id) / "manifest.json")),

@@ -14,7 +14,7 @@ from dagster import ConfigurableResource
 from imaker.pipeline import Library
 from imaker.queues import QueueStore
 from imaker.separation import LoadedModel, load_model, separate
-from imaker.settings import Settings, load_settings
+from imaker.settings import OutputOptions, Settings, load_settings
 
 
 class QueueResource(ConfigurableResource):
@@ -51,20 +51,14 @@ class LibraryResource(ConfigurableResource):
     def library(self) -> Library:
         return Library(Path(self.library_dir), Path(self.stems_dir), Path(self.outputs_dir))
 
-    def settings(self) -> Settings:
-        """Process settings with this resource's (possibly run-overridden) fields applied."""
-        import dataclasses
+    def output_options(self) -> OutputOptions:
+        return OutputOptions(self.generate_no_drums_variant, self.generate_drums_only_variant,
+                             self.preserve_stems, self.output_audio_format,
+                             self.output_audio_bitrate)
 
-        return dataclasses.replace(
-            load_settings(),
-            library_dir=Path(self.library_dir), stems_dir=Path(self.stems_dir),
-            outputs_dir=Path(self.outputs_dir),
-            generate_no_drums_variant=self.generate_no_drums_variant,
-            generate_drums_only_variant=self.generate_drums_only_variant,
-            preserve_stems=self.preserve_stems, output_audio_format=self.output_audio_format,
-            output_audio_bitrate=self.output_audio_bitrate,
-            ytdl_duration_tol_sec=self.ytdl_duration_tol_sec,
-            ytdl_duration_tol_pct=self.ytdl_duration_tol_pct)
+    @property
+    def duration_tolerance(self) -> tuple[float, float]:
+        return (self.ytdl_duration_tol_sec, self.ytdl_duration_tol_pct)
 
 
 class SeparatorResource(ConfigurableResource):
