@@ -223,7 +223,8 @@ def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
     bundle = lib.bundle(job_id)
     stems, stems_meta = load_stems(lib, job_id)
     rate = stems_meta["sample_rate"]
-    names = selected_variants(bundle.variants, no_drums=options.no_drums,
+    names = selected_variants([*(bundle.variants or []), *options.extra_variants],
+                              no_drums=options.no_drums,
                               drums_only=options.drums_only)
     fmt = options.audio_format
     base = track_basename(bundle.artist, bundle.title)
@@ -258,7 +259,8 @@ def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
 
 
 # ----- stage 4: manifest ----------------------------------------------------------------
-def write_manifest(store: QueueStore, lib: Library, job_id: str) -> JobManifest:
+def write_manifest(store: QueueStore, lib: Library, job_id: str,
+                   code_versions: dict[str, str] | None = None) -> JobManifest:
     """Describe every artifact (probed + hashed), write manifest.json last and atomically,
     then archive the bundle to done/."""
     bundle = lib.bundle(job_id)
@@ -294,6 +296,7 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str) -> JobManifest:
                            "seconds": stems_meta["separation_seconds"],
                            "separated_at": stems_meta["at"]},
             "software": software_versions(),
+            "code_versions": dict(code_versions or {}),
             "created_at": utcnow(),
         })
     manifest.save(out_dir)

@@ -65,6 +65,7 @@ class OutputOptions:
     preserve_stems: bool = False
     audio_format: str = "m4a"
     audio_bitrate: str = "256k"
+    extra_variants: tuple[str, ...] = ()  # variant table entries to add for every track
 
 
 @dataclass(frozen=True)

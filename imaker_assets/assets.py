@@ -8,9 +8,9 @@ stage archives the job to ``failed/`` with the stage and reason.
 
 from contextlib import contextmanager
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
-from imaker import pipeline
+from imaker import analysis, pipeline
 from resources import LibraryResource, QueueResource, SeparatorResource
 
 from .partitions import tracks
@@ -31,21 +31,31 @@ def _stage(context: AssetExecutionContext, queues: QueueResource, stage: str):
 
 @asset(partitions_def=tracks, group_name=GROUP, code_version="1", kinds={"ffmpeg", "audio"},
        description="The bundle's audio, validated and decoded to 44.1 kHz stereo FLAC in the "
-                   "track library. Claims the bundle from its queue.")
+                   "track library. Claims the bundle from its queue. Its data version is the "
+                   "sha256 of the input file, so a changed source marks the track stale.")
 def source_audio(context: AssetExecutionContext, queues: QueueResource,
                  library: LibraryResource) -> MaterializeResult:
     job_id = context.partition_key
-    meta = pipeline.prepare_source(queues.store(), library.library(), job_id, owner_for(context),
+    lib = library.library()
+    meta = pipeline.prepare_source(queues.store(), lib, job_id, owner_for(context),
                                    claim_alive(context.instance),
                                    tolerance=library.duration_tolerance)
+    source = lib.track_dir(job_id) / "source.flac"
+    loud = analysis.loudness(source)
+    bundle = meta["original_bundle"]
     return MaterializeResult(
         metadata={
+            "artist": bundle["artist"], "title": bundle["title"],
+            "album": bundle.get("album") or "",
             "duration_s": meta["duration_s"], "sample_rate": meta["sample_rate"],
             "channels": meta["channels"], "input_sha256": meta["input_sha256"],
             "input_codec": meta["input_codec"] or "unknown", "source_type": meta["source_type"],
             "source_url": MetadataValue.url(meta["source_url"]) if meta["source_url"] else "",
-            "title": meta["original_bundle"]["title"], "artist": meta["original_bundle"]["artist"],
-        })
+            "loudness_lufs": loud["integrated_lufs"], "true_peak_dbtp": loud["true_peak_dbtp"],
+            "waveform": MetadataValue.md(analysis.markdown_images(
+                {"Source": analysis.waveform_png(source)})),
+        },
+        data_version=DataVersion(meta["input_sha256"]))
 
 
 @asset(partitions_def=tracks, group_name=GROUP, deps=[source_audio], code_version="1",
@@ -67,16 +77,32 @@ def stems(context: AssetExecutionContext, queues: QueueResource, library: Librar
 @asset(partitions_def=tracks, group_name=GROUP, deps=[stems], code_version="1",
        kinds={"ffmpeg", "audio"},
        description="Instrumental variants mixed from the stored stems (instrumental, no drums, "
-                   "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/.")
+                   "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/. "
+                   "Re-materializing it never re-runs separation.")
 def variants(context: AssetExecutionContext, queues: QueueResource,
              library: LibraryResource) -> MaterializeResult:
+    job_id = context.partition_key
+    lib = library.library()
     with _stage(context, queues, "variants"):
-        meta = pipeline.make_variants(library.output_options(), library.library(),
-                                      context.partition_key)
+        meta = pipeline.make_variants(library.output_options(), lib, job_id)
+    out = lib.output_dir(job_id)
+    audio_arts = [a for a in meta["artifacts"] if a["kind"] == "audio"]
+    per_variant = {}
+    for art in audio_arts:
+        loud = analysis.loudness(out / art["path"])
+        per_variant[art["variant"]] = {
+            "file": art["path"], "bytes": (out / art["path"]).stat().st_size,
+            "gain_db": art["gain_db"], "loudness_lufs": loud["integrated_lufs"],
+            "true_peak_dbtp": loud["true_peak_dbtp"]}
+    pictures = {"Source": analysis.waveform_png(lib.track_dir(job_id) / "source.flac")}
+    instrumental = next((a for a in audio_arts if a["variant"] == "instrumental"), audio_arts[0])
+    pictures[instrumental["label"]] = analysis.waveform_png(out / instrumental["path"], color="0xe0602f")
     return MaterializeResult(metadata={
-        "variants": ", ".join(a["variant"] for a in meta["artifacts"] if a["kind"] == "audio"),
-        "files": MetadataValue.json([a["path"] for a in meta["artifacts"]]),
+        "variants": ", ".join(a["variant"] for a in audio_arts),
+        "per_variant": MetadataValue.json(per_variant),
+        "total_bytes": sum(v["bytes"] for v in per_variant.values()),
         "format": meta["format"], "stems_preserved": meta["stems_preserved"],
+        "waveforms": MetadataValue.md(analysis.markdown_images(pictures)),
     })
 
 
@@ -89,7 +115,7 @@ def manifest(context: AssetExecutionContext, queues: QueueResource,
     job_id = context.partition_key
     lib = library.library()
     with _stage(context, queues, "manifest") as store:
-        result = pipeline.write_manifest(store, lib, job_id)
+        result = pipeline.write_manifest(store, lib, job_id, code_versions=CODE_VERSIONS)
     return MaterializeResult(metadata={
         "path": MetadataValue.path(str(lib.output_dir(job_id) / "manifest.json")),
         "artifacts": len(result.artifacts),
@@ -99,3 +125,4 @@ def manifest(context: AssetExecutionContext, queues: QueueResource,
 
 
 track_assets = [source_audio, stems, variants, manifest]
+CODE_VERSIONS = {a.key.to_user_string(): a.code_versions_by_key[a.key] for a in track_assets}

@@ -7,6 +7,7 @@ from resources import build_resources
 from sensors import queue_sensor
 
 from .assets import track_assets
+from .checks import track_checks
 from .jobs import ingest_track
 
 
@@ -14,6 +15,7 @@ def build_defs(settings: Settings | None = None) -> Definitions:
     """Definitions with resources configured from ``settings`` (default: the environment)."""
     return Definitions(
         assets=track_assets,
+        asset_checks=track_checks,
         jobs=[ingest_track],
         sensors=[queue_sensor],
         resources=build_resources(settings or load_settings()),

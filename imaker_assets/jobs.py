@@ -6,3 +6,4 @@ from .assets import track_assets
 ingest_track = define_asset_job(
     "ingest_track", selection=AssetSelection.assets(*track_assets),
     description="Process one queued track end to end (one partition of `tracks`).")
+

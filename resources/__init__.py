@@ -45,6 +45,7 @@ class LibraryResource(ConfigurableResource):
     preserve_stems: bool = False
     output_audio_format: str = "m4a"
     output_audio_bitrate: str = "256k"
+    extra_variants: list[str] = []
     ytdl_duration_tol_sec: float = 2.0
     ytdl_duration_tol_pct: float = 0.01
 
@@ -54,7 +55,7 @@ class LibraryResource(ConfigurableResource):
     def output_options(self) -> OutputOptions:
         return OutputOptions(self.generate_no_drums_variant, self.generate_drums_only_variant,
                              self.preserve_stems, self.output_audio_format,
-                             self.output_audio_bitrate)
+                             self.output_audio_bitrate, tuple(self.extra_variants))
 
     @property
     def duration_tolerance(self) -> tuple[float, float]:
