@@ -7,6 +7,7 @@ from resources import build_resources
 from sensors import queue_sensor
 
 from .assets import track_assets
+from .catalog import catalog
 from .checks import track_checks
 from .jobs import ingest_track
 
@@ -14,7 +15,7 @@ from .jobs import ingest_track
 def build_defs(settings: Settings | None = None) -> Definitions:
     """Definitions with resources configured from ``settings`` (default: the environment)."""
     return Definitions(
-        assets=track_assets,
+        assets=[*track_assets, catalog],
         asset_checks=track_checks,
         jobs=[ingest_track],
         sensors=[queue_sensor],

@@ -13,7 +13,7 @@ from dagster import ConfigurableResource
 
 from imaker.pipeline import Library
 from imaker.queues import QueueStore
-from imaker.separation import LoadedModel, load_model, separate
+from imaker import separation
 from imaker.settings import OutputOptions, Settings, load_settings
 
 
@@ -75,16 +75,17 @@ class SeparatorResource(ConfigurableResource):
     overlap: float = 0.25
     shifts: int = 1
 
-    def load(self) -> LoadedModel:
-        return load_model(self.model, Path(self.model_repo) if self.model_repo else None,
+    def load(self) -> separation.LoadedModel:
+        return separation.load_model(self.model, Path(self.model_repo) if self.model_repo else None,
                           self.device)
 
     def separate(self, wav: np.ndarray) -> dict[str, np.ndarray]:
-        return separate(self.load(), wav, segment=self.segment, overlap=self.overlap,
+        return separation.separate(self.load(), wav, segment=self.segment, overlap=self.overlap,
                         shifts=self.shifts)
 
 
-def build_resources(settings: Settings | None = None) -> dict[str, ConfigurableResource]:
+def build_resources(settings: Settings | None = None, *, extra_variants: list[str] | None = None
+                    ) -> dict[str, ConfigurableResource]:
     s = settings or load_settings()
     return {
         "queues": QueueResource(
@@ -99,6 +100,7 @@ def build_resources(settings: Settings | None = None) -> dict[str, ConfigurableR
             generate_drums_only_variant=s.generate_drums_only_variant,
             preserve_stems=s.preserve_stems, output_audio_format=s.output_audio_format,
             output_audio_bitrate=s.output_audio_bitrate,
+            extra_variants=list(extra_variants or []),
             ytdl_duration_tol_sec=s.ytdl_duration_tol_sec,
             ytdl_duration_tol_pct=s.ytdl_duration_tol_pct),
         "separator": SeparatorResource(

@@ -1,0 +1,72 @@
+"""The track catalog: one row per processed track, built from manifests and small JSON
+records only (never re-reads audio), saved as CSV. No Dagster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from .fsutil import atomic_path
+
+CATALOG_FILE = "catalog.csv"
+COLUMNS = ["job_id", "artist", "album", "title", "source_type", "source_url", "duration_s",
+           "variants", "stems_kept", "stems_published", "nas_sync", "processed_at", "model",
+           "signature", "device"]
+
+
+def _nas_state(output_dir: Path) -> str:
+    try:
+        data = json.loads((output_dir / "sync.json").read_text())
+    except (OSError, ValueError):
+        return "not synced"
+    if isinstance(data, dict):
+        status = data.get("status")
+        if isinstance(status, str):
+            return status
+        items = data.get("artifacts") or data.get("results") or []
+        if isinstance(items, list) and items:
+            states = sorted({str(i.get("status")) for i in items if isinstance(i, dict)})
+            return ",".join(states)
+    return "unknown"
+
+
+def build_catalog(outputs_dir: Path, stems_dir: Path, job_ids: Iterable[str] | None = None
+                  ) -> pd.DataFrame:
+    """Rows for every ``outputs/<job_id>/manifest.json`` (restricted to ``job_ids`` if given)."""
+    outputs_dir = Path(outputs_dir)
+    wanted = set(job_ids) if job_ids is not None else None
+    rows = []
+    for path in sorted(outputs_dir.glob("*/manifest.json")):
+        job_id = path.parent.name
+        if wanted is not None and job_id not in wanted:
+            continue
+        try:
+            man = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        prov = man.get("provenance", {})
+        sep = prov.get("separation", {})
+        src = prov.get("source", {})
+        arts = man.get("artifacts", [])
+        rows.append({
+            "job_id": job_id, "artist": man.get("artist"), "album": man.get("album"),
+            "title": man.get("title"), "source_type": man.get("source_type"),
+            "source_url": src.get("url"), "duration_s": src.get("duration_s"),
+            "variants": ",".join(a["variant"] for a in arts if a.get("kind") == "audio"),
+            "stems_kept": (Path(stems_dir) / job_id / "stems.json").is_file(),
+            "stems_published": bool(man.get("stems_preserved")),
+            "nas_sync": _nas_state(path.parent), "processed_at": prov.get("created_at"),
+            "model": sep.get("model"), "signature": sep.get("signature"),
+            "device": sep.get("device"),
+        })
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def write_catalog(df: pd.DataFrame, outputs_dir: Path) -> Path:
+    dest = Path(outputs_dir) / CATALOG_FILE
+    with atomic_path(dest) as tmp:
+        df.to_csv(tmp, index=False)
+    return dest

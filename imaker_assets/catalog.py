@@ -1,0 +1,40 @@
+"""The catalog asset: a table of every track, kept current automatically."""
+
+import math
+
+from dagster import (AssetExecutionContext, AutomationCondition, MaterializeResult,
+                     MetadataValue, TableColumn, TableRecord, TableSchema, asset)
+
+from imaker.catalog import COLUMNS, build_catalog, write_catalog
+from resources import LibraryResource
+
+from .assets import manifest
+from .partitions import tracks
+
+_SCHEMA = TableSchema(columns=[TableColumn(c, "string") for c in COLUMNS])
+
+
+def _cell(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+@asset(group_name="catalog", deps=[manifest], code_version="1", kinds={"pandas", "csv"},
+       # refresh whenever any track's manifest changes; failed (missing) tracks do not block it
+       automation_condition=AutomationCondition.eager().without(
+           ~AutomationCondition.any_deps_missing()),
+       description="Every processed track (artist, title, source, duration, variants, stems, "
+                   "NAS state, model) as OUTPUTS_DIR/catalog.csv. Built from manifests only.")
+def catalog(context: AssetExecutionContext, library: LibraryResource) -> MaterializeResult:
+    lib = library.library()
+    known = context.instance.get_dynamic_partitions(tracks.name)
+    df = build_catalog(lib.outputs_dir, lib.stems_dir, known)
+    path = write_catalog(df, lib.outputs_dir)
+    records = [TableRecord({c: _cell(v) for c, v in row.items()})
+               for row in df.head(500).to_dict("records")]
+    return MaterializeResult(metadata={
+        "dagster/row_count": len(df),
+        "path": MetadataValue.path(str(path)),
+        "tracks": MetadataValue.table(records=records, schema=_SCHEMA),
+    })

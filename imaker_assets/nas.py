@@ -1,0 +1,81 @@
+"""``nas_copy``: the per-track NAS sync asset, downstream of ``manifest``.
+
+It copies the track's artifacts to the routes of the NAS sync config (``imaker.nas``).
+When sync is disabled or not configured it materializes as *skipped* (metadata
+``status: skipped`` and a warning in the run log) so the track completes normally. A
+destination that is down fails the step with the reason; the retry policy retries it with
+exponential backoff, and a later success completes it. ``outputs/`` is never modified
+apart from ``sync.json``.
+"""
+
+
+from dagster import (AssetExecutionContext, Backoff, Failure, Jitter, MaterializeResult,
+                     MetadataValue, RetryPolicy, asset)
+
+from imaker.nas import NasConfigError, SyncError, sync_job
+from resources import LibraryResource
+from resources.nas import NasResource
+
+from .assets import manifest
+from .partitions import tracks
+
+GROUP = "tracks"
+#: 4 tries over ~7 minutes: 60 s, 120 s, 240 s (±jitter) between them
+NAS_RETRY_POLICY = RetryPolicy(max_retries=3, delay=60, backoff=Backoff.EXPONENTIAL,
+                               jitter=Jitter.PLUS_MINUS)
+
+
+def _table(result) -> str:
+    rows = ["| artifact | status | destination | bytes sent |", "|---|---|---|---|"]
+    for a in result.artifacts:
+        dest = a.destination or "—"
+        note = f" ({a.message})" if a.message else ""
+        rows.append(f"| {a.path} | {a.status}{note} | {dest} | {a.bytes_sent} |")
+    return "\n".join(rows)
+
+
+def build_nas_copy(retry_policy: RetryPolicy | None = NAS_RETRY_POLICY, name: str = "nas_copy"):
+    """The asset; tests build one with a short retry policy."""
+
+    @asset(name=name, partitions_def=tracks, group_name=GROUP, deps=[manifest], code_version="1",
+           retry_policy=retry_policy, kinds={"nas"},
+           description="Copies the track's artifacts to the NAS routes of the sync config "
+                       "(local path, rsync, SFTP, S3), verified by size and sha256; "
+                       "records outputs/<job_id>/sync.json. Skipped when NAS sync is off.")
+    def _nas_copy(context: AssetExecutionContext, nas: NasResource,
+                  library: LibraryResource) -> MaterializeResult:
+        job_id = context.partition_key
+        output_dir = library.library().output_dir(job_id)
+        try:
+            config, reason = nas.config()
+        except NasConfigError as exc:
+            raise Failure(description=f"NAS sync config is invalid: {exc}",
+                          allow_retries=False) from None
+        if config is None:
+            context.log.warning(f"{job_id}: NAS copy skipped: {reason}")
+            return MaterializeResult(metadata={"status": "skipped", "reason": reason})
+        try:
+            result = sync_job(output_dir, config, log=context.log)
+        except SyncError as exc:
+            raise Failure(description=str(exc)) from None
+        metadata = {
+            "status": result.status,
+            "copied": result.count("copied", "replaced", "kept-both"),
+            "unchanged": result.count("unchanged"),
+            "skipped": result.count("skipped"),
+            "unrouted": result.count("unrouted"),
+            "failed": result.count("failed"),
+            "bytes_sent": result.bytes_sent,
+            "sync_json": MetadataValue.path(str(result.sync_json)),
+            "artifacts": MetadataValue.md(_table(result)),
+            "destinations": MetadataValue.json([a.to_dict() for a in result.artifacts]),
+        }
+        if result.status == "failed":
+            # outputs stay as they are; the retry policy tries again later
+            raise Failure(description=result.error_message(), metadata=metadata)
+        return MaterializeResult(metadata=metadata)
+
+    return _nas_copy
+
+
+nas_copy = build_nas_copy()

@@ -1,0 +1,96 @@
+"""Catalog contents, variant backfill without separation, and forgetting a track."""
+
+import pandas as pd
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from conftest import write_bundle
+from imaker import cli, separation
+from imaker.bundle import JobManifest
+from imaker.settings import load_settings
+from imaker_assets import operations
+
+
+@pytest.fixture
+def two_tracks(imaker_env, source_m4a, cover_jpg):
+    settings = load_settings()
+    write_bundle(settings.queue_youtube_audio, "t1", source_m4a, cover=cover_jpg,
+                 youtube={"video_id": "v1", "url": "https://www.youtube.com/watch?v=v1"})
+    write_bundle(settings.queue_other, "t2", source_m4a, artist="Other", title="Second",
+                 source_type="local")
+    instance = DagsterInstance.get()
+    assert operations.ingest_once(instance, settings) == 0
+    return settings, instance
+
+
+@pytest.fixture
+def separator_calls(monkeypatch):
+    calls = []
+    real = separation.separate
+    monkeypatch.setattr(separation, "separate",
+                        lambda *a, **k: calls.append(a[0].name) or real(*a, **k))
+    return calls
+
+
+def _catalog(settings):
+    return pd.read_csv(settings.outputs_dir / "catalog.csv", keep_default_na=False)
+
+
+def test_catalog_lists_every_track_from_manifests(two_tracks):
+    settings, instance = two_tracks
+    df = _catalog(settings).set_index("job_id")
+    assert sorted(df.index) == ["t1", "t2"]
+    assert df.loc["t1", "artist"] == "AC/DC" and df.loc["t2", "title"] == "Second"
+    assert df.loc["t1", "source_url"] == "https://www.youtube.com/watch?v=v1"
+    assert df.loc["t2", "source_type"] == "local"
+    assert df.loc["t1", "variants"] == "instrumental,no_drums"
+    assert df.loc["t1", "model"] == "tiny_htdemucs" and bool(df.loc["t1", "stems_kept"])
+    assert df.loc["t1", "nas_sync"] == "not synced"
+    assert abs(float(df.loc["t1", "duration_s"]) - 3.0) < 0.1
+    event = instance.get_latest_materialization_event(AssetKey("catalog"))
+    meta = event.asset_materialization.metadata
+    assert meta["dagster/row_count"].value == 2
+    assert {r.data["job_id"] for r in meta["tracks"].value.records} == {"t1", "t2"}
+
+
+def test_backfill_adds_a_variant_without_separating(two_tracks, separator_calls, monkeypatch, capsys):
+    settings, _ = two_tracks
+    assert cli.main(["backfill", "--variants", "drums_only"]) == 0
+    assert separator_calls == []
+    for job_id, base in (("t1", "AC_DC - Test Song"), ("t2", "Other - Second")):
+        assert (settings.outputs_dir / job_id / "files" / "audio" / f"{base} (drums only).m4a").is_file()
+        man = JobManifest.load(settings.outputs_dir / job_id)
+        assert [a.variant for a in man.artifacts] == ["instrumental", "no_drums", "drums_only"]
+    assert set(_catalog(settings)["variants"]) == {"instrumental,no_drums,drums_only"}
+
+
+def test_backfill_after_stems_were_purged_separates_first_visibly(two_tracks, separator_calls, capsys):
+    settings, _ = two_tracks
+    import shutil
+
+    shutil.rmtree(settings.stems_dir / "t2")
+    capsys.readouterr()
+    assert cli.main(["backfill", "--variants", "drums_only"]) == 0
+    out = capsys.readouterr().out
+    assert "t2: stems were purged: separating again first" in out
+    assert separator_calls == ["tiny_htdemucs"]  # only t2, once
+    assert (settings.stems_dir / "t2" / "stems.json").is_file()
+
+
+def test_unknown_backfill_variant_is_refused(two_tracks, capsys):
+    assert cli.main(["backfill", "--variants", "karaoke"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+
+
+def test_forget_removes_partition_and_stems_and_keeps_catalog_consistent(two_tracks):
+    settings, instance = two_tracks
+    assert cli.main(["forget", "t2"]) == 0
+    assert instance.get_dynamic_partitions("tracks") == ["t1"]
+    assert not (settings.stems_dir / "t2").exists()
+    assert not (settings.library_dir / "t2").exists()
+    assert (settings.outputs_dir / "t2" / "manifest.json").is_file()  # kept without --outputs
+    assert list(_catalog(settings)["job_id"]) == ["t1"]
+    assert cli.main(["forget", "t1", "--outputs"]) == 0
+    assert not (settings.outputs_dir / "t1").exists()
+    assert len(_catalog(settings)) == 0
+    assert (settings.archive_dir / "done" / "job_t1").is_dir()  # the original bundle is kept
