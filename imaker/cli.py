@@ -6,6 +6,9 @@
                              re-mix variants from stored stems (no separation)
     imaker forget JOB_ID [--outputs]
                              delete a track's partition and stored stems
+    imaker retrieve youtube URL... [--mode audio|video|both]   (see docs/retrievers.md)
+    imaker retrieve deezer URL... | imaker retrieve --list | imaker import PATH...
+    imaker nas-sync [--once|--watch]   copy finished jobs to their NAS routes
     imaker settings          print the effective settings
     imaker schema job|manifest   print a published JSON Schema
 """
@@ -52,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     fg.add_argument("job_id")
     fg.add_argument("--outputs", action="store_true", help="also delete outputs/<job_id>/")
     sub.add_parser("settings", help="print the effective settings as JSON")
+    from .retrievers.cli import add_parsers as add_retriever_parsers
+
+    add_retriever_parsers(sub)  # retrieve youtube|deezer|--list, import
+    from .nas.cli import add_parser as add_nas_sync
+
+    add_nas_sync(sub)  # nas-sync --once|--watch
     sch = sub.add_parser("schema", help="print a published JSON Schema")
     sch.add_argument("name", choices=["job", "manifest"])
     dev = sub.add_parser("dev-model", help="write a tiny random HTDemucs model repo (offline "
@@ -59,12 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("path", type=Path)
     dev.add_argument("--name", default="tiny_htdemucs")
     args = parser.parse_args(argv)
+    if args.command == "nas-sync":
+        return args.func(args)
 
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"imaker: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "func", None):  # retrievers
+        return args.func(args, settings)
     if args.command == "settings":
         print(json.dumps(settings.as_dict(), indent=2))
         return 0

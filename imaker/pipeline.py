@@ -29,6 +29,7 @@ from .fsutil import atomic_path, safe_filename, sha256_file, write_json_atomic
 from .queues import Claim, Owner, QueueStore, utcnow
 from .settings import OutputOptions, Settings
 from .variants import VARIANTS, mix, selected_variants
+from .video import mux_video
 
 SOURCE_RATE = 44100
 SOURCE_CHANNELS = 2
@@ -144,6 +145,11 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, owner: Owner,
         stored.audio = "source.flac"
         stored.video = None
         stored.cover = None
+        if bundle.video:  # kept for the video artifact (muxed with the instrumental later)
+            video_name = "source_video" + (Path(bundle.video).suffix.lower()[:6] or ".mp4")
+            with atomic_path(track / video_name) as tmp:
+                shutil.copyfile(bundle.media_path("video"), tmp)
+            stored.video = video_name
         if bundle.cover:
             cover_src = bundle.media_path("cover")
             cover_name = "cover" + (Path(bundle.cover).suffix.lower()[:6] or ".img")
@@ -244,6 +250,15 @@ def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
     # ffmpeg encodes run in parallel (one process per variant, bounded by the cores)
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
         records = list(pool.map(render, names))
+    if bundle.video:
+        instrumental = next(r for r in records if r["variant"] == "instrumental")
+        rel = f"files/video/{base}.mp4"
+        mux_video(bundle.media_path("video"), out_dir / instrumental["path"], out_dir / rel,
+                  audio_bitrate=options.audio_bitrate,
+                  tags=audio_mod.Tags(artist=bundle.artist, title=bundle.title, album=bundle.album,
+                                      cover=cover, job_id=job_id, variant="instrumental"))
+        records.append({"kind": "video", "variant": "instrumental", "label": "Video (instrumental)",
+                        "path": rel})
     if options.preserve_stems:
         for stem in stems_meta["sources"]:
             rel = f"files/stems/{base} ({stem}).flac"
@@ -276,9 +291,12 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str,
         info = audio_mod.probe(path)
         if info["audio"] is None:
             raise StageError(f"{rec['path']} has no audio stream")
+        codec = info["audio"]["codec"]
+        if rec["kind"] == "video" and info["video"]:
+            codec = f"{info['video']['codec']}+{codec}"
         artifacts.append(ArtifactMetadata(
             kind=rec["kind"], variant=rec["variant"], label=rec["label"], path=rec["path"],
-            codec=info["audio"]["codec"], duration_s=round(info["duration_s"] or 0.0, 3),
+            codec=codec, duration_s=round(info["duration_s"] or 0.0, 3),
             sample_rate=info["audio"]["sample_rate"], channels=info["audio"]["channels"],
             size_bytes=path.stat().st_size, sha256=sha256_file(path),
             gain_db=rec.get("gain_db")))

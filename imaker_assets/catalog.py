@@ -2,7 +2,8 @@
 
 import math
 
-from dagster import (AssetExecutionContext, AutomationCondition, MaterializeResult,
+from dagster import (AssetExecutionContext, AssetSelection, AutomationCondition,
+                     AutomationConditionSensorDefinition, DefaultSensorStatus, MaterializeResult,
                      MetadataValue, TableColumn, TableRecord, TableSchema, asset)
 
 from imaker.catalog import COLUMNS, build_catalog, write_catalog
@@ -38,3 +39,11 @@ def catalog(context: AssetExecutionContext, library: LibraryResource) -> Materia
         "path": MetadataValue.path(str(path)),
         "tracks": MetadataValue.table(records=records, schema=_SCHEMA),
     })
+
+
+#: evaluates the catalog's automation condition (Dagster's default automation sensor starts
+#: stopped; this one runs as soon as the code location loads)
+catalog_automation = AutomationConditionSensorDefinition(
+    "catalog_automation", target=AssetSelection.assets(catalog),
+    default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=15,
+    description="Rebuilds the catalog after tracks are processed.")

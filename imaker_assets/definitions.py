@@ -7,18 +7,20 @@ from resources import build_resources
 from sensors import queue_sensor
 
 from .assets import track_assets
-from .catalog import catalog
+from .catalog import catalog, catalog_automation
 from .checks import track_checks
 from .jobs import ingest_track
+from .nas import nas_copy
+from .retrieve import retrieve
 
 
 def build_defs(settings: Settings | None = None) -> Definitions:
     """Definitions with resources configured from ``settings`` (default: the environment)."""
     return Definitions(
-        assets=[*track_assets, catalog],
+        assets=[*track_assets, nas_copy, catalog],
         asset_checks=track_checks,
-        jobs=[ingest_track],
-        sensors=[queue_sensor],
+        jobs=[ingest_track, retrieve],
+        sensors=[queue_sensor, catalog_automation],
         resources=build_resources(settings or load_settings()),
     )
 

@@ -17,9 +17,11 @@ from .assets import manifest, stems, track_assets, variants
 from .catalog import catalog
 from .checks import track_checks
 from .definitions import build_defs
+from .nas import build_nas_copy
 from .partitions import tracks
 from .runtime import claim_alive
 
+NAS_COPY_NO_RETRY = build_nas_copy(retry_policy=None)
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -57,13 +59,21 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
         seen.add(job.job_id)
         if not instance.has_dynamic_partition(tracks.name, job.job_id):
             instance.add_dynamic_partitions(tracks.name, [job.job_id])
+        tags = {"imaker/job_id": job.job_id, "imaker/queue": job.queue,
+                "imaker/trigger": "imaker-ingest"}
         result = job_def.execute_in_process(
             partition_key=job.job_id, instance=instance, raise_on_error=False, run_config=QUIET,
-            tags={"imaker/job_id": job.job_id, "imaker/queue": job.queue,
-                  "imaker/trigger": "imaker-ingest"})
+            asset_selection=[a.key for a in track_assets], tags=tags)
         if result.success:
-            print(f"{job.job_id}: {settings.outputs_dir / job.job_id}", file=out, flush=True)
-            continue
+            # NAS copy in its own run without the in-process retry sleeps: a NAS that is
+            # down fails this job at once; the sensor path (daemon) keeps the retry policy.
+            nas = materialize([NAS_COPY_NO_RETRY], partition_key=job.job_id, instance=instance,
+                              resources=build_resources(settings), run_config=QUIET,
+                              raise_on_error=False, tags=tags)
+            if nas.success:
+                print(f"{job.job_id}: {settings.outputs_dir / job.job_id}", file=out, flush=True)
+                continue
+            result = nas
         failures += 1
         error = store.read_error(job.job_id)
         if error:

@@ -84,6 +84,9 @@ class SeparatorResource(ConfigurableResource):
                         shifts=self.shifts)
 
 
+from .nas import NasResource, build_nas_resource  # noqa: E402  (defined in its own module)
+
+
 def build_resources(settings: Settings | None = None, *, extra_variants: list[str] | None = None
                     ) -> dict[str, ConfigurableResource]:
     s = settings or load_settings()
@@ -103,6 +106,7 @@ def build_resources(settings: Settings | None = None, *, extra_variants: list[st
             extra_variants=list(extra_variants or []),
             ytdl_duration_tol_sec=s.ytdl_duration_tol_sec,
             ytdl_duration_tol_pct=s.ytdl_duration_tol_pct),
+        "nas": build_nas_resource(s),
         "separator": SeparatorResource(
             model=s.demucs_model,
             model_repo=str(s.demucs_model_repo) if s.demucs_model_repo else None,

@@ -5,9 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# scripts/setup.sh [--test]: --test also installs what the tests run for real (Chromium
+# and its driver for the browser test, an sshd for the NAS tests).
 need_apt=()
 command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || need_apt+=(ffmpeg)
-for extra in "$@"; do need_apt+=("$extra"); done
+command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
+command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
+extras="."
+if [ "${1:-}" = "--test" ]; then
+    extras=".[test]"
+    command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+    [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)  # a real sshd for the SFTP/rsync tests
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
@@ -23,8 +33,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 # torch first and in the same call as demucs: an unpinned resolve pulls a CUDA build.
+stamp=".venv/.imaker-installed-$(echo "$extras" | tr -c 'a-z' '_')"
 if ! .venv/bin/python -c "import imaker, dagster, demucs, mutagen" >/dev/null 2>&1 \
-   || [ pyproject.toml -nt .venv/.imaker-installed ]; then
-    .venv/bin/pip install -q "torch==2.13.0" -e ".[test]"
-    touch .venv/.imaker-installed
+   || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q "torch==2.13.0" -e "$extras"
+    touch "$stamp"
 fi

@@ -56,9 +56,9 @@ def test_dagster_dev_sensor_processes_a_dropped_bundle(imaker_env, source_m4a, t
                               " assetNodes { assetKey { path } } }")
         sensors = {s["name"]: s["sensorState"]["status"]
                    for repo in data["repositoriesOrError"]["nodes"] for s in repo["sensors"]}
-        assert sensors == {"queue_sensor": "RUNNING"}
+        assert sensors["queue_sensor"] == "RUNNING" and sensors["catalog_automation"] == "RUNNING"
         assets = sorted(a["assetKey"]["path"][-1] for a in data["assetNodes"])
-        assert assets == ["manifest", "source_audio", "stems", "variants"]
+        assert assets == ["catalog", "manifest", "nas_copy", "source_audio", "stems", "variants"]
 
         write_bundle(settings.queue_youtube_audio, "dev_drop", source_m4a)
         manifest = settings.outputs_dir / "dev_drop" / "manifest.json"
@@ -75,9 +75,15 @@ def test_dagster_dev_sensor_processes_a_dropped_bundle(imaker_env, source_m4a, t
             assert time.time() < deadline
             time.sleep(1)
         runs = _graphql(port, '{ runsOrError { ... on Runs { results { status tags { key value } } } } }')
-        [run] = runs["runsOrError"]["results"]
-        tags = {t["key"]: t["value"] for t in run["tags"]}
-        assert tags["dagster/partition"] == "dev_drop" and tags["imaker/queue"] == "youtube_audio"
+        tag_sets = [{t["key"]: t["value"] for t in r["tags"]} for r in runs["runsOrError"]["results"]]
+        track_runs = [t for t in tag_sets if t.get("dagster/partition") == "dev_drop"]
+        assert len(track_runs) == 1 and track_runs[0]["imaker/queue"] == "youtube_audio"
+        # the catalog follows by itself (automation condition sensor)
+        catalog = settings.outputs_dir / "catalog.csv"
+        deadline = time.time() + 180
+        while not (catalog.exists() and "dev_drop" in catalog.read_text()):
+            assert proc.poll() is None and time.time() < deadline, "catalog was not rebuilt"
+            time.sleep(2)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -25,7 +25,9 @@ def test_definitions_contents(imaker_env):
     assert job.partitions_def.name == "tracks"
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"source_audio", "stems", "variants", "manifest"}
+    assert keys == {"source_audio", "stems", "variants", "manifest", "nas_copy", "catalog"}
+    sensors = {s.name for s in defs.sensors}
+    assert sensors == {"queue_sensor", "catalog_automation"}
     from imaker_assets.assets import stems
 
     assert stems.op.pool == "gpu"

@@ -1,6 +1,7 @@
 """Full materialization of a track partition with real Dagster, demucs code and ffmpeg."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -174,3 +175,36 @@ def test_disk_error_in_outputs_fails_the_job_with_reason_and_keeps_the_stems(
     assert (settings.outputs_dir / "disk1" / "manifest.json").is_file()
     assert (settings.archive_dir / "done" / "job_disk1").is_dir()
     assert not (settings.archive_dir / "failed" / "job_disk1").exists()
+
+
+def _stream_md5(path, stream):
+    out = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", f"0:{stream}:0",
+                          "-c", "copy", "-f", "md5", "-"], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_bundle_with_video_gets_the_instrumental_muxed_into_an_mp4(imaker_env, source_m4a, tmp_path):
+    video = tmp_path / "video.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=160x120:rate=10:duration=3", "-f", "lavfi", "-i",
+                    "sine=frequency=300:duration=3", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    "-c:a", "aac", "-shortest", str(video)], check=True)
+    settings = load_settings()
+    folder = write_bundle(settings.queue_youtube_video, "vid1", source_m4a, video="video.mp4")
+    import shutil as _sh
+
+    _sh.copy(video, folder / "video.mp4")
+    result, settings = _materialize("vid1")
+    assert result.success
+    out = settings.outputs_dir / "vid1"
+    mp4 = out / "files" / "video" / "AC_DC - Test Song.mp4"
+    info = audio.probe(mp4)
+    assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
+    assert _stream_md5(mp4, "v") == _stream_md5(video, "v")  # video copied, not re-encoded
+    instrumental = out / "files" / "audio" / "AC_DC - Test Song.m4a"
+    assert _stream_md5(mp4, "a") == _stream_md5(instrumental, "a")  # the instrumental's audio
+    man = JobManifest.load(out)
+    [vid] = [a for a in man.artifacts if a.kind == "video"]
+    assert vid.path == "files/video/AC_DC - Test Song.mp4" and vid.codec == "h264+aac"
+    assert vid.sha256 == sha256_file(mp4)
+    assert schema_errors("manifest", man.to_dict()) == []
