@@ -3,20 +3,14 @@ opened in headless Debian Chromium through Selenium and the system chromedriver.
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from conftest import write_bundle
+from dagster_server import dagster_server
 from imaker.settings import load_settings
 
-ROOT = Path(__file__).parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
@@ -24,12 +18,6 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
     reason="Debian chromium + chromium-driver not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -42,29 +30,8 @@ def webserver(imaker_env, source_m4a, cover_jpg, tmp_path):
     write_bundle(settings.queue_youtube_audio, "track_one", source_m4a, cover=cover_jpg)
     write_bundle(settings.queue_other, "track_two", source_m4a, title="Second")
     assert operations.ingest_once(DagsterInstance.get(), settings) == 0
-    port = _free_port()
-    log = open(tmp_path / "webserver.log", "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster-webserver")), "-w", "workspace.yaml",
-         "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, \
-                (tmp_path / "webserver.log").read_text()[-3000:]
-            time.sleep(1)
-    yield f"http://127.0.0.1:{port}"
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    with dagster_server(["dagster-webserver"], tmp_path / "webserver.log") as (_, url):
+        yield url
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+from ..fsutil import fsync_dir
 from .config import Destination
 from .errors import DestinationUnavailable, SyncError
 
@@ -178,26 +179,13 @@ class LocalBackend(Backend):
             if tmp.stat().st_size != size or check.hexdigest() != sha256:
                 raise SyncError(f"verification failed for {final}: the copy does not match")
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return sent
         except OSError as exc:
             raise SyncError(f"cannot write {final}: {_os_message(exc)}") from None
         finally:
             if tmp.exists():
                 tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------
