@@ -94,3 +94,32 @@ def test_forget_removes_partition_and_stems_and_keeps_catalog_consistent(two_tra
     assert not (settings.outputs_dir / "t1").exists()
     assert len(_catalog(settings)) == 0
     assert (settings.archive_dir / "done" / "job_t1").is_dir()  # the original bundle is kept
+
+
+def test_ingest_then_nas_copy_places_files_by_route_and_the_catalog_shows_it(
+        imaker_env, source_m4a, tmp_path, monkeypatch):
+    nas = tmp_path / "nas"
+    (nas / "Instrumentals").mkdir(parents=True)
+    config = tmp_path / "nas.yaml"
+    config.write_text(f"""
+nasSync:
+  enabled: true
+  remoteRoots:
+    audio: "{nas / 'Instrumentals'}"
+  routes:
+    - match: {{ kind: "audio", variant: "instrumental" }}
+      to: "${{remoteRoots.audio}}/Instrumental"
+    - match: {{ kind: "audio", variant: "no_drums" }}
+      to: "${{remoteRoots.audio}}/NoDrums"
+""")
+    monkeypatch.setenv("NAS_SYNC_ENABLED", "true")
+    monkeypatch.setenv("NAS_SYNC_CONFIG_PATH", str(config))
+    settings = load_settings()
+    write_bundle(settings.queue_other, "synced", source_m4a)
+    assert cli.main(["ingest", "--once"]) == 0
+    inst = nas / "Instrumentals" / "Instrumental" / "AC_DC - Test Song.m4a"
+    nodrum = nas / "Instrumentals" / "NoDrums" / "AC_DC - Test Song (no drum).m4a"
+    out = settings.outputs_dir / "synced" / "files" / "audio"
+    assert inst.read_bytes() == (out / "AC_DC - Test Song.m4a").read_bytes()
+    assert nodrum.read_bytes() == (out / "AC_DC - Test Song (no drum).m4a").read_bytes()
+    assert _catalog(settings).set_index("job_id").loc["synced", "nas_sync"] == "ok"
