@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # scripts/setup.sh [--test]: --test also installs what the tests run for real (Chromium
-# and its driver for the browser test, an sshd for the NAS tests).
+# and its driver for the browser test, an sshd for the NAS tests, PostgreSQL for the
+# production-storage test).
 need_apt=()
 command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || need_apt+=(ffmpeg)
 command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
@@ -17,6 +18,7 @@ if [ "${1:-}" = "--test" ]; then
     command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
     command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
     [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)  # a real sshd for the SFTP/rsync tests
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)  # Postgres e2e
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -1,0 +1,430 @@
+"""Static checks of the deployment in docker/ (Docker cannot run on the CI machines):
+`docker compose config` when a compose client that parses without an engine is installed,
+else (and in any case) the compose YAML itself; both dagster.yaml files through Dagster's
+own instance config validation; the run launcher and coordinator built from the compose
+instance config; the Dockerfile's rules; the model fetcher's repo layout."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "docker-compose.yml"
+
+PG_ENV = {"DAGSTER_POSTGRES_HOST": "postgres", "DAGSTER_POSTGRES_PORT": "5432",
+          "DAGSTER_POSTGRES_USER": "dagster", "DAGSTER_POSTGRES_PASSWORD": "secret",
+          "DAGSTER_POSTGRES_DB": "dagster", "IMAKER_IMAGE": "instrumental-maker:local"}
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _env_example() -> dict[str, str]:
+    out = {}
+    for line in (DOCKER / ".env.example").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f".env.example: {line!r} is not KEY=VALUE"
+            out[key] = value
+    return out
+
+
+def _settings_env_names() -> set[str]:
+    """Every environment variable imaker/settings.py reads."""
+    src = (ROOT / "imaker" / "settings.py").read_text()
+    names = set(re.findall(r'(?:_clean|_bool|_num|_choice)\(env,\s*"([A-Z0-9_]+)"', src))
+    names |= set(re.findall(r'\bpath\("([A-Z0-9_]+)"', src))
+    assert len(names) > 20, names
+    return names
+
+
+def _readme_env_names() -> set[str]:
+    """Every variable in the README's settings table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            first = row.split("|")[1]
+            names |= set(re.findall(r"`([A-Z][A-Z0-9_]+)`", first))
+    assert len(names) > 20, names
+    return names
+
+
+def _dagster_yaml_config(path: Path, monkeypatch) -> dict:
+    """Validate with Dagster's own loader (the one DagsterInstance uses)."""
+    from dagster._core.instance.config import dagster_instance_config
+
+    for key, value in PG_ENV.items():
+        monkeypatch.setenv(key, value)
+    config, custom_class = dagster_instance_config(str(path.parent), path.name)
+    assert custom_class is None
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# docker compose
+
+
+def _compose_cli() -> list[str] | None:
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        probe = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=60)
+        # compose v2+ (Go) implements the compose specification; Debian's python
+        # docker-compose 1.x predates it (no top-level `name`, ...)
+        m = re.search(r"version v?(\d+)\.", probe.stdout + probe.stderr, re.I)
+        if probe.returncode == 0 and m and int(m.group(1)) >= 2:
+            return cmd
+    return None
+
+
+def test_docker_compose_config_parses(tmp_path):
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("no compose v2+ client here (docker compose plugin or docker-compose v2; Debian's "
+                    "docker-compose 1.x predates the compose spec) "
+                    "(the YAML is checked by the other tests)")
+    # A copy, so the required docker/.env can be made from .env.example without touching
+    # the checkout.
+    work = tmp_path / "docker"
+    shutil.copytree(DOCKER, work, ignore=shutil.ignore_patterns(".env"))
+    env_text = (DOCKER / ".env.example").read_text().replace(
+        "DAGSTER_POSTGRES_PASSWORD=\n", "DAGSTER_POSTGRES_PASSWORD=secret\n")
+    (work / ".env").write_text(env_text)
+    proc = subprocess.run([*cli, "-f", str(work / "docker-compose.yml"), "--profile", "nas",
+                           "config"], capture_output=True, text=True, timeout=120, cwd=work)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    resolved = yaml.safe_load(proc.stdout)
+    assert {"postgres", "user_code", "webserver", "daemon", "youtube", "nas-sync"} <= set(
+        resolved["services"])
+    ports = resolved["services"]["webserver"]["ports"]
+    text = yaml.safe_dump(ports)
+    assert "127.0.0.1" in text and "0.0.0.0" not in text
+
+
+def test_compose_services_volumes_network_and_profiles():
+    c = _compose()
+    services = c["services"]
+    assert {"postgres", "user_code", "webserver", "daemon", "youtube", "nas-sync"} <= set(services)
+    assert services["nas-sync"]["profiles"] == ["nas"]
+    for name in ("postgres", "user_code", "webserver", "daemon", "youtube"):
+        assert "profiles" not in services[name], name
+    # base images are pinned by tag (not latest, not a bare name)
+    image = services["postgres"]["image"]
+    assert re.fullmatch(r"postgres:\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?", image), image
+
+    # volumes: named with fixed names (the run launcher mounts the same names)
+    volumes = c["volumes"]
+    for vol in ("imaker-data", "imaker-outputs", "imaker-library", "imaker-stems",
+                "imaker-models", "imaker-postgres", "imaker-dagster-storage"):
+        assert volumes[vol]["name"] == vol
+    assert c["networks"]["imaker"]["name"] == "imaker"
+
+    def mounts(svc):
+        return {v.split(":")[1]: v.split(":")[0] for v in services[svc]["volumes"]}
+
+    for svc in ("user_code", "youtube"):
+        m = mounts(svc)
+        # queues, working and archive live on ONE volume: claims are renames
+        assert m["/data"] == "imaker-data"
+        assert m["/data/outputs"] == "imaker-outputs"
+        assert m["/data/stems"] == "imaker-stems"
+        assert m["/data/library"] == "imaker-library"
+        assert m["/models/custom"] == "imaker-models"
+    assert mounts("nas-sync")["/data/outputs"] == "imaker-outputs"
+    assert mounts("postgres")["/var/lib/postgresql/data"] == "imaker-postgres"
+    for svc in ("daemon", "webserver"):
+        m = mounts(svc)
+        assert m["/var/run/docker.sock"] == "/var/run/docker.sock"
+        assert m["/opt/dagster/dagster_home/dagster.yaml"] == "./dagster.yaml"
+        assert m["/opt/dagster/dagster_home/workspace.yaml"] == "./workspace.yaml"
+    for svc, spec in services.items():
+        assert "imaker" in spec["networks"], svc
+
+
+def test_compose_gpu_reservation_ports_healthchecks_and_commands():
+    services = _compose()["services"]
+    [device] = services["user_code"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert str(device["count"]) in ("${IMAKER_GPU_COUNT:-1}", "1", "all")
+
+    # the UI is published on the loopback address only (by default)
+    [port] = services["webserver"]["ports"]
+    m = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):(\$\{[^}]*\}|\d+):(\d+)", port)
+    assert m, port
+    assert m.group(1) == "${IMAKER_UI_BIND:-127.0.0.1}" and m.group(3) == "3000"
+    for name, spec in services.items():
+        if name != "webserver":
+            assert "ports" not in spec, f"{name} publishes a port"
+        assert "healthcheck" in spec or name == "nas-sync", name
+
+    code = services["user_code"]["command"]
+    assert code[:3] == ["dagster", "code-server", "start"]
+    assert code[code.index("-m") + 1] == "imaker_assets.definitions"
+    assert code[code.index("--location-name") + 1] == "instrumental_maker"
+    assert services["user_code"]["environment"]["DAGSTER_CURRENT_IMAGE"] == \
+        "${IMAKER_IMAGE:-instrumental-maker:local}"
+    assert services["daemon"]["command"][:2] == ["dagster-daemon", "run"]
+    assert services["webserver"]["command"][0] == "dagster-webserver"
+    assert services["nas-sync"]["command"][:3] == ["imaker", "nas-sync", "--watch"]
+    assert services["youtube"]["command"] == ["imaker-youtube-watch"]
+    # the Postgres password is required, never defaulted
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(
+        "${DAGSTER_POSTGRES_PASSWORD:?")
+    # workspace of webserver/daemon = the code server
+    ws = yaml.safe_load((DOCKER / "workspace.yaml").read_text())
+    [loc] = ws["load_from"]
+    assert loc["grpc_server"] == {"host": "user_code", "port": 4000,
+                                  "location_name": "instrumental_maker"}
+
+
+def test_env_example_has_every_setting():
+    env = _env_example()
+    missing_readme = _readme_env_names() - set(env)
+    missing_code = _settings_env_names() - set(env)
+    assert not missing_readme, f"README settings missing in docker/.env.example: {missing_readme}"
+    assert not missing_code, f"imaker/settings.py settings missing in .env.example: {missing_code}"
+    for key in PG_ENV:
+        assert key in env
+    assert env["DAGSTER_POSTGRES_PASSWORD"] == ""          # the operator must choose one
+    assert env["DEMUCS_MODEL_REPO"] == "/models" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["IMAKER_UI_BIND"] == "127.0.0.1"
+    # every value also loads through imaker's own settings parser
+    from imaker.settings import load_settings
+
+    settings = load_settings({**env, "DAGSTER_POSTGRES_PASSWORD": "x"})
+    assert str(settings.queue_other) == "/data/queues/other"
+    assert str(settings.demucs_model_repo) == "/models"
+
+
+# ---------------------------------------------------------------------------------------
+# dagster.yaml (compose) and dagster_home/dagster.yaml (local)
+
+
+def test_local_dagster_yaml_validates(monkeypatch):
+    config = _dagster_yaml_config(ROOT / "dagster_home" / "dagster.yaml", monkeypatch)
+    assert "storage" not in config and "run_launcher" not in config   # sqlite, default launcher
+    assert config["concurrency"]["pools"]["default_limit"] == 1
+
+
+def test_compose_dagster_yaml_validates_and_builds_its_classes(monkeypatch):
+    from dagster._config import validate_config
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+    from dagster._core.storage.config import pg_config
+    from dagster._serdes.config_class import ConfigurableClassData
+    from dagster_docker import DockerRunLauncher
+
+    config = _dagster_yaml_config(DOCKER / "dagster.yaml", monkeypatch)
+
+    pg = config["storage"]["postgres"]
+    checked = validate_config(pg_config(), pg)
+    assert checked.success, checked.errors
+    db = pg["postgres_db"]
+    for field in ("hostname", "port", "username", "password", "db_name"):
+        assert set(db[field]) == {"env"}, f"{field} must come from an env var"
+    assert db["scheme"] == "postgresql+psycopg2"     # SQLAlchemy 2.1 defaults to psycopg 3
+    from dagster_postgres.utils import pg_url_from_config
+
+    assert pg_url_from_config({"postgres_db": {k: (PG_ENV[v["env"]] if isinstance(v, dict) else v)
+                                               for k, v in db.items()}}) == \
+        "postgresql+psycopg2://dagster:secret@postgres:5432/dagster"
+
+    # the run launcher: validated against its own schema and instantiated (no engine needed)
+    rl = config["run_launcher"]
+    assert (rl["module"], rl["class"]) == ("dagster_docker", "DockerRunLauncher")
+    launcher = ConfigurableClassData(rl["module"], rl["class"],
+                                     yaml.safe_dump(rl["config"])).rehydrate(DockerRunLauncher)
+    assert launcher.networks == ["imaker"]
+    kwargs = launcher.container_kwargs
+    [gpu] = kwargs["device_requests"]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == [["gpu"]]
+    assert gpu.get("count") or gpu.get("device_ids")
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in kwargs["volumes"]}
+    compose = _compose()
+    for path in ("/data", "/data/outputs", "/data/library", "/data/stems", "/models/custom"):
+        assert mounts[path] in compose["volumes"], path
+        assert compose["volumes"][mounts[path]]["name"] == mounts[path]
+    assert mounts["/opt/dagster/storage"] == "imaker-dagster-storage"
+    # docker-py accepts these kwargs as they are (HostConfig is built without an engine)
+    from docker.models.containers import _create_container_args
+    from docker.types import HostConfig
+
+    # what DockerRunLauncher does before containers.create(**kwargs)
+    create = {k: v for k, v in kwargs.items() if k not in ("labels", "stop_timeout")}
+    args = _create_container_args({"image": "x", "version": "1.44", **create})
+    host = args["host_config"]
+    assert isinstance(host, HostConfig)
+    assert host["DeviceRequests"][0]["Driver"] == "nvidia"
+    assert host["DeviceRequests"][0]["Capabilities"] == [["gpu"]]
+    assert len(host["Binds"]) == len(kwargs["volumes"])
+
+    # every imaker setting and the Postgres credentials reach the run containers, and the
+    # daemon has them all (docker/.env) so parse_env_var never fails at launch
+    env_vars = set(launcher.env_vars)
+    assert _settings_env_names() <= env_vars, _settings_env_names() - env_vars
+    assert set(PG_ENV) <= env_vars
+    assert env_vars <= set(_env_example()), env_vars - set(_env_example())
+
+    # queued coordinator + limits
+    rc = config["run_coordinator"]
+    coordinator = ConfigurableClassData(rc["module"], rc["class"],
+                                        yaml.safe_dump(rc.get("config") or {})).rehydrate(
+        QueuedRunCoordinator)
+    assert isinstance(coordinator, QueuedRunCoordinator)
+    runs = config["concurrency"]["runs"]
+    assert runs["max_concurrent_runs"] >= 1
+    limits = {lim["key"]: lim for lim in runs["tag_concurrency_limits"]}
+    assert limits["imaker/job_id"]["limit"] == 1
+    assert limits["imaker/job_id"]["value"] == {"applyLimitPerUniqueValue": True}
+    assert config["concurrency"]["pools"]["default_limit"] == 1       # pool "gpu": one per GPU
+
+    # health + retention
+    assert config["run_monitoring"]["enabled"] is True
+    assert config["run_monitoring"]["start_timeout_seconds"] > 0
+    assert config["run_retries"]["enabled"] is True and config["run_retries"]["max_retries"] >= 1
+    assert config["retention"]["sensor"]["purge_after_days"]["skipped"] >= 1
+    assert config["compute_logs"]["config"]["base_dir"].startswith("/opt/dagster/storage")
+
+
+def test_compose_instance_loads_as_a_dagster_instance_ref(monkeypatch, tmp_path):
+    """The whole file through InstanceRef (what `dagster-daemon run` does first), without
+    connecting to Postgres."""
+    from dagster._core.instance.ref import InstanceRef
+
+    for key, value in PG_ENV.items():
+        monkeypatch.setenv(key, value)
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(DOCKER / "dagster.yaml", home / "dagster.yaml")
+    ref = InstanceRef.from_dir(str(home))
+    assert ref.storage_data.module_name == "dagster_postgres"
+    assert ref.run_launcher_data.class_name == "DockerRunLauncher"
+    assert ref.run_coordinator_data.class_name == "QueuedRunCoordinator"
+    assert ref.compute_logs_data.class_name == "LocalComputeLogManager"
+    assert ref.settings["run_monitoring"]["enabled"] is True
+
+
+# ---------------------------------------------------------------------------------------
+# images
+
+
+def _stages(dockerfile: str) -> dict[str, str]:
+    stages, current = {}, None
+    for line in dockerfile.splitlines():
+        m = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.I)
+        if m:
+            current = m.group(2) or m.group(1)
+            stages[current] = ""
+        elif current:
+            stages[current] += line + "\n"
+    return stages
+
+
+def test_dockerfile_rules():
+    text = (DOCKER / "Dockerfile").read_text()
+    # pinned base image (tag with a patch version; digests are the operator's choice)
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M).group(1)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base
+    for m in re.finditer(r"^FROM\s+(\S+)", text, re.M):
+        ref = m.group(1)
+        assert ref.startswith("${PYTHON_IMAGE}") or ref in _stages(text), ref
+    stages = _stages(text)
+    assert {"app", "dagster", "models"} <= set(stages)
+    for final in ("app", "dagster"):
+        assert re.search(r"^USER imaker$", stages[final], re.M), f"{final} runs as root"
+    app = stages["app"]
+    assert "ffmpeg" in app and "--no-install-recommends" in app and "rm -rf /var/lib/apt/lists" in app
+    assert "DEMUCS_MODEL_REPO=/models" in app and "HF_HUB_OFFLINE=1" in app
+    assert "COPY --from=models /models /models" in app
+    assert "fetch_models.py" in stages["models"]
+    assert '"torch==${TORCH_VERSION}"' in text and "ARG TORCH_VERSION=2.13.0" in text
+    assert "dagster-postgres==0.29.27" in text and "DAGSTER_LIBS_VERSION=0.29.27" in text
+    # the torch/dependency layers come before the source is copied (code edits stay cheap)
+    assert text.index("-r /tmp/build/requirements.txt") < text.index("COPY imaker /src/imaker")
+    # the build context leaves out what the image does not need
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for entry in ("**/.venv", "**/.git", "data/", "tests/", "dagster_home/", "**/.env"):
+        assert entry in ignore, entry
+    # the youtube watcher is a valid shell script
+    subprocess.run(["bash", "-n", str(DOCKER / "youtube-watch.sh")], check=True)
+
+
+def test_fetch_models_writes_a_loadable_repo(tmp_path, monkeypatch, model_repo):
+    """The build-time fetcher with the download replaced by a copy of the tiny test model:
+    the folder it writes loads through demucs with repo=... (no network)."""
+    import importlib.util
+
+    import demucs.repo
+    import torch.hub
+
+    spec = importlib.util.spec_from_file_location("fetch_models", DOCKER / "fetch_models.py")
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    [(name, _, files)] = fetch.plan(["htdemucs"])
+    assert name == "htdemucs" and files[0][1].startswith("https://dl.fbaipublicfiles.com/demucs/")
+
+    [tiny] = sorted(model_repo.glob("*.th"))
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix))
+        shutil.copy(tiny, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(demucs.repo, "check_checksum", lambda path, checksum: None)
+    out = tmp_path / "models"
+    assert fetch.main(["--out", str(out), "htdemucs"]) == 0
+    assert calls == [(files[0][1], files[0][0].rsplit("-", 1)[1][:-3])]
+    assert sorted(p.name for p in out.iterdir()) == sorted([files[0][0], "htdemucs.yaml"])
+
+
+def test_youtube_watcher_hands_each_inbox_file_to_imaker_once(tmp_path):
+    """docker/youtube-watch.sh with a stand-in `imaker` on PATH: URL files go to
+    `imaker retrieve youtube --mode <YTDL_MODE> -- URL...`, then to done/ or failed/;
+    .tmp files wait; SIGTERM stops it."""
+    import os
+    import signal
+    import time
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls.txt"
+    stub = bindir / "imaker"
+    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                    'for a in "$@"; do [ "$a" = "https://bad" ] && exit 1; done\nexit 0\n')
+    stub.chmod(0o755)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.txt").write_text("# my list\nhttps://x/1\n\n  https://x/2  # second\n")
+    (inbox / "b.txt").write_text("https://bad\n")
+    (inbox / "c.txt.tmp").write_text("https://x/3\n")
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "CALLS": str(calls),
+           "IMAKER_INBOX": str(inbox), "IMAKER_INBOX_INTERVAL": "1", "YTDL_MODE": "both"}
+    proc = subprocess.Popen(["bash", str(DOCKER / "youtube-watch.sh")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and not (list((inbox / "done").glob("a.txt.*"))
+                                               and list((inbox / "failed").glob("b.txt.*"))):
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    lines = sorted(calls.read_text().splitlines())
+    assert lines == ["retrieve youtube --mode both -- https://bad",
+                     "retrieve youtube --mode both -- https://x/1 https://x/2"], out
+    assert (inbox / "c.txt.tmp").exists()                    # still being written: untouched
+    assert len(list((inbox / "done").glob("a.txt.*.log"))) == 1
+    assert "stopped" in out
