@@ -30,6 +30,7 @@ def test_dagster_dev_sensor_processes_a_dropped_bundle(imaker_env, source_m4a, t
         assets = sorted(a["assetKey"]["path"][-1] for a in data["assetNodes"])
         assert assets == ["catalog", "manifest", "nas_copy", "source_audio", "stems", "variants"]
 
+        dropped = time.time()
         write_bundle(settings.queue_youtube_audio, "dev_drop", source_m4a)
         manifest = settings.outputs_dir / "dev_drop" / "manifest.json"
         deadline = time.time() + 300
@@ -40,6 +41,7 @@ def test_dagster_dev_sensor_processes_a_dropped_bundle(imaker_env, source_m4a, t
                 (tmp_path / "dagster_dev.log").read_text()[-3000:]
             time.sleep(2)
         assert json.loads(manifest.read_text())["job_id"] == "dev_drop"
+        print(f"bundle dropped -> manifest written: {time.time() - dropped:.1f} s")
         deadline = time.time() + 60
         while not (settings.archive_dir / "done" / "job_dev_drop").exists():
             assert time.time() < deadline
