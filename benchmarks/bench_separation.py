@@ -2,6 +2,8 @@
 """Our `stems` step vs the demucs CLI on the same input, model repo, device and segment.
 
     python benchmarks/bench_separation.py [--seconds 30] [--model NAME --repo DIR] [--device cpu]
+        [--batch-size N]
+    python benchmarks/bench_separation.py --compare-batch 0,2,4,8 [--seconds 60] [--full-size]
 
 Without --repo it builds the tiny random test model (same code path as real weights).
 Prints wall times and the ratios:
@@ -10,6 +12,12 @@ Prints wall times and the ratios:
   * our separation alone (model warm) vs the same;
   * every non-separation step (decode/validate, mix/encode/tag, probe/hash/manifest) vs
     the separation.
+
+--batch-size N: our separation with N segments per forward pass (imaker.fast_apply); 0 is
+demucs' apply_model; default: auto (DEMUCS_BATCH_SIZE semantics).
+--compare-batch LIST: inference only (``imaker.separation.separate`` on generated audio, no
+I/O), one fresh process per batch size (0 = demucs apply_model) and round, after a warm-up
+pass; prints wall time and peak RSS of each.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ def run_ours_child(args) -> None:
     settings = load_settings()
     store, lib = QueueStore.from_settings(settings), Library.from_settings(settings)
     sep = SeparatorResource(model=args.model, model_repo=args.repo, device=args.device,
-                            segment=args.segment)
+                            segment=args.segment, batch_size=args.batch_size)
     times = {"imports": t_import}
     t = time.perf_counter()
     sep.load()
@@ -72,6 +80,69 @@ def run_ours_child(args) -> None:
     print(json.dumps(times))
 
 
+def _rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MiB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/statm") as fh:
+        current = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return current, peak
+
+
+def run_infer_child(args) -> None:
+    """One fresh process: load, warm up, separate `seconds` of noise+tone; prints JSON."""
+    import numpy as np
+
+    from imaker import separation
+
+    loaded = separation.load_model(args.model, Path(args.repo), args.device)
+    rng = np.random.default_rng(0)
+
+    def signal(seconds: float) -> np.ndarray:
+        n = int(seconds * loaded.samplerate)
+        t = np.arange(n) / loaded.samplerate
+        mono = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.1 * rng.standard_normal(n)
+        return np.stack([mono, 0.7 * mono]).astype(np.float32)
+
+    separation.separate(loaded, signal(8.0), batch_size=args.batch_size)  # warm-up
+    wav = signal(args.seconds)
+    rss_before, _ = _rss_mb()
+    t = time.perf_counter()
+    separation.separate(loaded, wav, batch_size=args.batch_size, segment=args.segment)
+    wall = time.perf_counter() - t
+    _, peak = _rss_mb()
+    print(json.dumps({"batch_size": args.batch_size, "wall_s": wall, "rss_before_mb": rss_before,
+                      "peak_rss_mb": peak}))
+
+
+def compare_batch(args) -> None:
+    import torch
+
+    sizes = [int(x) for x in args.compare_batch.split(",")]
+    results: dict[int, list[dict]] = {b: [] for b in sizes}
+    for _ in range(args.rounds):
+        for b in sizes:
+            cmd = [sys.executable, __file__, "--infer-child", "--model", args.model, "--repo",
+                   args.repo, "--device", args.device, "--seconds", str(args.seconds),
+                   "--batch-size", str(b)] + (["--segment", str(args.segment)]
+                                               if args.segment else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
+                                 env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            results[b].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"inference only: {args.seconds:.0f} s stereo, model {args.model}, device "
+          f"{args.device}, cores {os.cpu_count()}, torch {torch.__version__}, "
+          f"{args.rounds} round(s), fresh process each")
+    base = min(r["wall_s"] for r in results[sizes[0]])
+    for b in sizes:
+        walls = [r["wall_s"] for r in results[b]]
+        name = "apply_model (demucs)" if b == 0 else f"batched B={b}"
+        print(f"  {name:22s} wall min {min(walls):7.2f} s  (all: "
+              f"{', '.join(f'{w:.2f}' for w in walls)})  x{base / min(walls):.2f} vs first  "
+              f"peak RSS {max(r['peak_rss_mb'] for r in results[b]):7.0f} MiB "
+              f"(before separation {min(r['rss_before_mb'] for r in results[b]):.0f})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=30.0)
@@ -82,11 +153,20 @@ def main() -> int:
     p.add_argument("--full-size", action="store_true",
                    help="random weights but the real htdemucs architecture (channels=48, "
                         "t_layers=5): realistic compute without downloading weights")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="segments per forward pass (0: demucs apply_model; default auto)")
+    p.add_argument("--compare-batch", default=None, metavar="LIST",
+                   help="inference-only comparison of batch sizes, e.g. 0,2,4,8")
+    p.add_argument("--rounds", type=int, default=1, help="rounds for --compare-batch")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--ours-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--infer-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.ours_child:
         run_ours_child(args)
+        return 0
+    if args.infer_child:
+        run_infer_child(args)
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="imaker-bench-"))
@@ -98,6 +178,13 @@ def main() -> int:
         args.repo = str(build_model_repo(work / "models", name, **size))
         args.model = args.model or name
     args.model = args.model or "htdemucs"
+    if args.compare_batch:
+        compare_batch(args)
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     src = make_input(work / "input.m4a", args.seconds)
 
     # reference: the demucs CLI, fresh process, same model repo / device / segment
@@ -119,7 +206,8 @@ def main() -> int:
         "artist": "Bench", "audio": "audio.m4a"}))
     env = dict(os.environ, IMAKER_DATA=str(data), HF_HUB_OFFLINE="1")
     child = [sys.executable, __file__, "--ours-child", "--model", args.model, "--repo", args.repo,
-             "--device", args.device] + (["--segment", str(args.segment)] if args.segment else [])
+             "--device", args.device] + (["--segment", str(args.segment)] if args.segment else []) \
+        + (["--batch-size", str(args.batch_size)] if args.batch_size is not None else [])
     t = time.perf_counter()
     out = subprocess.run(child, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
     ours_wall = time.perf_counter() - t

@@ -92,6 +92,8 @@ class Settings:
     demucs_segment: float | None
     demucs_overlap: float
     demucs_shifts: int
+    demucs_batch_size: int | None  # None: auto (8 on CUDA, 1 elsewhere); 0: demucs apply_model
+    demucs_autocast: bool
     nas_sync_enabled: bool
     nas_sync_config_path: Path
     ytdl_mode: str
@@ -123,6 +125,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         return Path(raw).expanduser().resolve() if raw else default
 
     segment = _num(env, "DEMUCS_SEGMENT", None)
+    batch_raw = _clean(env, "DEMUCS_BATCH_SIZE")
+    batch_size = (None if batch_raw is None or batch_raw.lower() == "auto"
+                  else _num(env, "DEMUCS_BATCH_SIZE", None, int))
     repo = _clean(env, "DEMUCS_MODEL_REPO")
     device = (_clean(env, "DEMUCS_DEVICE") or "auto").lower()
     if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
@@ -150,6 +155,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         demucs_segment=segment,
         demucs_overlap=_num(env, "DEMUCS_OVERLAP", 0.25),
         demucs_shifts=_num(env, "DEMUCS_SHIFTS", 1, int),
+        demucs_batch_size=batch_size,
+        demucs_autocast=_bool(env, "DEMUCS_AUTOCAST", True),
         nas_sync_enabled=_bool(env, "NAS_SYNC_ENABLED", False),
         nas_sync_config_path=path("NAS_SYNC_CONFIG_PATH", data / "nas_sync_config.yaml"),
         ytdl_mode=_choice(env, "YTDL_MODE", "audio", ("audio", "video", "both")),
@@ -165,4 +172,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("DEMUCS_OVERLAP must be in [0, 1)")
     if settings.demucs_shifts < 0:
         raise SettingsError("DEMUCS_SHIFTS must be >= 0")
+    if settings.demucs_batch_size is not None and settings.demucs_batch_size < 0:
+        raise SettingsError("DEMUCS_BATCH_SIZE must be auto, 0 (demucs apply_model) or >= 1")
     return settings

@@ -74,6 +74,8 @@ class SeparatorResource(ConfigurableResource):
     segment: float | None = None
     overlap: float = 0.25
     shifts: int = 1
+    batch_size: int | None = None  # segments per forward pass; None: auto, 0: apply_model
+    autocast: bool = True  # bf16 autocast on CUDA (batched path only)
 
     def load(self) -> separation.LoadedModel:
         return separation.load_model(self.model, Path(self.model_repo) if self.model_repo else None,
@@ -81,7 +83,8 @@ class SeparatorResource(ConfigurableResource):
 
     def separate(self, wav: np.ndarray) -> dict[str, np.ndarray]:
         return separation.separate(self.load(), wav, segment=self.segment, overlap=self.overlap,
-                        shifts=self.shifts)
+                        shifts=self.shifts, batch_size=self.batch_size,
+                        autocast=self.autocast)
 
 
 from .nas import NasResource, build_nas_resource  # noqa: E402  (defined in its own module)
@@ -111,5 +114,6 @@ def build_resources(settings: Settings | None = None, *, extra_variants: list[st
             model=s.demucs_model,
             model_repo=str(s.demucs_model_repo) if s.demucs_model_repo else None,
             device=s.demucs_device, segment=s.demucs_segment, overlap=s.demucs_overlap,
-            shifts=s.demucs_shifts),
+            shifts=s.demucs_shifts, batch_size=s.demucs_batch_size,
+            autocast=s.demucs_autocast),
     }

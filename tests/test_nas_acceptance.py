@@ -21,13 +21,13 @@ def test_three_routes_on_three_backends_then_nothing_to_send(
     local_root, sftp_root = tmp_path / "nas_local", tmp_path / "nas_sftp"
     local_root.mkdir()
     sftp_root.mkdir()
-    s3_client(s3_server).create_bucket(Bucket="media")
+    s3_client(s3_server).create_bucket(Bucket="acceptance")
     config = tmp_path / "nas_sync_config.yaml"
     config.write_text(yaml.safe_dump({"nasSync": {
         "enabled": True,
         "remoteRoots": {"audio": str(local_root),
                         "nodrums": f"sftp://{sshd.user}@127.0.0.1:{sshd.port}{sftp_root}",
-                        "video": "s3://media/videos"},
+                        "video": "s3://acceptance/videos"},
         "backends": {"sftp": {**sshd.options(), "timeout": 5}, "s3": s3_options(s3_server)},
         "routes": [{"match": {"kind": "audio", "variant": "instrumental"},
                     "to": "${remoteRoots.audio}/Instrumental"},
@@ -47,7 +47,7 @@ def test_three_routes_on_three_backends_then_nothing_to_send(
     assert (sftp_root / "NoDrums" / "AC_DC - Test Song (no drum).m4a").read_bytes() == \
         (out / "audio" / "AC_DC - Test Song (no drum).m4a").read_bytes()
     s3 = s3_client(s3_server)
-    body = s3.get_object(Bucket="media", Key="videos/AC_DC - Test Song.mp4")["Body"].read()
+    body = s3.get_object(Bucket="acceptance", Key="videos/AC_DC - Test Song.mp4")["Body"].read()
     assert body == (out / "video" / "AC_DC - Test Song.mp4").read_bytes()
     record = json.loads((settings.outputs_dir / "nas_v" / "sync.json").read_text())
     assert record["status"] == "ok"

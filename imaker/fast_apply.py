@@ -1,0 +1,270 @@
+"""Batched segment inference for demucs models (no Dagster).
+
+``apply_model_batched`` computes what ``demucs.apply.apply_model(model, mix, split=True)``
+computes — the same windows (segment length from each model of a bag, stride
+``(1 - overlap) * segment``, the short last window padded with context like
+``TensorChunk.padded`` and cut back like ``center_trim``), the same triangular overlap-add
+weights raised to ``transition_power``, the same ``shifts`` (one ``random.randint(0, 0.5 s)``
+per shift and per model of a bag, in demucs' order, so a seeded ``random`` gives the same
+offsets) and the same per-source weights of a ``BagOfModels`` — but:
+
+* it runs ``batch_size`` windows per forward pass (the model normalises every item of a
+  batch on its own, so batching does not change the maths);
+* it never builds the padded/shifted copies of the input nor one output per shift or per
+  model: windows are cut from the input as they are needed (at most ``batch_size`` at a
+  time) and every window is added, already normalised and weighted, into one preallocated
+  output tensor on the input's device;
+* on CUDA it can run under bf16/fp16 autocast with the STFT, iSTFT and masking kept in
+  fp32, and it can ``torch.compile`` the model.
+"""
+
+from __future__ import annotations
+
+import random
+import typing as tp
+import weakref
+
+import torch
+from torch.nn import functional as F
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, tp.Callable]" = weakref.WeakKeyDictionary()
+_SPECTRAL = ("_spec", "_ispec", "_mask")
+
+
+def _autocast_dtype(value) -> torch.dtype | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[str(value).lower()]
+    except KeyError:
+        raise ValueError(f"autocast_dtype={value!r}: expected bf16 or fp16") from None
+
+
+def keep_spectral_fp32(model: torch.nn.Module) -> None:
+    """Make the model's STFT/iSTFT/masking (``_spec``, ``_ispec``, ``_mask`` of HTDemucs and
+    HDemucs) run in fp32 with autocast disabled. Idempotent; a no-op for the maths when
+    autocast is off (fp32 inputs are passed through unchanged), so the model can still be
+    used by ``demucs.apply.apply_model``."""
+    if getattr(model, "_imaker_fp32_spectral", False):
+        return
+    for name in _SPECTRAL:
+        method = getattr(model, name, None)
+        if method is None:
+            continue
+
+        def fp32(*args, _method=method, **kwargs):
+            device_type = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+            args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+                         for a in args)
+            with torch.autocast(device_type, enabled=False):
+                return _method(*args, **kwargs)
+
+        object.__setattr__(model, name, fp32)
+    object.__setattr__(model, "_imaker_fp32_spectral", True)
+
+
+def _runner(model: torch.nn.Module, compile_model: bool) -> tp.Callable:
+    if not compile_model:
+        return model
+    fn = _COMPILED.get(model)
+    if fn is None:
+        fn = torch.compile(model, dynamic=False)
+        _COMPILED[model] = fn
+    return fn
+
+
+def _valid_length(model, segment: float | None, chunk_length: int) -> int:
+    """The length ``apply_model``'s unsplit branch pads a window to."""
+    from demucs.htdemucs import HTDemucs
+
+    if isinstance(model, HTDemucs) and segment is not None:
+        return int(segment * model.samplerate)
+    if hasattr(model, "valid_length"):
+        return int(model.valid_length(chunk_length))
+    return chunk_length
+
+
+def _forward_draws(model) -> tp.Callable[[], None] | None:
+    """What one forward pass draws from Python's ``random``: HTDemucs' cross-transformer with
+    ``emb="sin"`` calls ``random.randrange(sin_random_shift + 1)`` once per forward. demucs
+    runs one forward per window, we run one per batch; drawing the missing ones keeps the
+    ``random`` state — hence the shift offsets of later shifts and of later models of a
+    bag — the same as ``apply_model``'s. (With ``sin_random_shift > 0`` a batch shares one
+    position shift; the pretrained models use 0.)"""
+    transformer = getattr(model, "crosstransformer", None)
+    if transformer is None or getattr(transformer, "emb", None) != "sin":
+        return None
+    bound = int(getattr(transformer, "sin_random_shift", 0)) + 1
+    return lambda: random.randrange(bound)
+
+
+class _Window(tp.NamedTuple):
+    offset: int          # start in the split view's coordinates
+    length: int          # samples kept (the chunk length)
+    valid_length: int    # samples fed to the model
+    start: int           # first sample fed, in the source tensor's coordinates
+
+
+def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: float = 0.25,
+                        segment: float | None = None, batch_size: int = 8, device=None,
+                        autocast_dtype=None, compile_model: bool = False,
+                        transition_power: float = 1.0) -> torch.Tensor:
+    """Separate ``mix`` (``(batch, channels, samples)`` or ``(channels, samples)``).
+
+    Returns ``(batch, sources, channels, samples)`` (or without the batch dimension) on
+    ``mix.device`` in fp32, equal to ``demucs.apply.apply_model(model, mix, shifts=shifts,
+    split=True, overlap=overlap, segment=segment, transition_power=transition_power)`` up to
+    float rounding (exactly the same windows and shift offsets). ``device`` is where the
+    model runs (default ``mix.device``). ``autocast_dtype`` (``"bf16"``/``"fp16"`` or a
+    torch dtype; CUDA is where it pays) runs the networks under autocast with the spectral
+    parts in fp32. ``compile_model`` wraps the model(s) in ``torch.compile`` (cached per
+    model; the last batch is padded to ``batch_size`` so shapes stay static)."""
+    from demucs.apply import BagOfModels
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if not 0 <= overlap < 1:
+        raise ValueError("overlap must be in [0, 1)")
+    if transition_power < 1:
+        raise ValueError("transition_power < 1 leads to weird behavior")
+    squeeze = mix.dim() == 2
+    if squeeze:
+        mix = mix[None]
+    if mix.dim() != 3:
+        raise ValueError(f"expected (batch, channels, samples), got {tuple(mix.shape)}")
+    device = mix.device if device is None else torch.device(device)
+    dtype = _autocast_dtype(autocast_dtype)
+    mix = mix.float()
+    n, channels, length = mix.shape
+    sources = list(model.sources)
+
+    if isinstance(model, BagOfModels):
+        members = list(zip(model.models, model.weights))
+        totals = [sum(float(w[k]) for _, w in members) for k in range(len(sources))]
+        scales = [[float(w[k]) / totals[k] for k in range(len(sources))] for _, w in members]
+    else:
+        members = [(model, None)]
+        scales = [[1.0] * len(sources)]
+
+    out = torch.zeros(n, len(sources), channels, length, dtype=torch.float32, device=mix.device)
+    for (sub, _), scale in zip(members, scales):
+        original = next(iter(sub.parameters())).device
+        sub.to(device)
+        sub.eval()
+        if dtype is not None:
+            keep_spectral_fp32(sub)
+        runner = _runner(sub, compile_model)
+        try:
+            if shifts:
+                max_shift = int(0.5 * sub.samplerate)
+                per_shift = [s / shifts for s in scale]
+                for _ in range(shifts):
+                    offset = random.randint(0, max_shift)
+                    # demucs: pad the mix by max_shift on both sides, view it from `offset`
+                    # for length + max_shift - offset samples, split that view, and keep
+                    # its output from max_shift - offset on.
+                    _split(runner, sub, mix, out, source_shift=max_shift, view_offset=offset,
+                           view_length=length + max_shift - offset,
+                           out_shift=max_shift - offset, scale=per_shift, segment=segment,
+                           overlap=overlap, transition_power=transition_power,
+                           batch_size=batch_size, device=device, dtype=dtype,
+                           pad_batches=compile_model)
+            else:
+                _split(runner, sub, mix, out, source_shift=0, view_offset=0, view_length=length,
+                       out_shift=0, scale=scale, segment=segment, overlap=overlap,
+                       transition_power=transition_power, batch_size=batch_size,
+                       device=device, dtype=dtype, pad_batches=compile_model)
+        finally:
+            sub.to(original)
+    return out[0] if squeeze else out
+
+
+def _split(runner, model, mix: torch.Tensor, out: torch.Tensor, *, source_shift: int,
+           view_offset: int, view_length: int, out_shift: int, scale: list[float],
+           segment: float | None, overlap: float, transition_power: float, batch_size: int,
+           device: torch.device, dtype: torch.dtype | None, pad_batches: bool) -> None:
+    """One split pass of ``model`` over a view of the (virtually zero-padded) ``mix``, added
+    into ``out``: view sample ``i`` is ``mix[..., view_offset + i - source_shift]`` (zero
+    outside ``mix``), and its output goes to ``out[..., i - out_shift]``."""
+    length = out.shape[-1]
+    seg = segment if segment is not None else model.segment
+    if seg is None or not seg > 0:
+        raise ValueError("the model has no segment length; pass segment=")
+    segment_length = int(model.samplerate * seg)
+    stride = int((1 - overlap) * segment_length)
+    if stride < 1:
+        raise ValueError("segment/overlap give a stride of 0 samples")
+    offsets = range(0, view_length, stride)
+    weight = torch.cat([torch.arange(1, segment_length // 2 + 1, device=device),
+                        torch.arange(segment_length - segment_length // 2, 0, -1, device=device)])
+    weight = (weight / weight.max()) ** transition_power
+    scale_t = torch.tensor(scale, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    draw = _forward_draws(model)
+
+    def norm_weight(o: int, cl: int) -> torch.Tensor:
+        # demucs divides the overlap-added output by sum_weight, accumulated over all
+        # windows in offset order; rebuild that sum over [o, o + cl) only (same order,
+        # same float32 values) and fold the division into this window's weight.
+        total = torch.zeros(cl, device=device)
+        first = max(0, -(-(o - segment_length + 1) // stride))
+        last = min(len(offsets) - 1, (o + cl - 1) // stride)
+        for j in range(first, last + 1):
+            other = offsets[j]
+            other_len = min(view_length - other, segment_length)
+            lo, hi = max(o, other), min(o + cl, other + other_len)
+            if hi > lo:
+                total[lo - o:hi - o] += weight[lo - other:hi - other]
+        return weight[:cl] / total
+
+    def window(o: int) -> _Window:
+        cl = min(view_length - o, segment_length)
+        vl = _valid_length(model, segment, cl)
+        delta = vl - cl
+        return _Window(o, cl, vl, view_offset + o - delta // 2 - source_shift)
+
+    def cut(w: _Window) -> torch.Tensor:
+        lo, hi = max(0, w.start), min(mix.shape[-1], w.start + w.valid_length)
+        if hi <= lo:
+            return mix.new_zeros(mix.shape[0], mix.shape[1], w.valid_length)
+        return F.pad(mix[..., lo:hi], (lo - w.start, w.start + w.valid_length - hi))
+
+    def run(group: list[_Window]) -> None:
+        n = mix.shape[0]
+        batch = torch.cat([cut(w) for w in group], 0)
+        real = batch.shape[0]
+        if pad_batches and len(group) < batch_size:
+            batch = F.pad(batch, (0, 0, 0, 0, 0, (batch_size - len(group)) * n))
+        batch = batch.to(device, non_blocking=True)
+        with torch.inference_mode():
+            if dtype is not None:
+                with torch.autocast(device.type, dtype=dtype):
+                    res = runner(batch)
+            else:
+                res = runner(batch)
+        if draw is not None:
+            for _ in range(len(group) - 1):
+                draw()
+        res = res[:real].float()
+        res = res.view(len(group), n, *res.shape[1:])
+        for i, w in enumerate(group):
+            delta = w.valid_length - w.length
+            part = res[i, ..., delta // 2: delta // 2 + w.length]
+            part = part * (norm_weight(w.offset, w.length) * scale_t)
+            a, b = w.offset - out_shift, w.offset + w.length - out_shift
+            lo, hi = max(0, a), min(length, b)
+            if hi > lo:
+                out[..., lo:hi] += part[..., lo - a:hi - a].to(out.device)
+
+    group: list[_Window] = []
+    for o in offsets:
+        w = window(o)
+        if group and (w.valid_length != group[0].valid_length or len(group) == batch_size):
+            run(group)
+            group = []
+        group.append(w)
+    if group:
+        run(group)

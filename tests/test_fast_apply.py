@@ -1,0 +1,189 @@
+"""The batched segment-inference path (imaker.fast_apply) against demucs' own apply_model.
+
+Tiny random HTDemucs models with a 3 s segment, so a 13 s input spans 6 overlapping windows
+(stride 2.25 s at overlap 0.25) and a short last window padded with context."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from imaker import fast_apply, separation
+from imaker.devmodel import build_model_repo
+from imaker.settings import SettingsError, load_settings
+
+SEGMENT = 3.0
+SR = 44100
+
+
+@pytest.fixture(scope="module")
+def short_repo(tmp_path_factory):
+    """``tiny_a`` and ``tiny_b`` (3 s segment, different seeds) and ``tiny_bag``: both, with
+    per-source weights."""
+    repo = tmp_path_factory.mktemp("fast_models")
+    build_model_repo(repo, "tiny_a", seed=1, segment=SEGMENT)
+    build_model_repo(repo, "tiny_b", seed=2, segment=SEGMENT)
+    sigs = [yaml.safe_load((repo / f"{n}.yaml").read_text())["models"][0]
+            for n in ("tiny_a", "tiny_b")]
+    (repo / "tiny_bag.yaml").write_text(yaml.safe_dump(
+        {"models": sigs, "weights": [[1.0, 0.5, 2.0, 1.0], [0.5, 1.0, 1.0, 3.0]]}))
+    return repo
+
+
+def _mix(seconds: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    n = int(seconds * SR)
+    t = torch.arange(n) / SR
+    tone = 0.3 * torch.sin(2 * np.pi * 220 * t) + 0.2 * torch.randn(n, generator=gen)
+    return torch.stack([tone, 0.7 * tone + 0.05 * torch.randn(n, generator=gen)])[None]
+
+
+def _snr_db(ref: torch.Tensor, est: torch.Tensor) -> list[float]:
+    """Per source (dim 1), over batch, channels and time."""
+    out = []
+    for k in range(ref.shape[1]):
+        noise = (ref[:, k] - est[:, k]).double().pow(2).sum()
+        power = ref[:, k].double().pow(2).sum()
+        out.append(float("inf") if noise == 0 else float(10 * torch.log10(power / noise)))
+    return out
+
+
+def _reference(model, mix, **kwargs):
+    from demucs.apply import apply_model
+
+    with torch.inference_mode():
+        return apply_model(model, mix, split=True, progress=False, **kwargs)
+
+
+def test_batched_matches_apply_model_across_many_windows(short_repo):
+    model = separation.load_model("tiny_a", short_repo, "cpu").model
+    mix = _mix(13.3)
+    ref = _reference(model, mix, shifts=0, overlap=0.25)
+    for batch in (1, 4):
+        est = fast_apply.apply_model_batched(model, mix, shifts=0, overlap=0.25,
+                                             batch_size=batch)
+        assert est.shape == ref.shape and est.dtype == torch.float32
+        assert min(_snr_db(ref, est)) >= 40, (batch, _snr_db(ref, est))
+
+
+def test_bag_with_weights_and_shifts_matches_apply_model(short_repo):
+    """A bag of two models with per-source weights and shifts=1: the second model's random
+    shift offset depends on how many forward passes the first one ran (demucs' transformer
+    draws from ``random`` once per forward), so this also checks the ``random`` state."""
+    model = separation.load_model("tiny_bag", short_repo, "cpu").model
+    assert len(model.models) == 2
+    mix = _mix(9.0, seed=1)
+    random.seed(1234)
+    ref = _reference(model, mix, shifts=1, overlap=0.25)
+    after_ref = random.random()
+    random.seed(1234)
+    est = fast_apply.apply_model_batched(model, mix, shifts=1, overlap=0.25, batch_size=3)
+    assert random.random() == after_ref
+    assert min(_snr_db(ref, est)) >= 40, _snr_db(ref, est)
+
+
+def test_short_input_segment_override_and_2d_input(short_repo):
+    model = separation.load_model("tiny_a", short_repo, "cpu").model
+    short = _mix(1.7, seed=2)  # shorter than one segment: one padded window
+    ref = _reference(model, short, shifts=0)
+    est = fast_apply.apply_model_batched(model, short[0], shifts=0, batch_size=4)
+    assert est.shape == ref.shape[1:]
+    assert min(_snr_db(ref, est[None])) >= 40
+    mix = _mix(5.0, seed=3)  # segment override below the model's: the model pads inside
+    ref = _reference(model, mix, shifts=0, overlap=0.5, segment=2.0)
+    est = fast_apply.apply_model_batched(model, mix, shifts=0, overlap=0.5, segment=2.0,
+                                         batch_size=2)
+    assert min(_snr_db(ref, est)) >= 40
+
+
+def test_autocast_keeps_spectrograms_fp32(short_repo, monkeypatch):
+    import demucs.htdemucs as htdemucs
+
+    model = separation.load_model("tiny_b", short_repo, "cpu").model
+    mix = _mix(4.0, seed=4)
+    ref = fast_apply.apply_model_batched(model, mix, shifts=0, batch_size=2)
+    seen = []
+
+    def spy(fn):
+        def wrapped(x, *args, **kwargs):
+            seen.append((fn.__name__, x.dtype, torch.is_autocast_enabled("cpu")))
+            return fn(x, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(htdemucs, "spectro", spy(htdemucs.spectro))
+    monkeypatch.setattr(htdemucs, "ispectro", spy(htdemucs.ispectro))
+    est = fast_apply.apply_model_batched(model, mix, shifts=0, batch_size=2,
+                                         autocast_dtype="bf16")
+    assert {name for name, _, _ in seen} == {"spectro", "ispectro"}
+    assert all(dtype in (torch.float32, torch.complex64) and not autocast
+               for _, dtype, autocast in seen), seen
+    assert est.dtype == torch.float32 and torch.isfinite(est).all()
+    assert min(_snr_db(ref, est)) >= 30  # bf16 networks on random weights: ~45-55 dB
+    with pytest.raises(ValueError):
+        fast_apply.apply_model_batched(model, mix, autocast_dtype="int8")
+
+
+def test_separate_uses_batched_path_when_asked(short_repo, monkeypatch):
+    loaded = separation.load_model("tiny_a", short_repo, "cpu")
+    wav = _mix(7.0, seed=5)[0].numpy() * 0.5 + 0.01
+    calls = []
+    real = fast_apply.apply_model_batched
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fast_apply, "apply_model_batched", spy)
+    random.seed(7)
+    fast = separation.separate(loaded, wav, batch_size=4)
+    assert len(calls) == 1 and calls[0]["batch_size"] == 4
+    assert calls[0]["autocast_dtype"] is None  # autocast is for CUDA only
+    random.seed(7)
+    plain = separation.separate(loaded, wav, batch_size=0)
+    assert len(calls) == 1  # batch_size=0: demucs' apply_model
+    random.seed(7)
+    auto = separation.separate(loaded, wav)  # auto on the CPU: our loop, one segment a pass
+    assert len(calls) == 2 and calls[1]["batch_size"] == separation.DEFAULT_CPU_BATCH_SIZE
+    assert set(fast) == set(plain) == set(auto) == set(loaded.sources)
+    for name in loaded.sources:
+        assert fast[name].shape == wav.shape and fast[name].dtype == np.float32
+        for other in (fast, auto):
+            snr = _snr_db(torch.from_numpy(plain[name])[None, None],
+                          torch.from_numpy(other[name])[None, None])[0]
+            assert snr >= 40, (name, snr)
+
+
+def test_inference_plan_and_settings():
+    assert separation.inference_plan("cuda", None, True) == (separation.DEFAULT_CUDA_BATCH_SIZE,
+                                                              "bf16")
+    assert separation.inference_plan("cuda:1", 4, False) == (4, None)
+    assert separation.inference_plan("cuda", 0, True) == (0, None)
+    assert separation.inference_plan("cpu", None, True) == (1, None)
+    assert separation.inference_plan("cpu", 0, True) == (0, None)
+    assert separation.inference_plan("cpu", 8, True) == (8, None)
+    with pytest.raises(separation.SeparationError):
+        separation.inference_plan("cpu", -1, True)
+    assert load_settings({}).demucs_batch_size is None
+    assert load_settings({}).demucs_autocast is True
+    assert load_settings({"DEMUCS_BATCH_SIZE": "auto"}).demucs_batch_size is None
+    assert load_settings({"DEMUCS_BATCH_SIZE": "0"}).demucs_batch_size == 0
+    assert load_settings({"DEMUCS_BATCH_SIZE": "16", "DEMUCS_AUTOCAST": "false"}
+                         ).demucs_autocast is False
+    assert load_settings({"DEMUCS_BATCH_SIZE": "16"}).demucs_batch_size == 16
+    for bad in ("-2", "many"):
+        with pytest.raises(SettingsError):
+            load_settings({"DEMUCS_BATCH_SIZE": bad})
+
+
+def test_separator_resource_passes_batch_settings(tmp_path):
+    from resources import SeparatorResource, build_resources
+
+    settings = load_settings({"IMAKER_DATA": str(tmp_path), "DEMUCS_BATCH_SIZE": "4",
+                              "DEMUCS_AUTOCAST": "0"})
+    sep = build_resources(settings)["separator"]
+    assert isinstance(sep, SeparatorResource)
+    assert sep.batch_size == 4 and sep.autocast is False
