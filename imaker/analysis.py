@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,15 @@ def markdown_images(pictures: dict[str, bytes]) -> str:
                        f"{base64.b64encode(png).decode()})" for title, png in pictures.items())
 
 
+@lru_cache(maxsize=32)
+def file_levels(path: str, mtime_ns: int, size: int) -> dict:
+    """``levels`` of a file, decoded once per content version (the clipping and silence
+    checks of a track run in one process and share the decode)."""
+    info = audio_mod.probe(Path(path))
+    return levels(audio_mod.decode(Path(path), info["audio"]["sample_rate"],
+                                   info["audio"]["channels"]))
+
+
 # ----- checks --------------------------------------------------------------------------
 @dataclass
 class CheckOutcome:
@@ -100,10 +110,9 @@ def check_levels(output_dir: Path, artifacts: list[dict], *, floor_dbfs: float =
     """(no clipping: sample peak <= 0 dBFS, not silent: RMS above the floor) for every variant."""
     clipped, silent, per = {}, {}, {}
     for art in _audio(artifacts):
-        info = audio_mod.probe(Path(output_dir) / art["path"])
-        wav = audio_mod.decode(Path(output_dir) / art["path"], info["audio"]["sample_rate"],
-                               info["audio"]["channels"])
-        lv = levels(wav)
+        path = Path(output_dir) / art["path"]
+        st = path.stat()
+        lv = file_levels(str(path), st.st_mtime_ns, st.st_size)
         per[art["variant"]] = lv
         if lv["peak_dbfs"] > 0.0:
             clipped[art["variant"]] = lv["peak_dbfs"]
