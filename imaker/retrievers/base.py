@@ -157,6 +157,15 @@ class Retriever:
             return None
         return self.ctx.writer.index.get(source_key) if self.ctx.writer.index else None
 
+    def duplicate(self, label: str, source_key: str, what: str = "") -> "Outcome | None":
+        """The DUPLICATE outcome when ``source_key`` was queued before (and not --force)."""
+        seen = self.is_seen(source_key)
+        if seen is None:
+            return None
+        return Outcome(label, DUPLICATE, job_id=seen["job_id"], queue=seen["queue"],
+                       message=f"{what}queued as {seen['job_id']} at {seen['at']} "
+                               "(use --force to queue it again)")
+
     def write(self, *, queue: str, job: Mapping[str, Any], files: Mapping[str, Path],
               source_key: str | None, target: str,
               move: bool | Collection[str] = True) -> Outcome:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..audio import probe
-from .base import (DUPLICATE, FAILED, REJECTED, Outcome, Rejected, Retriever, RetrieverError,
+from .base import (FAILED, REJECTED, Outcome, Rejected, Retriever, RetrieverError,
                    describe, make_job_id)
 from .media import FileTags, read_tags
 
@@ -148,11 +148,8 @@ class DeezerRetriever(Retriever):
         data = rec.get("data") or {}
         label = f"{target} [{data.get('artist', '?')} - {data.get('title', '?')}]"
         key = f"deezer:{data.get('id')}"
-        seen = self.is_seen(key)
-        if seen is not None:
-            return Outcome(label, DUPLICATE, job_id=seen["job_id"], queue=seen["queue"],
-                           message=f"queued as {seen['job_id']} at {seen['at']} "
-                                   "(use --force to queue it again)")
+        if (dup := self.duplicate(label, key)) is not None:
+            return dup
         if not path.is_file():
             raise RetrieverError("deemix reported no downloaded file")
         if probe(path)["audio"] is None:

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from ..audio import AudioError, probe
 from ..fsutil import sha256_file
-from .base import (DUPLICATE, FAILED, REJECTED, Outcome, Rejected, Retriever, RetrieverError,
+from .base import (FAILED, REJECTED, Outcome, Rejected, Retriever, RetrieverError,
                    describe, make_job_id)
 from .media import AUDIO_EXTENSIONS, read_tags
 
@@ -98,11 +98,8 @@ class ImportRetriever(Retriever):
         label = str(path)
         digest = sha256_file(path)
         key = f"local:sha256:{digest}"
-        seen = self.is_seen(key)
-        if seen is not None:
-            return Outcome(label, DUPLICATE, job_id=seen["job_id"], queue=seen["queue"],
-                           message=f"this file was queued as {seen['job_id']} at {seen['at']} "
-                                   "(use --force to queue it again)")
+        if (dup := self.duplicate(label, key, "this file was ")) is not None:
+            return dup
         try:
             info = probe(path)
         except AudioError as exc:
