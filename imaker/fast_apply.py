@@ -112,7 +112,10 @@ class _Window(tp.NamedTuple):
 def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: float = 0.25,
                         segment: float | None = None, batch_size: int = 8, device=None,
                         autocast_dtype=None, compile_model: bool = False,
-                        transition_power: float = 1.0) -> torch.Tensor:
+                        transition_power: float = 1.0,
+                        on_batch: tp.Callable[[], None] | None = None,
+                        sink: tp.Callable[[int, torch.Tensor], None] | None = None
+                        ) -> torch.Tensor | None:
     """Separate ``mix`` (``(batch, channels, samples)`` or ``(channels, samples)``).
 
     Returns ``(batch, sources, channels, samples)`` (or without the batch dimension) on
@@ -122,7 +125,18 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
     model runs (default ``mix.device``). ``autocast_dtype`` (``"bf16"``/``"fp16"`` or a
     torch dtype; CUDA is where it pays) runs the networks under autocast with the spectral
     parts in fp32. ``compile_model`` wraps the model(s) in ``torch.compile`` (cached per
-    model; the last batch is padded to ``batch_size`` so shapes stay static)."""
+    model; the last batch is padded to ``batch_size`` so shapes stay static). ``on_batch``
+    is called before every forward pass (``imaker.separation`` re-balances CPU threads
+    between processes there).
+
+    ``sink(start, chunk)`` streams the output instead of returning it: ``chunk`` is
+    ``(batch, sources, channels, n)`` (without the batch dimension for a 2-D ``mix``) for
+    samples ``start .. start + n``, handed over in order as soon as no later window adds to
+    them, and only valid during the call (copy what you keep). With one model and
+    ``shifts <= 1`` only a rolling buffer of about ``batch_size`` strides + one segment is
+    held, so the output never exists whole (a 1-hour track's 4 stems would be 2.5 GB);
+    otherwise (several shifts or models add over the whole track) the whole output is
+    computed and handed over in one chunk. Returns None when ``sink`` is given."""
     from demucs.apply import BagOfModels
 
     if batch_size < 1:
@@ -150,7 +164,15 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
         members = [(model, None)]
         scales = [[1.0] * len(sources)]
 
-    out = torch.zeros(n, len(sources), channels, length, dtype=torch.float32, device=mix.device)
+    streaming = sink is not None and len(members) == 1 and shifts <= 1
+    if streaming:
+        seg = segment if segment is not None else members[0][0].segment
+        seg_len = int(members[0][0].samplerate * seg) if seg else length
+        capacity = min(length, batch_size * max(1, int((1 - overlap) * seg_len)) + seg_len)
+    else:
+        capacity = length
+    out = _Output((n, len(sources), channels), length, capacity, mix.device,
+                  sink if streaming else None, squeeze)
     for (sub, _), scale in zip(members, scales):
         original = next(iter(sub.parameters())).device
         sub.to(device)
@@ -172,25 +194,63 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
                            out_shift=max_shift - offset, scale=per_shift, segment=segment,
                            overlap=overlap, transition_power=transition_power,
                            batch_size=batch_size, device=device, dtype=dtype,
-                           pad_batches=compile_model)
+                           pad_batches=compile_model, on_batch=on_batch)
             else:
                 _split(runner, sub, mix, out, source_shift=0, view_offset=0, view_length=length,
                        out_shift=0, scale=scale, segment=segment, overlap=overlap,
                        transition_power=transition_power, batch_size=batch_size,
-                       device=device, dtype=dtype, pad_batches=compile_model)
+                       device=device, dtype=dtype, pad_batches=compile_model,
+                       on_batch=on_batch)
         finally:
             sub.to(original)
-    return out[0] if squeeze else out
+    out.release(length)
+    if sink is not None:
+        if not streaming:
+            sink(0, out.buf[0] if squeeze else out.buf)
+        return None
+    return out.buf[0] if squeeze else out.buf
 
 
-def _split(runner, model, mix: torch.Tensor, out: torch.Tensor, *, source_shift: int,
+class _Output:
+    """Where the windows are added: the whole ``(batch, sources, channels, length)`` output,
+    or (with a ``sink``) a rolling buffer of ``capacity`` samples starting at ``base``;
+    ``release(upto)`` hands ``[base, upto)`` to the sink and moves the buffer on."""
+
+    def __init__(self, shape: tuple[int, int, int], length: int, capacity: int, device,
+                 sink: tp.Callable[[int, torch.Tensor], None] | None, squeeze: bool):
+        self.length, self.sink, self.squeeze, self.base = length, sink, squeeze, 0
+        self.buf = torch.zeros(*shape, capacity, dtype=torch.float32, device=device)
+
+    def add(self, lo: int, hi: int, part: torch.Tensor) -> None:
+        a, b = lo - self.base, hi - self.base
+        if a < 0 or b > self.buf.shape[-1]:  # a bug, never bad input
+            raise RuntimeError(f"window [{lo}, {hi}) outside the buffer at {self.base}")
+        self.buf[..., a:b] += part
+
+    def release(self, upto: int) -> None:
+        if self.sink is None:
+            return
+        k = min(upto, self.length) - self.base
+        if k <= 0:
+            return
+        chunk = self.buf[..., :k]
+        self.sink(self.base, chunk[0] if self.squeeze else chunk)
+        keep = self.buf.shape[-1] - k
+        if keep > 0:
+            self.buf[..., :keep] = self.buf[..., k:].clone()
+        self.buf[..., keep:] = 0
+        self.base += k
+
+
+def _split(runner, model, mix: torch.Tensor, out: _Output, *, source_shift: int,
            view_offset: int, view_length: int, out_shift: int, scale: list[float],
            segment: float | None, overlap: float, transition_power: float, batch_size: int,
-           device: torch.device, dtype: torch.dtype | None, pad_batches: bool) -> None:
+           device: torch.device, dtype: torch.dtype | None, pad_batches: bool,
+           on_batch: tp.Callable[[], None] | None = None) -> None:
     """One split pass of ``model`` over a view of the (virtually zero-padded) ``mix``, added
     into ``out``: view sample ``i`` is ``mix[..., view_offset + i - source_shift]`` (zero
     outside ``mix``), and its output goes to ``out[..., i - out_shift]``."""
-    length = out.shape[-1]
+    length = out.length
     seg = segment if segment is not None else model.segment
     if seg is None or not seg > 0:
         raise ValueError("the model has no segment length; pass segment=")
@@ -233,6 +293,8 @@ def _split(runner, model, mix: torch.Tensor, out: torch.Tensor, *, source_shift:
         return F.pad(mix[..., lo:hi], (lo - w.start, w.start + w.valid_length - hi))
 
     def run(group: list[_Window]) -> None:
+        if on_batch is not None:
+            on_batch()
         n = mix.shape[0]
         batch = torch.cat([cut(w) for w in group], 0)
         real = batch.shape[0]
@@ -257,7 +319,9 @@ def _split(runner, model, mix: torch.Tensor, out: torch.Tensor, *, source_shift:
             a, b = w.offset - out_shift, w.offset + w.length - out_shift
             lo, hi = max(0, a), min(length, b)
             if hi > lo:
-                out[..., lo:hi] += part[..., lo - a:hi - a].to(out.device)
+                out.add(lo, hi, part[..., lo - a:hi - a].to(out.buf.device))
+        # no later window of this pass starts before the next offset
+        out.release(group[-1].offset + stride - out_shift)
 
     group: list[_Window] = []
     for o in offsets:

@@ -94,6 +94,7 @@ class Settings:
     demucs_shifts: int
     demucs_batch_size: int | None  # None: auto (8 on CUDA, 1 elsewhere); 0: demucs apply_model
     demucs_autocast: bool
+    ingest_workers: int | None  # None: auto (2 when >= 2 cores and >= 2 tracks wait)
     nas_sync_enabled: bool
     nas_sync_config_path: Path
     ytdl_mode: str
@@ -128,6 +129,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     batch_raw = _clean(env, "DEMUCS_BATCH_SIZE")
     batch_size = (None if batch_raw is None or batch_raw.lower() == "auto"
                   else _num(env, "DEMUCS_BATCH_SIZE", None, int))
+    workers_raw = _clean(env, "INGEST_WORKERS")
+    workers = (None if workers_raw is None or workers_raw.lower() == "auto"
+               else _num(env, "INGEST_WORKERS", None, int))
     repo = _clean(env, "DEMUCS_MODEL_REPO")
     device = (_clean(env, "DEMUCS_DEVICE") or "auto").lower()
     if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
@@ -157,6 +161,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         demucs_shifts=_num(env, "DEMUCS_SHIFTS", 1, int),
         demucs_batch_size=batch_size,
         demucs_autocast=_bool(env, "DEMUCS_AUTOCAST", True),
+        ingest_workers=workers,
         nas_sync_enabled=_bool(env, "NAS_SYNC_ENABLED", False),
         nas_sync_config_path=path("NAS_SYNC_CONFIG_PATH", data / "nas_sync_config.yaml"),
         ytdl_mode=_choice(env, "YTDL_MODE", "audio", ("audio", "video", "both")),
@@ -174,4 +179,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("DEMUCS_SHIFTS must be >= 0")
     if settings.demucs_batch_size is not None and settings.demucs_batch_size < 0:
         raise SettingsError("DEMUCS_BATCH_SIZE must be auto, 0 (demucs apply_model) or >= 1")
+    if settings.ingest_workers is not None and settings.ingest_workers < 1:
+        raise SettingsError("INGEST_WORKERS must be auto or >= 1")
     return settings

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import queue as queue_mod
 import sys
 from typing import Iterable, TextIO
 
 from dagster import AssetSelection, DagsterInstance, materialize
 
+from imaker import separation
 from imaker.pipeline import Library
 from imaker.queues import QueueStore
 from imaker.settings import Settings
@@ -31,9 +35,112 @@ def refresh_catalog(instance: DagsterInstance, settings: Settings) -> bool:
     return result.success
 
 
+def worker_count(settings: Settings, waiting: int) -> int:
+    """Worker processes for ``ingest_once``: ``INGEST_WORKERS``, or auto = 2 on a host with
+    at least 2 cores (1 otherwise), never more than the tracks waiting."""
+    wanted = settings.ingest_workers
+    if wanted is None:
+        wanted = 2 if (os.cpu_count() or 1) >= 2 else 1
+    return max(1, min(wanted, waiting))
+
+
+def _run_track(instance: DagsterInstance, settings: Settings, job_def, job_id: str,
+               queue: str) -> tuple[bool, str]:
+    """One track: its own ``ingest_track`` run (lineage, metadata, checks), then its NAS copy
+    in a run of its own. Returns (succeeded, the line to print)."""
+    tags = {"imaker/job_id": job_id, "imaker/queue": queue, "imaker/trigger": "imaker-ingest"}
+    result = job_def.execute_in_process(
+        partition_key=job_id, instance=instance, raise_on_error=False, run_config=QUIET,
+        asset_selection=[a.key for a in track_assets], tags=tags)
+    if result.success:
+        # NAS copy in its own run without the in-process retry sleeps: a NAS that is
+        # down fails this job at once; the sensor path (daemon) keeps the retry policy.
+        nas = materialize([NAS_COPY_NO_RETRY], partition_key=job_id, instance=instance,
+                          resources=build_resources(settings), run_config=QUIET,
+                          raise_on_error=False, tags=tags)
+        if nas.success:
+            return True, f"{job_id}: {settings.outputs_dir / job_id}"
+        result = nas
+    error = QueueStore.from_settings(settings).read_error(job_id)
+    if error:
+        reason = f"{error['stage']}: {error['error']}"
+    else:
+        events = [e for e in result.all_events if e.is_step_failure or e.is_failure]
+        reason = events[0].message if events else "run failed"
+    return False, f"{job_id}: failed: {reason}"
+
+
+def _worker(instance_ref, settings: Settings, tasks, results, running, cores: int) -> None:
+    """A worker process of ``ingest_once``: imports and loads the model once, then runs the
+    tracks it takes from ``tasks`` one after the other (each in its own Dagster run),
+    sharing the CPU cores with the other workers' separations."""
+    separation.share_cores(separation.CoreShare(running, cores))
+    instance = DagsterInstance.from_ref(instance_ref)
+    job_def = build_defs(settings).resolve_job_def("ingest_track")
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        job_id, queue = item
+        try:
+            ok, line = _run_track(instance, settings, job_def, job_id, queue)
+        except Exception as exc:  # noqa: BLE001 - reported per track, the worker goes on
+            ok, line = False, f"{job_id}: failed: {type(exc).__name__}: {exc}"
+        results.put((job_id, ok, line))
+
+
+def _run_workers(instance: DagsterInstance, settings: Settings, todo: list[tuple[str, str]],
+                 workers: int, out: TextIO) -> int:
+    """Process ``todo`` with ``workers`` spawned processes; returns the number of failures.
+    A worker that dies (killed for memory, say) fails nothing it had not finished: its claim
+    is left in working/ for the next pass's recovery, and its remaining tracks go to the
+    other workers."""
+    ctx = multiprocessing.get_context("spawn")
+    tasks, results, running = ctx.Queue(), ctx.Queue(), ctx.Value("i", 0)
+    for item in todo:
+        tasks.put(item)
+    for _ in range(workers):
+        tasks.put(None)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    procs = [ctx.Process(target=_worker, name=f"imaker-ingest-{i}", daemon=True,
+                         args=(instance.get_ref(), settings, tasks, results, running, cores))
+             for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    pending = {job_id for job_id, _ in todo}
+    failures = 0
+    try:
+        while pending:
+            try:
+                job_id, ok, line = results.get(timeout=1.0)
+            except queue_mod.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+                continue
+            pending.discard(job_id)
+            failures += 0 if ok else 1
+            print(line, file=out, flush=True)
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    for job_id in sorted(pending):
+        codes = ", ".join(str(p.exitcode) for p in procs)
+        print(f"{job_id}: not finished: the worker processes exited (exit codes {codes}); "
+              "a claimed track is recovered on the next pass", file=out, flush=True)
+        failures += 1
+    return failures
+
+
 def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | None = None) -> int:
     """Register and process every ready bundle once, then refresh the catalog.
-    Returns the number of failed jobs."""
+    Returns the number of failed jobs.
+
+    Batch ingestion: the tracks go to ``worker_count`` long-lived worker processes (imports
+    and the model load are paid once per worker, not per track; one worker decodes,
+    encodes and analyses while the other separates; CPU threads are shared between the
+    separations). Every track still gets its own ``ingest_track`` run and partition."""
     out = out or sys.stdout
     store = QueueStore.from_settings(settings)
     store.ensure_dirs()
@@ -49,7 +156,7 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
         print("no bundles waiting in " + ", ".join(str(p) for p in settings.queues.values()),
               file=out, flush=True)
         return 0
-    job_def = build_defs(settings).resolve_job_def("ingest_track")
+    todo: list[tuple[str, str]] = []
     seen: set[str] = set()
     for job in ready:
         if job.job_id in seen:
@@ -57,31 +164,20 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
                   file=out, flush=True)
             continue
         seen.add(job.job_id)
-        if not instance.has_dynamic_partition(tracks.name, job.job_id):
-            instance.add_dynamic_partitions(tracks.name, [job.job_id])
-        tags = {"imaker/job_id": job.job_id, "imaker/queue": job.queue,
-                "imaker/trigger": "imaker-ingest"}
-        result = job_def.execute_in_process(
-            partition_key=job.job_id, instance=instance, raise_on_error=False, run_config=QUIET,
-            asset_selection=[a.key for a in track_assets], tags=tags)
-        if result.success:
-            # NAS copy in its own run without the in-process retry sleeps: a NAS that is
-            # down fails this job at once; the sensor path (daemon) keeps the retry policy.
-            nas = materialize([NAS_COPY_NO_RETRY], partition_key=job.job_id, instance=instance,
-                              resources=build_resources(settings), run_config=QUIET,
-                              raise_on_error=False, tags=tags)
-            if nas.success:
-                print(f"{job.job_id}: {settings.outputs_dir / job.job_id}", file=out, flush=True)
-                continue
-            result = nas
-        failures += 1
-        error = store.read_error(job.job_id)
-        if error:
-            reason = f"{error['stage']}: {error['error']}"
-        else:
-            events = [e for e in result.all_events if e.is_step_failure or e.is_failure]
-            reason = events[0].message if events else "run failed"
-        print(f"{job.job_id}: failed: {reason}", file=out, flush=True)
+        todo.append((job.job_id, job.queue))
+    missing = [job_id for job_id, _ in todo
+               if not instance.has_dynamic_partition(tracks.name, job_id)]
+    if missing:
+        instance.add_dynamic_partitions(tracks.name, missing)
+    workers = worker_count(settings, len(todo))
+    if workers > 1 and not instance.is_ephemeral:
+        failures += _run_workers(instance, settings, todo, workers, out)
+    else:
+        job_def = build_defs(settings).resolve_job_def("ingest_track")
+        for job_id, queue in todo:
+            ok, line = _run_track(instance, settings, job_def, job_id, queue)
+            failures += 0 if ok else 1
+            print(line, file=out, flush=True)
     refresh_catalog(instance, settings)
     return failures
 

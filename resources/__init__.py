@@ -81,10 +81,13 @@ class SeparatorResource(ConfigurableResource):
         return separation.load_model(self.model, Path(self.model_repo) if self.model_repo else None,
                           self.device)
 
-    def separate(self, wav: np.ndarray) -> dict[str, np.ndarray]:
+    def separate(self, wav: np.ndarray, *, sink=None, inplace: bool = False
+                 ) -> dict[str, np.ndarray] | None:
+        """``separation.separate`` with this resource's settings (``sink``/``inplace``: see
+        there; the stems step streams the stems to disk with them)."""
         return separation.separate(self.load(), wav, segment=self.segment, overlap=self.overlap,
-                        shifts=self.shifts, batch_size=self.batch_size,
-                        autocast=self.autocast)
+                                   shifts=self.shifts, batch_size=self.batch_size,
+                                   autocast=self.autocast, sink=sink, inplace=inplace)
 
 
 from .nas import NasResource, build_nas_resource  # noqa: E402  (defined in its own module)

@@ -187,3 +187,96 @@ def test_separator_resource_passes_batch_settings(tmp_path):
     sep = build_resources(settings)["separator"]
     assert isinstance(sep, SeparatorResource)
     assert sep.batch_size == 4 and sep.autocast is False
+
+
+def _collect(chunks: list) -> callable:
+    def sink(start, chunk):
+        assert start == sum(c.shape[-1] for c in chunks), "chunks arrive in order, no gap"
+        chunks.append(chunk.clone())
+    return sink
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_streaming_sink_gives_the_same_output_in_bounded_chunks(short_repo, batch):
+    """With a sink the output is handed over in order while the windows run; glued back it
+    is bit-identical to the returned tensor, and no chunk (hence no buffer) spans the whole
+    track: 13.3 s with 3 s segments must come in several pieces."""
+    model = separation.load_model("tiny_a", short_repo, "cpu").model
+    mix = _mix(13.3)
+    random.seed(7)
+    whole = fast_apply.apply_model_batched(model, mix[0], shifts=1, batch_size=batch)
+    chunks: list[torch.Tensor] = []
+    random.seed(7)
+    assert fast_apply.apply_model_batched(model, mix[0], shifts=1, batch_size=batch,
+                                          sink=_collect(chunks)) is None
+    assert len(chunks) >= (5 if batch == 1 else 3)
+    seg = int(SEGMENT * SR)
+    assert max(c.shape[-1] for c in chunks) <= batch * int(0.75 * seg) + seg
+    assert torch.equal(torch.cat(chunks, -1), whole)
+
+
+def test_streaming_sink_with_a_bag_falls_back_to_one_chunk(short_repo):
+    model = separation.load_model("tiny_bag", short_repo, "cpu").model
+    mix = _mix(7.0)
+    random.seed(3)
+    whole = fast_apply.apply_model_batched(model, mix[0], shifts=1, batch_size=2)
+    chunks: list[torch.Tensor] = []
+    random.seed(3)
+    fast_apply.apply_model_batched(model, mix[0], shifts=1, batch_size=2, sink=_collect(chunks))
+    assert len(chunks) == 1 and torch.equal(chunks[0], whole)
+
+
+def test_separate_streams_denormalised_stems_and_can_normalise_in_place(short_repo):
+    loaded = separation.load_model("tiny_a", short_repo, "cpu")
+    wav = (_mix(8.0)[0].numpy() * 0.5 + 0.01).astype(np.float32)
+    random.seed(5)
+    stems = separation.separate(loaded, wav.copy(), batch_size=1)
+    got: list[np.ndarray] = []
+    random.seed(5)
+    own = wav.copy()
+    assert separation.separate(loaded, own, batch_size=1, inplace=True,
+                               sink=lambda start, chunk: got.append(chunk.copy())) is None
+    assert not np.array_equal(own, wav)  # normalised in place: no second whole-track copy
+    streamed = np.concatenate(got, -1)
+    for i, name in enumerate(loaded.sources):
+        np.testing.assert_allclose(streamed[i], stems[name], rtol=0, atol=1e-6)
+
+
+def test_core_share_gives_each_running_separation_its_part_of_the_cores():
+    import multiprocessing
+
+    share = separation.CoreShare(multiprocessing.get_context("spawn").Value("i", 0), 4)
+    assert share.threads() == 4
+    with share.separating():
+        assert share.threads() == 4
+        with share.separating():
+            assert share.threads() == 2
+            with share.separating(), share.separating(), share.separating():
+                assert share.threads() == 1
+        assert share.threads() == 4
+    assert share.counter.value == 0
+
+
+def test_separation_follows_the_core_share_between_forward_passes(short_repo):
+    """A worker separating alone uses all cores; when another worker's separation is
+    running (the shared counter says 2) it drops to its half before the next pass."""
+    import multiprocessing
+
+    loaded = separation.load_model("tiny_a", short_repo, "cpu")
+    counter = multiprocessing.get_context("spawn").Value("i", 1)  # another one is running
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    separation.share_cores(separation.CoreShare(counter, 2))
+    try:
+        real = separation._set_threads
+        separation._set_threads = lambda n: (seen.append(n), real(n))
+        separation.separate(loaded, _mix(7.0)[0].numpy(), batch_size=1)
+        assert seen and set(seen) == {1} and counter.value == 1
+        counter.value = 0
+        seen.clear()
+        separation.separate(loaded, _mix(7.0)[0].numpy(), batch_size=1)
+        assert set(seen) == {2}
+    finally:
+        separation._set_threads = real
+        separation.share_cores(None)
+        torch.set_num_threads(before)
