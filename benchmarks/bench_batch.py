@@ -1,14 +1,25 @@
 #!/usr/bin/env python
-"""Batch ingestion vs the demucs CLI on the same generated files.
+"""Batch ingestion vs the demucs CLI on the same generated files (issue 7's benchmark).
 
-    python benchmarks/bench_batch.py [--tracks 8] [--seconds 60] [--full-size] [--long-seconds 0]
+    python benchmarks/bench_batch.py [--tracks 8] [--seconds 60] [--long-seconds 1200]
+                                     [--full-size] [--device cpu] [--workers auto]
 
-Reference: ``python -m demucs`` over all files in one process (loads the model once, walks the
-files, writes 4 wav stems each). Ours: the same files as bundles in a queue, processed by
-``imaker ingest --once`` in one process (model loaded once; per track: decode, separate,
-FLAC stems store, variants encoded + tagged, manifest, checks, catalog). Same model repo,
-device and segment. Prints wall times, the ratio, per-stage sums and peak RSS of each
-process (``wait4``'s ru_maxrss).
+For each batch — ``--tracks`` x ``--seconds`` files, then (with ``--long-seconds``) one long
+file on its own — it runs, on the same inputs, model repo, device and segment:
+
+* the reference: ``python -m demucs`` over the files in one process (loads the model once,
+  walks the files, writes 4 wav stems each);
+* ours: the same files as bundles in a queue, ``imaker ingest --once`` (worker processes
+  that load the model once each; per track its own Dagster run: decode, separate, FLAC
+  stems, variants encoded + tagged, manifest, 4 asset checks, loudness + waveform metadata;
+  then the catalog).
+
+and prints both wall times, the ratio, per-stage times summed over the tracks (from the
+Dagster event log: step start to step end; steps of different tracks overlap in time when
+several workers run, so the sums can exceed the wall time), and peak memory: the peak of
+the whole process tree's summed RSS (sampled from /proc every 0.2 s) and the largest single
+process (``ru_maxrss``). With ``--device cuda`` it also prints the speedup of our batched +
+autocast inference over demucs' ``apply_model`` (``bench_separation.py --compare-batch``).
 """
 
 from __future__ import annotations
@@ -20,7 +31,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,45 +42,81 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_separation import make_input  # noqa: E402
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
-def run_measured(cmd: list[str], log: Path, **kwargs) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS GiB, exit code) of one child process; output goes to ``log``."""
+
+def _tree_rss(root: int) -> int:
+    """Summed RSS (bytes) of ``root`` and all its descendants."""
+    parents: dict[int, list[int]] = defaultdict(list)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
+        parents[ppid].append(int(entry.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as fh:
+                total += int(fh.read().split()[1]) * PAGE
+        except OSError:
+            pass
+        todo.extend(parents.get(pid, ()))
+    return total
+
+
+def run_measured(cmd: list[str], log: Path, **kwargs) -> dict:
+    """Wall seconds, peak tree RSS and largest process RSS (GiB), exit code of one command."""
     start = time.perf_counter()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, **kwargs)
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.2):
+                peak[0] = max(peak[0], _tree_rss(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - start, usage.ru_maxrss / 1024 / 1024, proc.returncode
+        done.set()
+        sampler.join()
+    return {"wall": time.perf_counter() - start, "tree_rss": peak[0] / 2**30,
+            "max_rss": usage.ru_maxrss / 2**20, "rc": os.waitstatus_to_exitcode(status)}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tracks", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--long-seconds", type=float, default=0.0, help="add one long track (e.g. 1200)")
-    p.add_argument("--full-size", action="store_true", help="real HTDemucs architecture, random weights")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--keep", action="store_true")
-    args = p.parse_args()
+def step_times(home: Path) -> dict[str, float]:
+    """Seconds per step key, summed over all runs in the instance at ``home``."""
+    code = (
+        "import json\n"
+        "from dagster import DagsterInstance, DagsterEventType as T\n"
+        "inst = DagsterInstance.get(); out = {}\n"
+        "for rec in inst.get_run_records():\n"
+        "    starts = {}\n"
+        "    for e in inst.all_logs(rec.dagster_run.run_id):\n"
+        "        if not e.is_dagster_event: continue\n"
+        "        t = e.dagster_event.event_type\n"
+        "        if t == T.STEP_START: starts[e.step_key] = e.timestamp\n"
+        "        elif t in (T.STEP_SUCCESS, T.STEP_FAILURE) and e.step_key in starts:\n"
+        "            out[e.step_key] = out.get(e.step_key, 0) + e.timestamp - starts[e.step_key]\n"
+        "print(json.dumps(out))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, DAGSTER_HOME=str(home)), check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    from imaker.devmodel import build_model_repo
 
-    work = Path(tempfile.mkdtemp(prefix="imaker-batch-"))
-    size = {"channels": 48, "t_layers": 5} if args.full_size else {}
-    name = "random_htdemucs" if args.full_size else "tiny_htdemucs"
-    repo = build_model_repo(work / "models", name, **size)
-    (work / "in").mkdir()
-    inputs = [make_input(work / "in" / f"track{i:02d}.m4a", args.seconds) for i in range(args.tracks)]
-    if args.long_seconds:
-        inputs.append(make_input(work / "in" / "long.m4a", args.long_seconds))
-
-    demucs_cmd = [sys.executable, "-m", "demucs", "-n", name, "--repo", str(repo), "-d", args.device,
-                  "-o", str(work / "demucs_out"), *map(str, inputs)]
-    d_wall, d_rss, rc = run_measured(demucs_cmd, work / "demucs.log")
-    if rc != 0:
-        print((work / "demucs.log").read_text()[-2000:])
-        return 1
-
+def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: str) -> dict:
+    demucs = run_measured([sys.executable, "-m", "demucs", "-n", name, "--repo", str(repo),
+                           "-d", args.device, "-o", str(work / "demucs_out"), *map(str, inputs)],
+                          work / "demucs.log")
+    if demucs["rc"] != 0:
+        raise SystemExit((work / "demucs.log").read_text()[-2000:])
     data, home = work / "data", work / "dagster_home"
     home.mkdir()
     shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
@@ -80,24 +129,74 @@ def main() -> int:
             "schema_version": 1, "job_id": src.stem, "source_type": "local", "title": src.stem,
             "artist": "Bench", "audio": "audio.m4a"}))
     env = dict(os.environ, IMAKER_DATA=str(data), DAGSTER_HOME=str(home), DEMUCS_MODEL=name,
-               DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE=args.device, HF_HUB_OFFLINE="1")
-    o_wall, o_rss, rc = run_measured([str(Path(sys.executable).with_name("imaker")), "ingest",
-                                      "--once"], work / "imaker.log", env=env, cwd=ROOT)
-    if rc != 0:
-        print((work / "imaker.log").read_text()[-2000:])
-        return 1
+               DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE=args.device, HF_HUB_OFFLINE="1",
+               INGEST_WORKERS=args.workers)
+    ours = run_measured([str(Path(sys.executable).with_name("imaker")), "ingest", "--once"],
+                        work / "imaker.log", env=env, cwd=ROOT)
+    if ours["rc"] != 0:
+        raise SystemExit((work / "imaker.log").read_text()[-3000:])
     sep = sum(json.loads((data / "stems" / s.stem / "stems.json").read_text())["separation_seconds"]
               for s in inputs)
-    audio_s = args.tracks * args.seconds + args.long_seconds
-    print(f"inputs: {args.tracks} x {args.seconds:.0f} s" + (f" + 1 x {args.long_seconds:.0f} s" if
-          args.long_seconds else "") + f"; model {name}; device {args.device}; cores {os.cpu_count()}")
-    print(f"demucs CLI (one process, 4 wav stems per file):        {d_wall:8.1f} s  peak RSS {d_rss:5.2f} GiB")
-    print(f"imaker ingest --once (one process, full pipeline):     {o_wall:8.1f} s  peak RSS {o_rss:5.2f} GiB")
-    print(f"  of which separation {sep:.1f} s; everything else {o_wall - sep:.1f} s "
-          f"({(o_wall - sep) / len(inputs):.1f} s per track)")
-    print(f"ratio ours/demucs CLI: {o_wall / d_wall:.2f}   realtime factor ours: {audio_s / o_wall:.2f}x")
+    steps = step_times(home)
+    stages: dict[str, float] = defaultdict(float)
+    for key, seconds in steps.items():
+        stages["checks" if "_" in key and key not in ("source_audio", "nas_copy") else key] += seconds
+    print(f"\n== {label}; model {name}; device {args.device}; cores {os.cpu_count()}; "
+          f"INGEST_WORKERS={args.workers}")
+    print(f"demucs CLI (one process, 4 wav stems per file): {demucs['wall']:8.1f} s   "
+          f"peak RSS {demucs['tree_rss']:5.2f} GiB (largest process {demucs['max_rss']:.2f})")
+    print(f"imaker ingest --once (full pipeline):           {ours['wall']:8.1f} s   "
+          f"peak RSS {ours['tree_rss']:5.2f} GiB (largest process {ours['max_rss']:.2f})")
+    print(f"ratio ours / demucs CLI: {ours['wall'] / demucs['wall']:.3f}")
+    print("per-stage seconds summed over tracks: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])) +
+        f"; of which model separation {sep:.1f}")
+    return {"label": label, "demucs": demucs, "ours": ours, "ratio": ours["wall"] / demucs["wall"],
+            "stages": dict(stages), "separation_seconds": sep}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracks", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--long-seconds", type=float, default=0.0,
+                   help="then one long track on its own (e.g. 1200 = 20 minutes)")
+    p.add_argument("--full-size", action="store_true", help="real HTDemucs architecture, random weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", default="auto", help="INGEST_WORKERS for our side")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
+    p.add_argument("--keep", action="store_true")
+    args = p.parse_args()
+
+    from imaker.devmodel import build_model_repo
+
+    work = Path(tempfile.mkdtemp(prefix="imaker-batch-"))
+    size = {"channels": 48, "t_layers": 5} if args.full_size else {}
+    name = "random_htdemucs" if args.full_size else "tiny_htdemucs"
+    repo = build_model_repo(work / "models", name, **size)
+    results = []
+    if args.tracks:
+        batch = work / "batch"
+        (batch / "in").mkdir(parents=True)
+        inputs = [make_input(batch / "in" / f"track{i:02d}.m4a", args.seconds)
+                  for i in range(args.tracks)]
+        results.append(compare(batch, inputs, name, repo, args,
+                               f"{args.tracks} x {args.seconds:.0f} s"))
+    if args.long_seconds:
+        long = work / "long"
+        (long / "in").mkdir(parents=True)
+        results.append(compare(long, [make_input(long / "in" / "long.m4a", args.long_seconds)],
+                               name, repo, args, f"1 x {args.long_seconds:.0f} s"))
+    if args.device.startswith("cuda"):
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_separation.py"),
+                        "--compare-batch", "0,1,8,16", "--seconds", "60", "--device", args.device,
+                        *(["--full-size"] if args.full_size else [])], check=False)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"kept {work}")
     return 0
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
+import socket
+import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -93,41 +97,61 @@ def load_model(name: str, repo: Path | None = None, device: str = "auto") -> Loa
 
 
 class CoreShare:
-    """The CPU cores of one host shared by the separations running in several worker
-    processes (``imaker ingest --once`` with ``INGEST_WORKERS`` > 1).
+    """The CPU cores of this host shared by the separations running in any process
+    (worker processes of ``imaker ingest --once``, runs launched by the Dagster daemon).
 
-    ``counter`` is a ``multiprocessing.Value("i")`` shared by the workers: the number of
-    separations running now. Before every forward pass a CPU separation sets torch's
-    intra-op threads to ``cores // running`` — one thread each while two tracks separate
-    side by side (on 2 cores, two single-threaded passes do ~20 % more work per second
-    than one two-threaded pass), all cores when a track separates alone (the tail of a
-    batch, a single long track)."""
+    Every running CPU separation holds a marker file ``<host>-<pid>-<n>`` in ``folder``
+    (``DEFAULT_CORE_SHARE_DIR``: host-wide, like the cores); before each forward pass it sets torch's intra-op
+    threads to ``cores // running`` — one thread each while two tracks separate side by
+    side on 2 cores (two single-threaded passes do ~20 % more work per second there than
+    one two-threaded pass), all cores when a track separates alone (the tail of a batch, a
+    single long track). Markers of dead processes (a killed worker) are ignored and
+    removed; markers of other hosts (a shared WORKING_DIR) are not counted."""
 
-    def __init__(self, counter, cores: int):
-        self.counter = counter
-        self.cores = max(1, int(cores))
+    def __init__(self, folder: Path, cores: int | None = None):
+        self.folder = Path(folder)
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.cores = max(1, int(cores or 1))
+        self._host = socket.gethostname().replace("-", "_")
 
     @contextmanager
     def separating(self) -> Iterator[None]:
-        with self.counter.get_lock():
-            self.counter.value += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker = self.folder / f"{self._host}-{os.getpid()}-{next(_MARKERS)}"
+        marker.touch()
         try:
             yield
         finally:
-            with self.counter.get_lock():
-                self.counter.value -= 1
+            marker.unlink(missing_ok=True)
+
+    def running(self) -> int:
+        count = 0
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            host, _, rest = entry.name.partition("-")
+            pid = rest.partition("-")[0]
+            if host != self._host or not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                Path(entry.path).unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass
+            count += 1
+        return count
 
     def threads(self) -> int:
-        return max(1, self.cores // max(1, int(self.counter.value)))
+        return max(1, self.cores // max(1, self.running()))
 
 
-_SHARE: CoreShare | None = None
-
-
-def share_cores(share: CoreShare | None) -> None:
-    """Make this process's CPU separations take part in ``share`` (None: stop)."""
-    global _SHARE
-    _SHARE = share
+_MARKERS = itertools.count()
+DEFAULT_CORE_SHARE_DIR = Path(tempfile.gettempdir()) / "imaker-separations"
 
 
 def _set_threads(n: int) -> None:
@@ -158,8 +182,8 @@ def inference_plan(device: str, batch_size: int | None, autocast: bool) -> tuple
 
 def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = None,
              overlap: float = 0.25, shifts: int = 1, batch_size: int | None = None,
-             autocast: bool = True, sink=None, inplace: bool = False
-             ) -> dict[str, np.ndarray] | None:
+             autocast: bool = True, sink=None, inplace: bool = False,
+             share: CoreShare | None = None) -> dict[str, np.ndarray] | None:
     """Separate ``wav`` (channels, samples at the model's rate) into ``{source: array}``.
 
     Same normalisation as ``demucs.separate`` (zero mean, unit std of the mono mix), then
@@ -173,7 +197,7 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
     ``(sources, channels, n)`` array for samples ``start .. start + n`` (valid during the
     call only), in order; with one model and ``shifts <= 1`` the stems never exist whole in
     memory. ``inplace=True`` lets the normalisation overwrite ``wav`` (float32, C-contiguous)
-    instead of copying it."""
+    instead of copying it. ``share``: take part in the host's ``CoreShare`` (CPU only)."""
     import torch
 
     if wav.ndim != 2 or wav.shape[0] != loaded.channels:
@@ -197,7 +221,7 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
     def denormalised(start: int, chunk) -> None:
         sink(start, (chunk * std + mean).to("cpu").numpy())
 
-    share = _SHARE if batch and str(loaded.device) == "cpu" else None
+    share = share if batch and str(loaded.device) == "cpu" else None
     with torch.inference_mode(), (share.separating() if share else nullcontext()):
         if batch:
             from imaker import fast_apply

@@ -10,7 +10,6 @@ from typing import Iterable, TextIO
 
 from dagster import AssetSelection, DagsterInstance, materialize
 
-from imaker import separation
 from imaker.pipeline import Library
 from imaker.queues import QueueStore
 from imaker.settings import Settings
@@ -70,11 +69,10 @@ def _run_track(instance: DagsterInstance, settings: Settings, job_def, job_id: s
     return False, f"{job_id}: failed: {reason}"
 
 
-def _worker(instance_ref, settings: Settings, tasks, results, running, cores: int) -> None:
+def _worker(instance_ref, settings: Settings, tasks, results) -> None:
     """A worker process of ``ingest_once``: imports and loads the model once, then runs the
-    tracks it takes from ``tasks`` one after the other (each in its own Dagster run),
-    sharing the CPU cores with the other workers' separations."""
-    separation.share_cores(separation.CoreShare(running, cores))
+    tracks it takes from ``tasks`` one after the other (each in its own Dagster run). CPU
+    separations share the cores through the separator resource's ``CoreShare``."""
     instance = DagsterInstance.from_ref(instance_ref)
     job_def = build_defs(settings).resolve_job_def("ingest_track")
     while True:
@@ -96,14 +94,13 @@ def _run_workers(instance: DagsterInstance, settings: Settings, todo: list[tuple
     is left in working/ for the next pass's recovery, and its remaining tracks go to the
     other workers."""
     ctx = multiprocessing.get_context("spawn")
-    tasks, results, running = ctx.Queue(), ctx.Queue(), ctx.Value("i", 0)
+    tasks, results = ctx.Queue(), ctx.Queue()
     for item in todo:
         tasks.put(item)
     for _ in range(workers):
         tasks.put(None)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     procs = [ctx.Process(target=_worker, name=f"imaker-ingest-{i}", daemon=True,
-                         args=(instance.get_ref(), settings, tasks, results, running, cores))
+                         args=(instance.get_ref(), settings, tasks, results))
              for i in range(workers)]
     for proc in procs:
         proc.start()
@@ -140,7 +137,9 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
     Batch ingestion: the tracks go to ``worker_count`` long-lived worker processes (imports
     and the model load are paid once per worker, not per track; one worker decodes,
     encodes and analyses while the other separates; CPU threads are shared between the
-    separations). Every track still gets its own ``ingest_track`` run and partition."""
+    separations). Every track still gets its own ``ingest_track`` run and partition.
+    With a pool limit of 1 for ``gpu`` (the `stems` step) the separations themselves take
+    turns, and only the rest of the work overlaps (what a single GPU wants)."""
     out = out or sys.stdout
     store = QueueStore.from_settings(settings)
     store.ensure_dirs()

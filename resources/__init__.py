@@ -76,6 +76,8 @@ class SeparatorResource(ConfigurableResource):
     shifts: int = 1
     batch_size: int | None = None  # segments per forward pass; None: auto, 0: apply_model
     autocast: bool = True  # bf16 autocast on CUDA (batched path only)
+    core_share_dir: str | None = None  # CPU threads shared by concurrent separations
+
 
     def load(self) -> separation.LoadedModel:
         return separation.load_model(self.model, Path(self.model_repo) if self.model_repo else None,
@@ -87,7 +89,9 @@ class SeparatorResource(ConfigurableResource):
         there; the stems step streams the stems to disk with them)."""
         return separation.separate(self.load(), wav, segment=self.segment, overlap=self.overlap,
                                    shifts=self.shifts, batch_size=self.batch_size,
-                                   autocast=self.autocast, sink=sink, inplace=inplace)
+                                   autocast=self.autocast, sink=sink, inplace=inplace,
+                                   share=(separation.CoreShare(Path(self.core_share_dir))
+                                          if self.core_share_dir else None))
 
 
 from .nas import NasResource, build_nas_resource  # noqa: E402  (defined in its own module)
@@ -118,5 +122,6 @@ def build_resources(settings: Settings | None = None, *, extra_variants: list[st
             model_repo=str(s.demucs_model_repo) if s.demucs_model_repo else None,
             device=s.demucs_device, segment=s.demucs_segment, overlap=s.demucs_overlap,
             shifts=s.demucs_shifts, batch_size=s.demucs_batch_size,
-            autocast=s.demucs_autocast),
+            autocast=s.demucs_autocast,
+            core_share_dir=str(separation.DEFAULT_CORE_SHARE_DIR)),
     }

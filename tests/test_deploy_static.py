@@ -215,7 +215,7 @@ def test_env_example_has_every_setting():
 def test_local_dagster_yaml_validates(monkeypatch):
     config = _dagster_yaml_config(ROOT / "dagster_home" / "dagster.yaml", monkeypatch)
     assert "storage" not in config and "run_launcher" not in config   # sqlite, default launcher
-    assert config["concurrency"]["pools"]["default_limit"] == 1
+    assert config["concurrency"]["pools"]["default_limit"] == 2
 
 
 def test_compose_dagster_yaml_validates_and_builds_its_classes(monkeypatch):

@@ -5,6 +5,7 @@ Tiny random HTDemucs models with a 3 s segment, so a 13 s input spans 6 overlapp
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -242,41 +243,49 @@ def test_separate_streams_denormalised_stems_and_can_normalise_in_place(short_re
         np.testing.assert_allclose(streamed[i], stems[name], rtol=0, atol=1e-6)
 
 
-def test_core_share_gives_each_running_separation_its_part_of_the_cores():
-    import multiprocessing
+def test_core_share_gives_each_running_separation_its_part_of_the_cores(tmp_path):
+    import subprocess
+    import sys
 
-    share = separation.CoreShare(multiprocessing.get_context("spawn").Value("i", 0), 4)
-    assert share.threads() == 4
+    share = separation.CoreShare(tmp_path / "seps", cores=4)
+    assert share.running() == 0 and share.threads() == 4
     with share.separating():
         assert share.threads() == 4
         with share.separating():
-            assert share.threads() == 2
+            assert share.running() == 2 and share.threads() == 2
             with share.separating(), share.separating(), share.separating():
                 assert share.threads() == 1
         assert share.threads() == 4
-    assert share.counter.value == 0
+    assert list((tmp_path / "seps").iterdir()) == []
+    # a killed process's marker does not count (and is cleaned up); other hosts' neither
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / "seps" / f"{share._host}-{dead}-0").touch()
+    (tmp_path / "seps" / f"otherhost-{os.getpid()}-0").touch()
+    assert share.running() == 0 and share.threads() == 4
+    assert [p.name for p in (tmp_path / "seps").iterdir()] == [f"otherhost-{os.getpid()}-0"]
 
 
-def test_separation_follows_the_core_share_between_forward_passes(short_repo):
-    """A worker separating alone uses all cores; when another worker's separation is
-    running (the shared counter says 2) it drops to its half before the next pass."""
-    import multiprocessing
-
+def test_separation_follows_the_core_share_between_forward_passes(short_repo, tmp_path):
+    """A separation running alone uses all cores; while another process's separation runs
+    (its marker is there) it drops to its half before the next pass."""
     loaded = separation.load_model("tiny_a", short_repo, "cpu")
-    counter = multiprocessing.get_context("spawn").Value("i", 1)  # another one is running
+    share = separation.CoreShare(tmp_path / "seps", cores=2)
     seen: list[int] = []
     before = torch.get_num_threads()
-    separation.share_cores(separation.CoreShare(counter, 2))
+    real = separation._set_threads
+    separation._set_threads = lambda n: (seen.append(n), real(n))
     try:
-        real = separation._set_threads
-        separation._set_threads = lambda n: (seen.append(n), real(n))
-        separation.separate(loaded, _mix(7.0)[0].numpy(), batch_size=1)
-        assert seen and set(seen) == {1} and counter.value == 1
-        counter.value = 0
+        (tmp_path / "seps").mkdir()
+        other = tmp_path / "seps" / f"{share._host}-{os.getppid()}-0"
+        other.touch()  # a live process (our parent) is separating
+        separation.separate(loaded, _mix(7.0)[0].numpy(), batch_size=1, share=share)
+        assert seen and set(seen) == {1}
+        other.unlink()
         seen.clear()
-        separation.separate(loaded, _mix(7.0)[0].numpy(), batch_size=1)
+        separation.separate(loaded, _mix(7.0)[0].numpy(), batch_size=1, share=share)
         assert set(seen) == {2}
+        assert [p.name for p in (tmp_path / "seps").iterdir()] == []  # own marker removed
     finally:
         separation._set_threads = real
-        separation.share_cores(None)
         torch.set_num_threads(before)
