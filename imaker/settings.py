@@ -86,6 +86,7 @@ class Settings:
     output_audio_bitrate: str
     max_claim_attempts: int
     sensor_max_jobs_per_tick: int
+    sensor_batch_min: int  # a tick with at least this many new bundles requests one batch run
     demucs_model: str
     demucs_model_repo: Path | None
     demucs_device: str
@@ -153,6 +154,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         output_audio_bitrate=_clean(env, "OUTPUT_AUDIO_BITRATE") or "256k",
         max_claim_attempts=_num(env, "MAX_CLAIM_ATTEMPTS", 3, int),
         sensor_max_jobs_per_tick=_num(env, "SENSOR_MAX_JOBS_PER_TICK", 20, int),
+        sensor_batch_min=_num(env, "SENSOR_BATCH_MIN", 2, int),
         demucs_model=_clean(env, "DEMUCS_MODEL") or "htdemucs",
         demucs_model_repo=Path(repo).expanduser().resolve() if repo else None,
         demucs_device=device,
@@ -173,6 +175,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("MAX_CLAIM_ATTEMPTS must be at least 1")
     if settings.sensor_max_jobs_per_tick < 1:
         raise SettingsError("SENSOR_MAX_JOBS_PER_TICK must be at least 1")
+    if settings.sensor_batch_min < 0:
+        raise SettingsError("SENSOR_BATCH_MIN must be >= 0 (0: one run per track always)")
     if not 0 <= settings.demucs_overlap < 1:
         raise SettingsError("DEMUCS_OVERLAP must be in [0, 1)")
     if settings.demucs_shifts < 0:

@@ -7,6 +7,7 @@ from resources import build_resources
 from sensors import queue_sensor
 
 from .assets import track_assets
+from .batch import ingest_batch
 from .catalog import catalog, catalog_automation
 from .checks import track_checks
 from .jobs import ingest_track
@@ -19,7 +20,7 @@ def build_defs(settings: Settings | None = None) -> Definitions:
     return Definitions(
         assets=[*track_assets, nas_copy, catalog],
         asset_checks=track_checks,
-        jobs=[ingest_track, retrieve],
+        jobs=[ingest_track, ingest_batch, retrieve],
         sensors=[queue_sensor, catalog_automation],
         resources=build_resources(settings or load_settings()),
     )

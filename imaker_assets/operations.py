@@ -44,10 +44,11 @@ def worker_count(settings: Settings, waiting: int) -> int:
 
 
 def _run_track(instance: DagsterInstance, settings: Settings, job_def, job_id: str,
-               queue: str) -> tuple[bool, str]:
+               queue: str, extra_tags: dict[str, str] | None = None) -> tuple[bool, str]:
     """One track: its own ``ingest_track`` run (lineage, metadata, checks), then its NAS copy
     in a run of its own. Returns (succeeded, the line to print)."""
-    tags = {"imaker/job_id": job_id, "imaker/queue": queue, "imaker/trigger": "imaker-ingest"}
+    tags = {"imaker/job_id": job_id, "imaker/queue": queue, "imaker/trigger": "imaker-ingest",
+            **(extra_tags or {})}
     result = job_def.execute_in_process(
         partition_key=job_id, instance=instance, raise_on_error=False, run_config=QUIET,
         asset_selection=[a.key for a in track_assets], tags=tags)
@@ -69,7 +70,7 @@ def _run_track(instance: DagsterInstance, settings: Settings, job_def, job_id: s
     return False, f"{job_id}: failed: {reason}"
 
 
-def _worker(instance_ref, settings: Settings, tasks, results) -> None:
+def _worker(instance_ref, settings: Settings, tasks, results, tags) -> None:
     """A worker process of ``ingest_once``: imports and loads the model once, then runs the
     tracks it takes from ``tasks`` one after the other (each in its own Dagster run). CPU
     separations share the cores through the separator resource's ``CoreShare``."""
@@ -81,14 +82,14 @@ def _worker(instance_ref, settings: Settings, tasks, results) -> None:
             return
         job_id, queue = item
         try:
-            ok, line = _run_track(instance, settings, job_def, job_id, queue)
+            ok, line = _run_track(instance, settings, job_def, job_id, queue, tags)
         except Exception as exc:  # noqa: BLE001 - reported per track, the worker goes on
             ok, line = False, f"{job_id}: failed: {type(exc).__name__}: {exc}"
         results.put((job_id, ok, line))
 
 
 def _run_workers(instance: DagsterInstance, settings: Settings, todo: list[tuple[str, str]],
-                 workers: int, out: TextIO) -> int:
+                 workers: int, out: TextIO, tags: dict[str, str] | None = None) -> int:
     """Process ``todo`` with ``workers`` spawned processes; returns the number of failures.
     A worker that dies (killed for memory, say) fails nothing it had not finished: its claim
     is left in working/ for the next pass's recovery, and its remaining tracks go to the
@@ -100,7 +101,7 @@ def _run_workers(instance: DagsterInstance, settings: Settings, todo: list[tuple
     for _ in range(workers):
         tasks.put(None)
     procs = [ctx.Process(target=_worker, name=f"imaker-ingest-{i}", daemon=True,
-                         args=(instance.get_ref(), settings, tasks, results))
+                         args=(instance.get_ref(), settings, tasks, results, tags))
              for i in range(workers)]
     for proc in procs:
         proc.start()
@@ -164,20 +165,29 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
             continue
         seen.add(job.job_id)
         todo.append((job.job_id, job.queue))
+    failures += process_tracks(instance, settings, todo, out)
+    refresh_catalog(instance, settings)
+    return failures
+
+
+def process_tracks(instance: DagsterInstance, settings: Settings, todo: list[tuple[str, str]],
+                   out: TextIO, tags: dict[str, str] | None = None) -> int:
+    """Run ``ingest_track`` for each ``(job_id, queue)`` — in ``worker_count`` worker
+    processes when there are several — adding missing partitions first. Prints one line
+    per track on ``out``; returns the number that failed."""
     missing = [job_id for job_id, _ in todo
                if not instance.has_dynamic_partition(tracks.name, job_id)]
     if missing:
         instance.add_dynamic_partitions(tracks.name, missing)
     workers = worker_count(settings, len(todo))
     if workers > 1 and not instance.is_ephemeral:
-        failures += _run_workers(instance, settings, todo, workers, out)
-    else:
-        job_def = build_defs(settings).resolve_job_def("ingest_track")
-        for job_id, queue in todo:
-            ok, line = _run_track(instance, settings, job_def, job_id, queue)
-            failures += 0 if ok else 1
-            print(line, file=out, flush=True)
-    refresh_catalog(instance, settings)
+        return _run_workers(instance, settings, todo, workers, out, tags)
+    failures = 0
+    job_def = build_defs(settings).resolve_job_def("ingest_track")
+    for job_id, queue in todo:
+        ok, line = _run_track(instance, settings, job_def, job_id, queue, tags)
+        failures += 0 if ok else 1
+        print(line, file=out, flush=True)
     return failures
 
 

@@ -31,4 +31,5 @@ def test_definitions_contents(imaker_env):
     from imaker_assets.assets import stems
 
     assert stems.op.pool == "gpu"
-    assert defs.resolve_sensor_def("queue_sensor").job_name == "ingest_track"
+    assert {j.name for j in defs.resolve_sensor_def("queue_sensor").jobs} == {"ingest_track",
+                                                                       "ingest_batch"}
