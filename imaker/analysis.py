@@ -41,15 +41,15 @@ def loudness(path: Path) -> dict:
             "true_peak_dbtp": grab("Peak")}
 
 
+def _db(x: float) -> float:
+    return round(20 * np.log10(x), 2) if x > 0 else float("-inf")
+
+
 def levels(wav: np.ndarray) -> dict:
     """Sample peak and RMS in dBFS."""
     peak = float(np.max(np.abs(wav))) if wav.size else 0.0
     rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64)))) if wav.size else 0.0
-
-    def db(x: float) -> float:
-        return round(20 * np.log10(x), 2) if x > 0 else float("-inf")
-
-    return {"peak_dbfs": db(peak), "rms_dbfs": db(rms)}
+    return {"peak_dbfs": _db(peak), "rms_dbfs": _db(rms)}
 
 
 def waveform_png(path: Path, *, width: int = 800, height: int = 120, color: str = "0x2f6fdf") -> bytes:
@@ -72,10 +72,18 @@ def markdown_images(pictures: dict[str, bytes]) -> str:
 @lru_cache(maxsize=32)
 def file_levels(path: str, mtime_ns: int, size: int) -> dict:
     """``levels`` of a file, decoded once per content version (the clipping and silence
-    checks of a track run in one process and share the decode)."""
+    checks of a track run in one process and share the decode). Streamed: peak and sum of
+    squares are taken chunk by chunk, so memory does not grow with the track's length."""
     info = audio_mod.probe(Path(path))
-    return levels(audio_mod.decode(Path(path), info["audio"]["sample_rate"],
-                                   info["audio"]["channels"]))
+    peak, squares, count = 0.0, 0.0, 0
+    for chunk in audio_mod.iter_decode(Path(path), info["audio"]["sample_rate"],
+                                       info["audio"]["channels"]):
+        peak = max(peak, float(np.max(np.abs(chunk))))
+        flat = chunk.ravel().astype(np.float64)
+        squares += float(np.dot(flat, flat))
+        count += flat.size
+    rms = float(np.sqrt(squares / count)) if count else 0.0
+    return {"peak_dbfs": _db(peak), "rms_dbfs": _db(rms)}
 
 
 # ----- checks --------------------------------------------------------------------------

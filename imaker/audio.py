@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
 
@@ -18,6 +21,9 @@ FORMATS = {
     "flac": (".flac", ["-c:a", "flac", "-sample_fmt", "s32", "-bits_per_raw_sample", "24"], "flac"),
 }
 MAX_COVER_BYTES = 10 * 1024 * 1024
+#: Frames per chunk of the streaming decoder/encoder: about 6 s at 44.1 kHz, 2 MiB of
+#: float32 stereo. Long tracks are never held whole.
+CHUNK_FRAMES = 2**18
 
 
 class AudioError(RuntimeError):
@@ -76,31 +82,166 @@ def decode(path: Path, samplerate: int, channels: int) -> np.ndarray:
     return audio
 
 
+def _read_stderr(fh: IO[bytes]) -> str:
+    fh.seek(0)
+    return _stderr_tail(fh.read())
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if it still runs and wait for it (never leaves a zombie behind)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def iter_decode(path: Path, samplerate: int, channels: int,
+                chunk_frames: int = CHUNK_FRAMES) -> Iterator[np.ndarray]:
+    """Decode the first audio stream of ``path`` chunk by chunk: float32 ``(channels, n)``
+    arrays of ``chunk_frames`` frames (the last one shorter), read from one ffmpeg process.
+
+    Concatenated, the chunks equal ``decode(path, samplerate, channels)`` sample for sample.
+    Errors are ``decode``'s; an ffmpeg failure late in the file is raised after the chunks
+    decoded before it, so a consumer must not publish anything before the iterator ends.
+    Closing the iterator early (``break``, an exception, ``close()``) kills ffmpeg."""
+    if chunk_frames < 1:
+        raise ValueError("chunk_frames must be at least 1")
+    name = Path(path).name
+    frame_bytes = 4 * channels
+    with ExitStack() as stack:
+        stderr = stack.enter_context(tempfile.TemporaryFile())  # a file: never blocks ffmpeg
+        proc = subprocess.Popen(
+            [_tool("ffmpeg"), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
+             "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(samplerate),
+             "pipe:1"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+            bufsize=0)
+        stack.callback(proc.stdout.close)
+        stack.callback(_reap, proc)  # runs first: kill, wait, then close the pipe
+        buf = np.empty(chunk_frames * channels, dtype="<f4")
+        view = memoryview(buf).cast("B")
+        total = 0
+        while True:
+            filled = 0
+            while filled < len(view):
+                n = proc.stdout.readinto(view[filled:])
+                if not n:
+                    break
+                filled += n
+            frames = filled // frame_bytes
+            if frames:
+                chunk = buf[: frames * channels].reshape(frames, channels).T.copy()
+                if not np.isfinite(chunk).all():
+                    raise AudioError(f"{name} decodes to non-finite samples")
+                total += frames
+                yield chunk
+            if filled < len(view):  # end of stream (a trailing partial frame is dropped)
+                break
+        if proc.wait() != 0:
+            raise AudioError(f"cannot decode {name}: {_read_stderr(stderr)}")
+        if total == 0:
+            raise AudioError(f"cannot decode {name}: no audio samples")
+
+
+class Encoder:
+    """Streaming encoder: ``with Encoder(dest, ...) as enc: enc.write(chunk)`` feeds float
+    ``(channels, n)`` chunks to one ffmpeg process and, when the block ends without an
+    exception, tags the file and renames it into place.
+
+    ffmpeg writes to a temporary name beside ``dest`` (``fsutil.atomic_path``); on any
+    failure (ffmpeg exits with an error, an exception inside the block, a failed tag)
+    ffmpeg is killed, the temporary file removed, and nothing appears under ``dest``."""
+
+    def __init__(self, dest: Path, samplerate: int, channels: int, fmt: str,
+                 bitrate: str = "256k", tags: "Tags | None" = None):
+        if fmt not in FORMATS:
+            raise AudioError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
+        ext, self._codec_args, _ = FORMATS[fmt]
+        self.dest = Path(dest)
+        if self.dest.suffix != ext:
+            raise AudioError(f"{self.dest.name}: a {fmt} file must end in {ext}")
+        self.samplerate, self.channels, self.fmt = samplerate, channels, fmt
+        self.bitrate, self.tags = bitrate, tags
+        self.frames = 0  # written so far
+        self._stack: ExitStack | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stderr: IO[bytes] | None = None
+        self._tmp: Path | None = None
+        self._finished = False
+
+    def __enter__(self) -> "Encoder":
+        if self._stack is not None:
+            raise RuntimeError("an Encoder is used once")
+        bitrate_args = [] if self.fmt == "flac" else ["-b:a", self.bitrate]
+        with ExitStack() as stack:
+            self._tmp = stack.enter_context(atomic_path(self.dest))
+            self._stderr = stack.enter_context(tempfile.TemporaryFile())
+            self._proc = subprocess.Popen(
+                [_tool("ffmpeg"), "-nostdin", "-v", "error", "-y", "-f", "f32le",
+                 "-ar", str(self.samplerate), "-ac", str(self.channels), "-i", "pipe:0",
+                 *self._codec_args, *bitrate_args, str(self._tmp)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr, bufsize=0)
+            stack.callback(self._proc.stdin.close)  # unbuffered: closing never flushes
+            stack.callback(_reap, self._proc)  # runs first
+            self._stack = stack.pop_all()
+        return self
+
+    def _failed(self) -> AudioError:
+        _reap(self._proc)
+        return AudioError(f"cannot encode {self.dest.name}: {_read_stderr(self._stderr)}")
+
+    def write(self, chunk: np.ndarray) -> None:
+        """Append float ``(channels, n)`` samples (any float dtype; sent as float32)."""
+        if self._proc is None or self._proc.stdin.closed:
+            raise RuntimeError("Encoder.write outside its with block or after finish")
+        if chunk.ndim != 2 or chunk.shape[0] != self.channels:
+            raise ValueError(f"expected ({self.channels}, n) samples, got {chunk.shape}")
+        data = memoryview(np.ascontiguousarray(chunk.T, dtype="<f4")).cast("B")
+        try:
+            while data:  # an unbuffered pipe write may be partial
+                data = data[self._proc.stdin.write(data):]
+        except BrokenPipeError:  # ffmpeg exited: report its message
+            raise self._failed() from None
+        self.frames += chunk.shape[1]
+
+    def finish(self) -> None:
+        """End the input, wait for ffmpeg and tag the temporary file; the rename into place
+        comes when the ``with`` block ends. Called by the block's end when not before (call
+        it first for several encoders so that none is published when one fails)."""
+        if self._finished:
+            return
+        if self._proc is None:
+            raise RuntimeError("Encoder.finish outside its with block")
+        self._proc.stdin.close()
+        if self._proc.wait() != 0:
+            raise self._failed()
+        if self.tags is not None:
+            self.tags.write(self._tmp, self.fmt)
+        self._finished = True
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return False
+        if exc_type is None:
+            try:
+                self.finish()
+            except BaseException as err:
+                if not stack.__exit__(type(err), err, err.__traceback__):
+                    raise
+                return False
+        return stack.__exit__(exc_type, exc, tb)
+
+
 def encode(audio: np.ndarray, samplerate: int, dest: Path, fmt: str, bitrate: str = "256k",
            tags: "Tags | None" = None) -> Path:
     """Encode float ``(channels, samples)`` to ``dest`` in format ``fmt`` and tag it.
 
     Written to a temporary name and renamed into place after tagging: a crash never
-    leaves a half-written file under the final name."""
-    if fmt not in FORMATS:
-        raise AudioError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
-    ext, codec_args, _ = FORMATS[fmt]
-    dest = Path(dest)
-    if dest.suffix != ext:
-        raise AudioError(f"{dest.name}: a {fmt} file must end in {ext}")
-    channels = audio.shape[0]
-    bitrate_args = [] if fmt == "flac" else ["-b:a", bitrate]
-    pcm = np.ascontiguousarray(audio.T, dtype="<f4").tobytes()
-    with atomic_path(dest) as tmp:
-        proc = subprocess.run(
-            [_tool("ffmpeg"), "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar", str(samplerate),
-             "-ac", str(channels), "-i", "pipe:0", *codec_args, *bitrate_args, str(tmp)],
-            input=pcm, capture_output=True)
-        if proc.returncode != 0:
-            raise AudioError(f"cannot encode {dest.name}: {_stderr_tail(proc.stderr)}")
-        if tags is not None:
-            tags.write(tmp, fmt)
-    return dest
+    leaves a half-written file under the final name. Sent to ffmpeg in chunks (no
+    whole-track PCM copy)."""
+    with Encoder(dest, samplerate, audio.shape[0], fmt, bitrate, tags) as enc:
+        for start in range(0, audio.shape[1], CHUNK_FRAMES):
+            enc.write(audio[:, start:start + CHUNK_FRAMES])
+    return Path(dest)
 
 
 def codec_name(fmt: str) -> str:

@@ -11,10 +11,8 @@ Each stage reads what the previous one stored, so any stage can be re-run on its
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
@@ -28,7 +26,8 @@ from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
 from .fsutil import atomic_path, safe_filename, sha256_file, write_json_atomic
 from .queues import Claim, Owner, QueueStore, utcnow
 from .settings import OutputOptions, Settings
-from .variants import VARIANTS, mix, selected_variants
+from .stemstore import RawStemWriter
+from .variants import VARIANTS, selected_variants, stream_mix
 from .video import mux_video
 
 SOURCE_RATE = 44100
@@ -185,23 +184,28 @@ def separate_stems(lib: Library, job_id: str, separator) -> dict:
     ``LoadedModel`` and ``separate(wav)``) and store the stems losslessly."""
     loaded = separator.load()
     wav = audio_mod.decode(lib.track_dir(job_id) / "source.flac", loaded.samplerate, loaded.channels)
-    start = time.perf_counter()
-    stems = separator.separate(wav)
-    seconds = time.perf_counter() - start
-    peak = max(float(np.max(np.abs(s))) for s in stems.values())
-    # 24-bit FLAC holds [-1, 1): scale all stems by one factor when any would clip.
-    scale = 1.0 if peak < 0.999 else 0.999 / peak
+    frames = wav.shape[1]
     folder = lib.stem_dir(job_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in stems.items():
-        audio_mod.encode(data * scale, loaded.samplerate, folder / f"{name}.flac", STEM_FORMAT)
+    # The stems stream out of the model into raw files (the whole-track stems are never in
+    # memory), then are encoded to FLAC with one scale for all: 24-bit FLAC holds [-1, 1).
+    writer = RawStemWriter(folder, loaded.sources)
+    try:
+        start = time.perf_counter()
+        separator.separate(wav, sink=writer, inplace=True)
+        seconds = time.perf_counter() - start
+        del wav
+        if writer.frames != frames:
+            raise StageError(f"the separation returned {writer.frames} samples for {frames}")
+        scale = writer.encode_all(loaded.samplerate, STEM_FORMAT)
+    finally:
+        writer.discard()
     meta = {
         "job_id": job_id,
-        "sources": list(stems),
+        "sources": list(loaded.sources),
         "scale": scale,
         "sample_rate": loaded.samplerate,
         "channels": loaded.channels,
-        "duration_s": round(wav.shape[1] / loaded.samplerate, 4),
+        "duration_s": round(frames / loaded.samplerate, 4),
         "model": loaded.name,
         "signature": loaded.signature,
         "device": str(loaded.device),
@@ -227,8 +231,9 @@ def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
 def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
     """Mix every selected variant from the stored stems, encode, tag, publish."""
     bundle = lib.bundle(job_id)
-    stems, stems_meta = load_stems(lib, job_id)
-    rate = stems_meta["sample_rate"]
+    stems_meta = lib.read_json(job_id, "stems.json", stems=True)
+    rate, channels = stems_meta["sample_rate"], stems_meta["channels"]
+    stem_files = {name: lib.stem_dir(job_id) / f"{name}.flac" for name in stems_meta["sources"]}
     names = selected_variants([*(bundle.variants or []), *options.extra_variants],
                               no_drums=options.no_drums,
                               drums_only=options.drums_only)
@@ -237,19 +242,21 @@ def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
     out_dir = lib.output_dir(job_id)
     cover = bundle.media_path("cover") if bundle.cover else None
 
-    def render(name: str) -> dict:
-        spec = VARIANTS[name]
-        mixed, gain = mix(stems, spec)
-        rel = f"files/audio/{base}{spec.suffix}{audio_mod.extension(fmt)}"
-        tags = audio_mod.Tags(artist=bundle.artist, title=f"{bundle.title}{spec.suffix}",
-                              album=bundle.album, cover=cover, job_id=job_id, variant=name)
-        audio_mod.encode(mixed, rate, out_dir / rel, fmt, options.audio_bitrate, tags)
-        return {"kind": "audio", "variant": name, "label": spec.label, "path": rel,
-                "gain_db": round(20 * np.log10(gain), 3), "stems": spec.stems_for(list(stems))}
-
-    # ffmpeg encodes run in parallel (one process per variant, bounded by the cores)
-    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
-        records = list(pool.map(render, names))
+    rels = {name: f"files/audio/{base}{VARIANTS[name].suffix}{audio_mod.extension(fmt)}"
+            for name in names}
+    encoders = {
+        VARIANTS[name]: audio_mod.Encoder(
+            out_dir / rels[name], rate, channels, fmt, options.audio_bitrate,
+            audio_mod.Tags(artist=bundle.artist, title=f"{bundle.title}{VARIANTS[name].suffix}",
+                           album=bundle.album, cover=cover, job_id=job_id, variant=name))
+        for name in names}
+    # streamed in chunks (two passes over the stems: peaks, then mix + encode), every
+    # variant's ffmpeg encoding at once; the same audio and gain as ``mix`` of load_stems
+    gains = stream_mix(stem_files, encoders, samplerate=rate, channels=channels,
+                       scale=stems_meta["scale"])
+    records = [{"kind": "audio", "variant": name, "label": VARIANTS[name].label,
+                "path": rels[name], "gain_db": round(20 * np.log10(gains[name]), 3),
+                "stems": VARIANTS[name].stems_for(list(stem_files))} for name in names]
     if bundle.video:
         instrumental = next(r for r in records if r["variant"] == "instrumental")
         rel = f"files/video/{base}.mp4"

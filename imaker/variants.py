@@ -6,9 +6,15 @@ Adding a variant is one entry here; stems are mixed by inclusion/exclusion so th
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
+
+from . import audio as audio_mod
 
 #: Peak ceiling for every mixed variant (-1 dBFS). See ``mix``.
 PEAK_CEILING = 10 ** (-1.0 / 20)
@@ -59,6 +65,11 @@ def selected_variants(bundle_variants: list[str] | None, *, no_drums: bool,
     return [name for name in VARIANTS if name in wanted]
 
 
+def gain_for(peak: float) -> float:
+    """The anti-clipping gain of a mix whose sample peak is ``peak`` (see ``mix``)."""
+    return PEAK_CEILING / peak if peak > PEAK_CEILING else 1.0
+
+
 def mix(stems: dict[str, np.ndarray], spec: VariantSpec) -> tuple[np.ndarray, float]:
     """Sum the variant's stems. Anti-clipping rule: if the sum peaks above -1 dBFS, the
     whole track is scaled by one constant gain so its peak is exactly -1 dBFS (no
@@ -68,8 +79,122 @@ def mix(stems: dict[str, np.ndarray], spec: VariantSpec) -> tuple[np.ndarray, fl
     for name in names:
         out += stems[name]
     peak = float(np.max(np.abs(out))) if out.size else 0.0
-    gain = 1.0
-    if peak > PEAK_CEILING:
-        gain = PEAK_CEILING / peak
+    gain = gain_for(peak)
+    if gain != 1.0:
         out *= gain
     return out, gain
+
+
+# ----- streaming: whole tracks are never held in memory ----------------------------------
+class StemLengthError(audio_mod.AudioError):
+    """Stems of one track that do not have the same number of frames."""
+
+
+def _lockstep(paths: Mapping[str, Path], samplerate: int, channels: int, scale: float,
+              chunk_frames: int, pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
+    """Chunks of every stem, aligned: ``{name: float32 (channels, n)}`` divided by
+    ``scale`` (as ``pipeline.load_stems`` does), the same ``n`` for all. Each stem is read
+    by its own ffmpeg process in ``pool``, one chunk ahead of the consumer."""
+    names = list(paths)
+    iters = {n: audio_mod.iter_decode(paths[n], samplerate, channels, chunk_frames) for n in names}
+
+    def fetch() -> dict[str, Future]:
+        return {n: pool.submit(next, it, None) for n, it in iters.items()}
+
+    pending: dict[str, Future] | None = fetch()
+    try:
+        while True:
+            chunks = {n: f.result() for n, f in pending.items()}
+            pending = None
+            ended = [n for n, c in chunks.items() if c is None]
+            if len(ended) == len(names):
+                return
+            sizes = {n: c.shape[1] for n, c in chunks.items() if c is not None}
+            if ended or len(set(sizes.values())) > 1:
+                short = ended or [n for n, k in sizes.items() if k == min(sizes.values())]
+                longer = [n for n in names if n not in short]
+                raise StemLengthError(f"stems differ in length: {', '.join(short)} ended "
+                                      f"before {', '.join(longer)}")
+            pending = fetch()  # the next chunks decode while this one is used
+            for chunk in chunks.values():
+                chunk /= scale
+            yield chunks
+    finally:
+        if pending is not None:  # no decoder may be running in a thread when it is closed
+            wait(pending.values())
+        for it in iters.values():
+            it.close()  # kills ffmpeg when the stem was not read to the end
+
+
+def _variant_sum(chunks: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """The same float32 sum as ``mix`` (same order, from zeros)."""
+    out = np.zeros_like(chunks[names[0]], dtype=np.float32)
+    for name in names:
+        out += chunks[name]
+    return out
+
+
+def stream_peaks(paths: Mapping[str, Path], specs: Iterable[VariantSpec], *, samplerate: int,
+                 channels: int, scale: float = 1.0,
+                 chunk_frames: int = audio_mod.CHUNK_FRAMES) -> dict[str, float]:
+    """Pass 1 of ``stream_mix``: the sample peak of every variant's sum, ``{name: peak}``,
+    decoding each stem once in chunks (``paths``: stem name -> file, in stems.json order)."""
+    plan = {spec.name: spec.stems_for(list(paths)) for spec in specs}
+    needed = {n: paths[n] for n in paths if any(n in used for used in plan.values())}
+    peaks = dict.fromkeys(plan, 0.0)
+    if not plan:
+        return peaks
+    with ThreadPoolExecutor(max_workers=len(needed)) as pool, \
+            closing(_lockstep(needed, samplerate, channels, scale, chunk_frames, pool)) as steps:
+        for chunks in steps:
+            for name, used in plan.items():
+                out = _variant_sum(chunks, used)
+                peaks[name] = max(peaks[name], float(np.max(np.abs(out))))
+    return peaks
+
+
+def stream_mix(paths: Mapping[str, Path], outputs: Mapping[VariantSpec, audio_mod.Encoder], *,
+               samplerate: int, channels: int, scale: float = 1.0,
+               chunk_frames: int = audio_mod.CHUNK_FRAMES) -> dict[str, float]:
+    """``mix`` every variant from stem files straight into its encoder, in bounded memory;
+    returns ``{variant name: gain}``.
+
+    ``paths``: stem name -> FLAC (stems.json order; the stored samples are divided by
+    ``scale``, as ``pipeline.load_stems`` does). ``outputs``: variant -> an unopened
+    ``audio.Encoder``. Pass 1 decodes every needed stem once, in chunks, and takes each
+    variant's peak of the same float32 sums ``mix`` computes, hence the same gain; pass 2
+    decodes again and writes ``sum * gain`` of every variant to its encoder, all encoders
+    (one ffmpeg each) running at once. Memory is a few chunks per stem and per variant,
+    whatever the track's length. The files are renamed into place only once every
+    variant is encoded and tagged: on any error none of them is published."""
+    specs = list(outputs)
+    if not specs:
+        return {}
+    gains = {name: gain_for(peak) for name, peak in stream_peaks(
+        paths, specs, samplerate=samplerate, channels=channels, scale=scale,
+        chunk_frames=chunk_frames).items()}
+    plan = {spec: spec.stems_for(list(paths)) for spec in specs}
+    needed = {n: paths[n] for n in paths if any(n in used for used in plan.values())}
+    with ExitStack() as stack:
+        for encoder in outputs.values():
+            stack.enter_context(encoder)
+        # the pool is left (every write finished) before the encoders close
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=len(needed) + len(specs)))
+        steps = stack.enter_context(closing(
+            _lockstep(needed, samplerate, channels, scale, chunk_frames, pool)))
+        writing: list[Future] = []
+        for chunks in steps:
+            mixed = {}
+            for spec, used in plan.items():
+                out = _variant_sum(chunks, used)
+                if gains[spec.name] != 1.0:
+                    out *= gains[spec.name]
+                mixed[spec] = out
+            for future in writing:  # each encoder gets its chunks in order
+                future.result()
+            writing = [pool.submit(outputs[spec].write, out) for spec, out in mixed.items()]
+        for future in writing:
+            future.result()
+        for encoder in outputs.values():  # all complete and tagged before any is renamed
+            encoder.finish()
+    return gains
