@@ -130,7 +130,8 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
             "artist": "Bench", "audio": "audio.m4a"}))
     env = dict(os.environ, IMAKER_DATA=str(data), DAGSTER_HOME=str(home), DEMUCS_MODEL=name,
                DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE=args.device, HF_HUB_OFFLINE="1",
-               INGEST_WORKERS=args.workers)
+               INGEST_WORKERS=args.workers,
+               DEMUCS_CPU_AUTOCAST="true" if args.cpu_bf16 else "false")
     ours = run_measured([str(Path(sys.executable).with_name("imaker")), "ingest", "--once"],
                         work / "imaker.log", env=env, cwd=ROOT)
     if ours["rc"] != 0:
@@ -142,7 +143,8 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     for key, seconds in steps.items():
         stages["checks" if "_" in key and key not in ("source_audio", "nas_copy") else key] += seconds
     print(f"\n== {label}; model {name}; device {args.device}; cores {os.cpu_count()}; "
-          f"INGEST_WORKERS={args.workers}")
+          f"INGEST_WORKERS={args.workers}"
+          + ("; ours with DEMUCS_CPU_AUTOCAST=true (bf16)" if args.cpu_bf16 else ""))
     print(f"demucs CLI (one process, 4 wav stems per file): {demucs['wall']:8.1f} s   "
           f"peak RSS {demucs['tree_rss']:5.2f} GiB (largest process {demucs['max_rss']:.2f})")
     print(f"imaker ingest --once (full pipeline):           {ours['wall']:8.1f} s   "
@@ -164,6 +166,8 @@ def main() -> int:
     p.add_argument("--full-size", action="store_true", help="real HTDemucs architecture, random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", default="auto", help="INGEST_WORKERS for our side")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="our side with DEMUCS_CPU_AUTOCAST=true (bf16 on CPUs with AMX/AVX512-BF16)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()

@@ -76,6 +76,7 @@ class SeparatorResource(ConfigurableResource):
     shifts: int = 1
     batch_size: int | None = None  # segments per forward pass; None: auto, 0: apply_model
     autocast: bool = True  # bf16 autocast on CUDA (batched path only)
+    cpu_autocast: bool = False  # bf16 autocast on the CPU too (opt-in, see inference_plan)
     core_share_dir: str | None = None  # CPU threads shared by concurrent separations
 
 
@@ -91,7 +92,8 @@ class SeparatorResource(ConfigurableResource):
                                    shifts=self.shifts, batch_size=self.batch_size,
                                    autocast=self.autocast, sink=sink, inplace=inplace,
                                    share=(separation.CoreShare(Path(self.core_share_dir))
-                                          if self.core_share_dir else None))
+                                          if self.core_share_dir else None),
+                                   cpu_autocast=self.cpu_autocast)
 
 
 from .nas import NasResource, build_nas_resource  # noqa: E402  (defined in its own module)
@@ -122,6 +124,6 @@ def build_resources(settings: Settings | None = None, *, extra_variants: list[st
             model_repo=str(s.demucs_model_repo) if s.demucs_model_repo else None,
             device=s.demucs_device, segment=s.demucs_segment, overlap=s.demucs_overlap,
             shifts=s.demucs_shifts, batch_size=s.demucs_batch_size,
-            autocast=s.demucs_autocast,
+            autocast=s.demucs_autocast, cpu_autocast=s.demucs_cpu_autocast,
             core_share_dir=str(separation.DEFAULT_CORE_SHARE_DIR)),
     }

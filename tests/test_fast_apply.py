@@ -166,6 +166,11 @@ def test_inference_plan_and_settings():
     assert separation.inference_plan("cpu", None, True) == (1, None)
     assert separation.inference_plan("cpu", 0, True) == (0, None)
     assert separation.inference_plan("cpu", 8, True) == (8, None)
+    assert separation.inference_plan("cpu", None, True, cpu_autocast=True) == (1, "bf16")
+    assert separation.inference_plan("cpu", 0, True, cpu_autocast=True) == (0, None)
+    assert separation.inference_plan("cuda", 8, False, cpu_autocast=True) == (8, None)
+    assert load_settings({}).demucs_cpu_autocast is False
+    assert load_settings({"DEMUCS_CPU_AUTOCAST": "true"}).demucs_cpu_autocast is True
     with pytest.raises(separation.SeparationError):
         separation.inference_plan("cpu", -1, True)
     assert load_settings({}).demucs_batch_size is None
@@ -184,10 +189,10 @@ def test_separator_resource_passes_batch_settings(tmp_path):
     from resources import SeparatorResource, build_resources
 
     settings = load_settings({"IMAKER_DATA": str(tmp_path), "DEMUCS_BATCH_SIZE": "4",
-                              "DEMUCS_AUTOCAST": "0"})
+                              "DEMUCS_AUTOCAST": "0", "DEMUCS_CPU_AUTOCAST": "1"})
     sep = build_resources(settings)["separator"]
     assert isinstance(sep, SeparatorResource)
-    assert sep.batch_size == 4 and sep.autocast is False
+    assert sep.batch_size == 4 and sep.autocast is False and sep.cpu_autocast is True
 
 
 def _collect(chunks: list) -> callable:
