@@ -97,16 +97,19 @@ def load_model(name: str, repo: Path | None = None, device: str = "auto") -> Loa
 
 
 class CoreShare:
-    """The CPU cores of this host shared by the separations running in any process
+    """The CPU cores of this host shared by the processes that are busy with tracks
     (worker processes of ``imaker ingest --once``, runs launched by the Dagster daemon).
 
-    Every running CPU separation holds a marker file ``<host>-<pid>-<n>`` in ``folder``
-    (``DEFAULT_CORE_SHARE_DIR``: host-wide, like the cores); before each forward pass it sets torch's intra-op
-    threads to ``cores // running`` — one thread each while two tracks separate side by
-    side on 2 cores (two single-threaded passes do ~20 % more work per second there than
-    one two-threaded pass), all cores when a track separates alone (the tail of a batch, a
-    single long track). Markers of dead processes (a killed worker) are ignored and
-    removed; markers of other hosts (a shared WORKING_DIR) are not counted."""
+    A busy process holds a marker file ``<host>-<pid>-<n>`` in ``folder``
+    (``DEFAULT_CORE_SHARE_DIR``: host-wide, like the cores): a CPU separation for its
+    duration (``separating``), a batch worker for each whole track (``busy``: its ffmpeg
+    decodes/encodes need a core too). Before each forward pass a separation sets torch's
+    intra-op threads to ``cores // busy processes`` (distinct live pids) — one thread each
+    while two workers are busy on 2 cores (two single-threaded separations do ~20 % more
+    work per second there than one two-threaded one, and a two-threaded pass next to an
+    ffmpeg encode waits on its slowest thread), all cores when a track is processed alone
+    (the tail of a batch, a single long track). Markers of dead processes (a killed worker)
+    are ignored and removed; markers of other hosts (a shared folder) are not counted."""
 
     def __init__(self, folder: Path, cores: int | None = None):
         self.folder = Path(folder)
@@ -117,6 +120,11 @@ class CoreShare:
 
     @contextmanager
     def separating(self) -> Iterator[None]:
+        with self.busy():
+            yield
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
         self.folder.mkdir(parents=True, exist_ok=True)
         marker = self.folder / f"{self._host}-{os.getpid()}-{next(_MARKERS)}"
         marker.touch()
@@ -126,7 +134,8 @@ class CoreShare:
             marker.unlink(missing_ok=True)
 
     def running(self) -> int:
-        count = 0
+        """Distinct live processes of this host holding a marker."""
+        pids: set[int] = set()
         try:
             entries = list(os.scandir(self.folder))
         except FileNotFoundError:
@@ -136,6 +145,8 @@ class CoreShare:
             pid = rest.partition("-")[0]
             if host != self._host or not pid.isdigit():
                 continue
+            if int(pid) in pids:
+                continue
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:
@@ -143,8 +154,8 @@ class CoreShare:
                 continue
             except PermissionError:
                 pass
-            count += 1
-        return count
+            pids.add(int(pid))
+        return len(pids)
 
     def threads(self) -> int:
         return max(1, self.cores // max(1, self.running()))
@@ -184,6 +195,24 @@ def inference_plan(device: str, batch_size: int | None, autocast: bool,
     return batch_size, ("bf16" if wanted and batch_size > 0 else None)
 
 
+def _mono_stats(mix, chunk: int = 1 << 20):
+    """Mean and (unbiased) standard deviation of the mono mix ``mix.mean(0)``, as float32
+    0-d tensors like demucs' ``ref.mean()``/``ref.std()``, computed chunk by chunk in
+    float64 (no whole-track mono copy: 0.6 GB for a 1-hour track)."""
+    import torch
+
+    n = mix.shape[-1]
+    total = torch.zeros((), dtype=torch.float64)
+    for a in range(0, n, chunk):
+        total += mix[:, a:a + chunk].mean(0, dtype=torch.float64).sum()
+    mean = total / max(n, 1)
+    sq = torch.zeros((), dtype=torch.float64)
+    for a in range(0, n, chunk):
+        sq += (mix[:, a:a + chunk].mean(0, dtype=torch.float64) - mean).square().sum()
+    std = (sq / max(n - 1, 1)).sqrt()
+    return mean.float(), std.float()
+
+
 def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = None,
              overlap: float = 0.25, shifts: int = 1, batch_size: int | None = None,
              autocast: bool = True, sink=None, inplace: bool = False,
@@ -209,9 +238,7 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
         raise SeparationError(f"expected {loaded.channels} channels, got shape {wav.shape}")
     batch, autocast_dtype = inference_plan(loaded.device, batch_size, autocast, cpu_autocast)
     mix = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
-    ref = mix.mean(0)
-    mean, std = ref.mean(), ref.std()
-    del ref
+    mean, std = _mono_stats(mix)
     if not torch.isfinite(std) or float(std) < 1e-8:
         zeros = np.zeros((len(loaded.sources), *wav.shape), dtype=np.float32)
         if sink is not None:

@@ -10,6 +10,7 @@ from typing import Iterable, TextIO
 
 from dagster import AssetSelection, DagsterInstance, materialize
 
+from imaker import separation
 from imaker.pipeline import Library
 from imaker.queues import QueueStore
 from imaker.settings import Settings
@@ -72,17 +73,20 @@ def _run_track(instance: DagsterInstance, settings: Settings, job_def, job_id: s
 
 def _worker(instance_ref, settings: Settings, tasks, results, tags) -> None:
     """A worker process of ``ingest_once``: imports and loads the model once, then runs the
-    tracks it takes from ``tasks`` one after the other (each in its own Dagster run). CPU
-    separations share the cores through the separator resource's ``CoreShare``."""
+    tracks it takes from ``tasks`` one after the other (each in its own Dagster run). It
+    counts as busy in the host's ``CoreShare`` for each whole track, so the separations
+    of busy workers split the cores between them."""
     instance = DagsterInstance.from_ref(instance_ref)
     job_def = build_defs(settings).resolve_job_def("ingest_track")
+    share = separation.CoreShare(separation.DEFAULT_CORE_SHARE_DIR)
     while True:
         item = tasks.get()
         if item is None:
             return
         job_id, queue = item
         try:
-            ok, line = _run_track(instance, settings, job_def, job_id, queue, tags)
+            with share.busy():  # a core of its own for this track, separation or not
+                ok, line = _run_track(instance, settings, job_def, job_id, queue, tags)
         except Exception as exc:  # noqa: BLE001 - reported per track, the worker goes on
             ok, line = False, f"{job_id}: failed: {type(exc).__name__}: {exc}"
         results.put((job_id, ok, line))

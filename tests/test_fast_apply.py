@@ -248,26 +248,35 @@ def test_separate_streams_denormalised_stems_and_can_normalise_in_place(short_re
         np.testing.assert_allclose(streamed[i], stems[name], rtol=0, atol=1e-6)
 
 
-def test_core_share_gives_each_running_separation_its_part_of_the_cores(tmp_path):
+def test_core_share_gives_each_busy_process_its_part_of_the_cores(tmp_path):
     import subprocess
     import sys
 
     share = separation.CoreShare(tmp_path / "seps", cores=4)
     assert share.running() == 0 and share.threads() == 4
-    with share.separating():
-        assert share.threads() == 4
-        with share.separating():
-            assert share.running() == 2 and share.threads() == 2
-            with share.separating(), share.separating(), share.separating():
-                assert share.threads() == 1
-        assert share.threads() == 4
-    assert list((tmp_path / "seps").iterdir()) == []
-    # a killed process's marker does not count (and is cleaned up); other hosts' neither
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    (tmp_path / "seps" / f"{share._host}-{dead}-0").touch()
+    others = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        with share.busy():
+            assert share.threads() == 4
+            with share.separating():  # the same process: still one
+                assert share.running() == 1 and share.threads() == 4
+                (tmp_path / "seps" / f"{share._host}-{others[0].pid}-0").touch()
+                assert share.running() == 2 and share.threads() == 2
+                for i, proc in enumerate(others[1:], 1):
+                    (tmp_path / "seps" / f"{share._host}-{proc.pid}-{i}").touch()
+                assert share.running() == 4 and share.threads() == 1
+            # a killed process's marker does not count (and is cleaned up)
+            for proc in others:
+                proc.kill()
+                proc.wait()
+            assert share.threads() == 4
+        assert list((tmp_path / "seps").iterdir()) == []
+    finally:
+        for proc in others:
+            proc.kill()
+    # other hosts' markers (a shared folder) are not counted
     (tmp_path / "seps" / f"otherhost-{os.getpid()}-0").touch()
-    assert share.running() == 0 and share.threads() == 4
+    assert share.running() == 0
     assert [p.name for p in (tmp_path / "seps").iterdir()] == [f"otherhost-{os.getpid()}-0"]
 
 
