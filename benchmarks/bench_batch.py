@@ -111,6 +111,13 @@ def step_times(home: Path) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _precision(args) -> str:
+    from imaker.separation import inference_plan
+
+    cpu = {"auto": None, "true": True, "false": False}[args.cpu_autocast]
+    return inference_plan(args.device, None, True, cpu)[1] or "fp32"
+
+
 def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: str) -> dict:
     demucs = run_measured([sys.executable, "-m", "demucs", "-n", name, "--repo", str(repo),
                            "-d", args.device, "-o", str(work / "demucs_out"), *map(str, inputs)],
@@ -131,7 +138,7 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     env = dict(os.environ, IMAKER_DATA=str(data), DAGSTER_HOME=str(home), DEMUCS_MODEL=name,
                DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE=args.device, HF_HUB_OFFLINE="1",
                INGEST_WORKERS=args.workers,
-               DEMUCS_CPU_AUTOCAST="true" if args.cpu_bf16 else "false")
+               DEMUCS_CPU_AUTOCAST=args.cpu_autocast)
     ours = run_measured([str(Path(sys.executable).with_name("imaker")), "ingest", "--once"],
                         work / "imaker.log", env=env, cwd=ROOT)
     if ours["rc"] != 0:
@@ -143,8 +150,8 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     for key, seconds in steps.items():
         stages["checks" if "_" in key and key not in ("source_audio", "nas_copy") else key] += seconds
     print(f"\n== {label}; model {name}; device {args.device}; cores {os.cpu_count()}; "
-          f"INGEST_WORKERS={args.workers}"
-          + ("; ours with DEMUCS_CPU_AUTOCAST=true (bf16)" if args.cpu_bf16 else ""))
+          f"INGEST_WORKERS={args.workers}; "
+          f"ours {_precision(args)} (DEMUCS_CPU_AUTOCAST={args.cpu_autocast}), CLI fp32")
     print(f"demucs CLI (one process, 4 wav stems per file): {demucs['wall']:8.1f} s   "
           f"peak RSS {demucs['tree_rss']:5.2f} GiB (largest process {demucs['max_rss']:.2f})")
     print(f"imaker ingest --once (full pipeline):           {ours['wall']:8.1f} s   "
@@ -166,8 +173,9 @@ def main() -> int:
     p.add_argument("--full-size", action="store_true", help="real HTDemucs architecture, random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", default="auto", help="INGEST_WORKERS for our side")
-    p.add_argument("--cpu-bf16", action="store_true",
-                   help="our side with DEMUCS_CPU_AUTOCAST=true (bf16 on CPUs with AMX/AVX512-BF16)")
+    p.add_argument("--cpu-autocast", choices=["auto", "true", "false"], default="auto",
+                   help="DEMUCS_CPU_AUTOCAST for our side (auto: bf16 when the CPU has it "
+                        "natively; false: fp32 like the CLI)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -176,21 +177,39 @@ DEFAULT_CUDA_BATCH_SIZE = 8
 DEFAULT_CPU_BATCH_SIZE = 1
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16, from
+    /proc/cpuinfo). Without it torch emulates bf16 on the CPU, which is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def inference_plan(device: str, batch_size: int | None, autocast: bool,
-                   cpu_autocast: bool = False) -> tuple[int, str | None]:
+                   cpu_autocast: bool | None = False) -> tuple[int, str | None]:
     """``(batch_size, autocast dtype)`` for ``separate``; batch 0 means demucs' own
     ``apply_model``. ``batch_size=None`` (auto) picks our segment loop everywhere:
     ``DEFAULT_CUDA_BATCH_SIZE`` segments per pass on CUDA, 1 elsewhere — on 2 CPU cores
     batches > 1 were slower per segment, while batch 1 ran as fast as ``apply_model`` with
     about half its peak RSS on a 20-minute track (benchmarks/RESULTS.md). bf16 autocast is
-    used on CUDA when ``autocast``, and on the CPU only when ``cpu_autocast`` (opt-in:
-    ~1.3x faster on CPUs with native bf16 — AMX / AVX512-BF16 — at 42-49 dB SNR against
-    fp32 on the full-size architecture; the fp32 default gives demucs' numbers)."""
+    used on CUDA when ``autocast``, and on the CPU when ``cpu_autocast`` — ``None`` (auto,
+    the setting's default) meaning "when the CPU has native bf16" (AMX / AVX512-BF16:
+    separation ~1.4x faster there, at 42-53 dB SNR against fp32, within the 40 dB quality
+    bar of the fast path; elsewhere bf16 is emulated and slower, so fp32)."""
     cuda = str(device).startswith("cuda")
     if batch_size is None:
         batch_size = DEFAULT_CUDA_BATCH_SIZE if cuda else DEFAULT_CPU_BATCH_SIZE
     if batch_size < 0:
         raise SeparationError(f"batch_size must be >= 0, got {batch_size}")
+    if cpu_autocast is None:
+        cpu_autocast = cpu_has_native_bf16()
     wanted = (autocast and cuda) or (cpu_autocast and str(device) == "cpu")
     return batch_size, ("bf16" if wanted and batch_size > 0 else None)
 
@@ -216,7 +235,7 @@ def _mono_stats(mix, chunk: int = 1 << 20):
 def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = None,
              overlap: float = 0.25, shifts: int = 1, batch_size: int | None = None,
              autocast: bool = True, sink=None, inplace: bool = False,
-             share: CoreShare | None = None, cpu_autocast: bool = False
+             share: CoreShare | None = None, cpu_autocast: bool | None = False
              ) -> dict[str, np.ndarray] | None:
     """Separate ``wav`` (channels, samples at the model's rate) into ``{source: array}``.
 
@@ -225,7 +244,7 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
     per forward pass through ``imaker.fast_apply.apply_model_batched`` (same windows and
     overlap-add as demucs), or ``demucs.apply.apply_model`` when ``batch_size`` is 0;
     ``None`` chooses per device (see ``inference_plan``). ``autocast`` allows bf16 autocast
-    on CUDA (spectrograms stay fp32), ``cpu_autocast`` on the CPU.
+    on CUDA (spectrograms stay fp32), ``cpu_autocast`` on the CPU (None: when native).
 
     ``sink(start, chunk)`` streams the result instead of returning it: ``chunk`` is a float32
     ``(sources, channels, n)`` array for samples ``start .. start + n`` (valid during the

@@ -95,7 +95,7 @@ class Settings:
     demucs_shifts: int
     demucs_batch_size: int | None  # None: auto (8 on CUDA, 1 elsewhere); 0: demucs apply_model
     demucs_autocast: bool
-    demucs_cpu_autocast: bool  # bf16 on the CPU too (opt-in)
+    demucs_cpu_autocast: bool | None  # bf16 on the CPU; None: auto (when the CPU has it natively)
     ingest_workers: int | None  # None: auto (2 when >= 2 cores and >= 2 tracks wait)
     nas_sync_enabled: bool
     nas_sync_config_path: Path
@@ -164,7 +164,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         demucs_shifts=_num(env, "DEMUCS_SHIFTS", 1, int),
         demucs_batch_size=batch_size,
         demucs_autocast=_bool(env, "DEMUCS_AUTOCAST", True),
-        demucs_cpu_autocast=_bool(env, "DEMUCS_CPU_AUTOCAST", False),
+        demucs_cpu_autocast=(None if (_clean(env, "DEMUCS_CPU_AUTOCAST") or "auto").lower() == "auto"
+                             else _bool(env, "DEMUCS_CPU_AUTOCAST", False)),
         ingest_workers=workers,
         nas_sync_enabled=_bool(env, "NAS_SYNC_ENABLED", False),
         nas_sync_config_path=path("NAS_SYNC_CONFIG_PATH", data / "nas_sync_config.yaml"),

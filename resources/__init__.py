@@ -76,7 +76,7 @@ class SeparatorResource(ConfigurableResource):
     shifts: int = 1
     batch_size: int | None = None  # segments per forward pass; None: auto, 0: apply_model
     autocast: bool = True  # bf16 autocast on CUDA (batched path only)
-    cpu_autocast: bool = False  # bf16 autocast on the CPU too (opt-in, see inference_plan)
+    cpu_autocast: bool | None = None  # bf16 on the CPU: None = when native (inference_plan)
     core_share_dir: str | None = None  # CPU threads shared by concurrent separations
 
 
