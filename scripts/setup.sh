@@ -41,3 +41,4 @@ if ! .venv/bin/python -c "import imaker, dagster, demucs, mutagen" >/dev/null 2>
     .venv/bin/pip install -q "torch==2.13.0" -e "$extras"
     touch "$stamp"
 fi
+if [ "${1:-}" = "--test" ]; then bash scripts/setup-docker.sh; fi  # Docker engine + compose for tests/test_compose_e2e.py

@@ -1,6 +1,6 @@
-"""Static checks of the deployment in docker/ (Docker cannot run on the CI machines):
-`docker compose config` when a compose client that parses without an engine is installed,
-else (and in any case) the compose YAML itself; both dagster.yaml files through Dagster's
+"""Static checks of the deployment in docker/ (tests/test_compose_e2e.py builds and runs it):
+`docker compose config` (with and without the GPU override) when a compose v2 client is
+installed (scripts/setup-docker.sh installs one), and in any case the compose YAML itself; both dagster.yaml files through Dagster's
 own instance config validation; the run launcher and coordinator built from the compose
 instance config; the Dockerfile's rules; the model fetcher's repo layout."""
 
@@ -17,6 +17,8 @@ import yaml
 ROOT = Path(__file__).parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"
+COMPOSE_GPU = DOCKER / "docker-compose.gpu.yml"
+SERVICES = {"postgres", "user_code", "separator", "webserver", "daemon", "youtube", "nas-sync"}
 
 PG_ENV = {"DAGSTER_POSTGRES_HOST": "postgres", "DAGSTER_POSTGRES_PORT": "5432",
           "DAGSTER_POSTGRES_USER": "dagster", "DAGSTER_POSTGRES_PASSWORD": "secret",
@@ -88,7 +90,8 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-def test_docker_compose_config_parses(tmp_path):
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_docker_compose_config_parses(tmp_path, gpu):
     cli = _compose_cli()
     if cli is None:
         pytest.skip("no compose v2+ client here (docker compose plugin or docker-compose v2; Debian's "
@@ -97,32 +100,52 @@ def test_docker_compose_config_parses(tmp_path):
     # A copy, so the required docker/.env can be made from .env.example without touching
     # the checkout.
     work = tmp_path / "docker"
-    shutil.copytree(DOCKER, work, ignore=shutil.ignore_patterns(".env"))
+    shutil.copytree(DOCKER, work, ignore=shutil.ignore_patterns(".env", "build-extra"))
     env_text = (DOCKER / ".env.example").read_text().replace(
         "DAGSTER_POSTGRES_PASSWORD=\n", "DAGSTER_POSTGRES_PASSWORD=secret\n")
     (work / ".env").write_text(env_text)
-    proc = subprocess.run([*cli, "-f", str(work / "docker-compose.yml"), "--profile", "nas",
-                           "config"], capture_output=True, text=True, timeout=120, cwd=work)
+    files = ["-f", str(work / "docker-compose.yml")]
+    if gpu:
+        files += ["-f", str(work / "docker-compose.gpu.yml")]
+    proc = subprocess.run([*cli, *files, "--profile", "nas", "config"],
+                          capture_output=True, text=True, timeout=120, cwd=work)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     resolved = yaml.safe_load(proc.stdout)
-    assert {"postgres", "user_code", "webserver", "daemon", "youtube", "nas-sync"} <= set(
-        resolved["services"])
-    ports = resolved["services"]["webserver"]["ports"]
+    services = resolved["services"]
+    assert SERVICES <= set(services)
+    ports = services["webserver"]["ports"]
     text = yaml.safe_dump(ports)
     assert "127.0.0.1" in text and "0.0.0.0" not in text
+    # the GPU: reserved for the separator only, and only with the override
+    for name, spec in services.items():
+        devices = (((spec.get("deploy") or {}).get("resources") or {}).get("reservations")
+                   or {}).get("devices")
+        if gpu and name == "separator":
+            [device] = devices
+            assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+            assert str(device["count"]) == "1"
+        else:
+            assert not devices, name
+    # build args from .env: the base image and the owner of the files
+    args = services["user_code"]["build"]["args"]
+    assert args["PYTHON_IMAGE"] == "python:3.11.14-slim-bookworm"
+    assert args["PUID"] == "1000" and args["PGID"] == "1000"
+    assert services["postgres"]["image"] == "postgres:15.14-bookworm"
 
 
 def test_compose_services_volumes_network_and_profiles():
     c = _compose()
     services = c["services"]
-    assert {"postgres", "user_code", "webserver", "daemon", "youtube", "nas-sync"} <= set(services)
+    assert SERVICES <= set(services)
     assert services["nas-sync"]["profiles"] == ["nas"]
-    for name in ("postgres", "user_code", "webserver", "daemon", "youtube"):
+    for name in SERVICES - {"nas-sync"}:
         assert "profiles" not in services[name], name
-    # base images are pinned by tag (not latest, not a bare name)
+    # base images are pinned by tag (not latest, not a bare name); a variable overrides it
     image = services["postgres"]["image"]
-    assert re.fullmatch(r"postgres:\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?", image), image
+    m = re.fullmatch(r"\$\{POSTGRES_IMAGE:-(.+)\}", image)
+    assert m, image
+    assert re.fullmatch(r"postgres:\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?", m.group(1)), image
 
     # volumes: named with fixed names (the run launcher mounts the same names)
     volumes = c["volumes"]
@@ -134,7 +157,7 @@ def test_compose_services_volumes_network_and_profiles():
     def mounts(svc):
         return {v.split(":")[1]: v.split(":")[0] for v in services[svc]["volumes"]}
 
-    for svc in ("user_code", "youtube"):
+    for svc in ("user_code", "youtube", "separator"):
         m = mounts(svc)
         # queues, working and archive live on ONE volume: claims are renames
         assert m["/data"] == "imaker-data"
@@ -155,9 +178,25 @@ def test_compose_services_volumes_network_and_profiles():
 
 def test_compose_gpu_reservation_ports_healthchecks_and_commands():
     services = _compose()["services"]
-    [device] = services["user_code"]["deploy"]["resources"]["reservations"]["devices"]
+    # the base file runs on a host without a GPU: no service asks for one
+    for name, spec in services.items():
+        assert "deploy" not in spec and "runtime" not in spec, name
+    # the GPU override: the separator (which alone separates) gets it, nothing else
+    gpu = yaml.safe_load(COMPOSE_GPU.read_text())["services"]
+    assert set(gpu) == {"separator"}
+    [device] = gpu["separator"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert str(device["count"]) in ("${IMAKER_GPU_COUNT:-1}", "1", "all")
+    sep = services["separator"]
+    assert sep["command"][:3] == ["imaker", "separator", "serve"]
+    assert sep["command"][sep["command"].index("--port") + 1] == "8765"
+    assert "8765/health" in " ".join(sep["healthcheck"]["test"])
+    assert _env_example()["SEPARATOR_URL"] == "http://separator:8765"
+    # the images' user: PUID/PGID build args
+    for svc in ("user_code", "webserver"):
+        args = services[svc]["build"]["args"]
+        assert args["PUID"] == "${PUID:-1000}" and args["PGID"] == "${PGID:-1000}"
+        assert args["PYTHON_IMAGE"].startswith("${PYTHON_IMAGE:-python:3.11.")
 
     # the UI is published on the loopback address only (by default)
     [port] = services["webserver"]["ports"]
@@ -247,9 +286,8 @@ def test_compose_dagster_yaml_validates_and_builds_its_classes(monkeypatch):
                                      yaml.safe_dump(rl["config"])).rehydrate(DockerRunLauncher)
     assert launcher.networks == ["imaker"]
     kwargs = launcher.container_kwargs
-    [gpu] = kwargs["device_requests"]
-    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == [["gpu"]]
-    assert gpu.get("count") or gpu.get("device_ids")
+    # run containers need no GPU (the separator service has it): CPU hosts run them as is
+    assert "device_requests" not in kwargs and "runtime" not in kwargs
     mounts = {v.split(":")[1]: v.split(":")[0] for v in kwargs["volumes"]}
     compose = _compose()
     for path in ("/data", "/data/outputs", "/data/library", "/data/stems", "/models/custom"):
@@ -265,8 +303,7 @@ def test_compose_dagster_yaml_validates_and_builds_its_classes(monkeypatch):
     args = _create_container_args({"image": "x", "version": "1.44", **create})
     host = args["host_config"]
     assert isinstance(host, HostConfig)
-    assert host["DeviceRequests"][0]["Driver"] == "nvidia"
-    assert host["DeviceRequests"][0]["Capabilities"] == [["gpu"]]
+    assert not host.get("DeviceRequests")
     assert len(host["Binds"]) == len(kwargs["volumes"])
 
     # every imaker setting and the Postgres credentials reach the run containers, and the
@@ -274,6 +311,7 @@ def test_compose_dagster_yaml_validates_and_builds_its_classes(monkeypatch):
     env_vars = set(launcher.env_vars)
     assert _settings_env_names() <= env_vars, _settings_env_names() - env_vars
     assert set(PG_ENV) <= env_vars
+    assert {"SEPARATOR_URL", "UMASK"} <= env_vars
     assert env_vars <= set(_env_example()), env_vars - set(_env_example())
 
     # queued coordinator + limits
@@ -291,6 +329,9 @@ def test_compose_dagster_yaml_validates_and_builds_its_classes(monkeypatch):
 
     # health + retention
     assert config["run_monitoring"]["enabled"] is True
+    assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+    assert config["run_retries"]["max_retries"] == 2
+    assert config["run_retries"]["retry_on_asset_or_op_failure"] is False
     assert config["run_monitoring"]["start_timeout_seconds"] > 0
     assert config["run_retries"]["enabled"] is True and config["run_retries"]["max_retries"] >= 1
     assert config["retention"]["sensor"]["purge_after_days"]["skipped"] >= 1
@@ -333,6 +374,8 @@ def _stages(dockerfile: str) -> dict[str, str]:
 
 def test_dockerfile_rules():
     text = (DOCKER / "Dockerfile").read_text()
+    # no `# syntax=` directive: it makes BuildKit pull a frontend image (offline builds)
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
     # pinned base image (tag with a patch version; digests are the operator's choice)
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M).group(1)
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base
@@ -348,6 +391,11 @@ def test_dockerfile_rules():
     assert "DEMUCS_MODEL_REPO=/models" in app and "HF_HUB_OFFLINE=1" in app
     assert "COPY --from=models /models /models" in app
     assert "fetch_models.py" in stages["models"]
+    # --build-arg DEMUCS_MODELS= (empty) bakes no weights and runs no download
+    assert 'if [ -n "${DEMUCS_MODELS}" ]' in stages["models"]
+    # the image user comes from PUID/PGID (linuxserver.io convention)
+    assert "ARG PUID=" in text and "ARG PGID=" in text
+    assert (DOCKER / "build-extra" / "README.md").is_file()   # bind-mounted by pip steps
     assert '"torch==${TORCH_VERSION}"' in text and "ARG TORCH_VERSION=2.13.0" in text
     assert "dagster-postgres==0.29.27" in text and "DAGSTER_LIBS_VERSION=0.29.27" in text
     # the torch/dependency layers come before the source is copied (code edits stay cheap)
