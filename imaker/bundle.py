@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -230,8 +231,10 @@ def _check_relpath(key: str, rel: str) -> None:
 def read_json_file(path: Path, *, max_bytes: int = MAX_JOB_JSON_BYTES) -> Any:
     """Parse a JSON file defensively: not a symlink, bounded size, strict JSON."""
     name = path.name
+    # O_NONBLOCK: opening a FIFO (or a device) must never block the sensor or the CLI;
+    # the fstat below refuses anything that is not a regular file before reading.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise BundleError(f"{name} is missing") from None
     except OSError as exc:
@@ -239,7 +242,7 @@ def read_json_file(path: Path, *, max_bytes: int = MAX_JOB_JSON_BYTES) -> Any:
             raise BundleError(f"{name} must be a regular file, not a symlink") from None
         raise BundleError(f"{name} cannot be read: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as fh:
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BundleError(f"{name} is not a regular file")
         raw = fh.read(max_bytes + 1)
     if len(raw) > max_bytes:

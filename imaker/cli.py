@@ -9,6 +9,8 @@
     imaker retrieve youtube URL... [--mode audio|video|both]   (see docs/retrievers.md)
     imaker retrieve deezer URL... | imaker retrieve --list | imaker import PATH...
     imaker nas-sync [--once|--watch]   copy finished jobs to their NAS routes
+    imaker separator serve [--host H] [--port P]
+                             the separation service (holds the model for every run)
     imaker settings          print the effective settings
     imaker schema job|manifest   print a published JSON Schema
 """
@@ -61,6 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     from .nas.cli import add_parser as add_nas_sync
 
     add_nas_sync(sub)  # nas-sync --once|--watch
+    sep = sub.add_parser("separator", help="the separation service (holds the demucs model "
+                                           "and serves the `stems` step of every run)")
+    sep_sub = sep.add_subparsers(dest="separator_command", required=True)
+    serve = sep_sub.add_parser("serve", help="run the service (HTTP; GET /health, POST /separate)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (compose: 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=None, help="port (default SEPARATOR_PORT, 8765)")
+    serve.add_argument("--concurrency", type=int, default=None,
+                       help="separations at once (default SEPARATOR_CONCURRENCY: cores on CPU, 1 on CUDA)")
+    serve.add_argument("--idle-exit", type=float, default=None,
+                       help="exit after this many idle seconds (the auto-started service)")
+    serve.add_argument("--preload", action="store_true",
+                       help="load DEMUCS_MODEL before answering (a health check then means ready)")
     sch = sub.add_parser("schema", help="print a published JSON Schema")
     sch.add_argument("name", choices=["job", "manifest"])
     dev = sub.add_parser("dev-model", help="write a tiny random HTDemucs model repo (offline "
@@ -86,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
 
         build_model_repo(args.path, args.name)
         print(f"DEMUCS_MODEL={args.name} DEMUCS_MODEL_REPO={args.path.resolve()}")
+        return 0
+    if args.command == "separator":
+        from .separator.service import ModelSpec, serve as serve_separator
+
+        preload = (ModelSpec(name=settings.demucs_model, device=settings.demucs_device,
+                             repo=str(settings.demucs_model_repo) if settings.demucs_model_repo
+                             else None) if args.preload else None)
+        serve_separator(args.host, args.port or settings.separator_port,
+                        concurrency=args.concurrency or settings.separator_concurrency,
+                        idle_exit_s=args.idle_exit, preload=preload)
         return 0
     if args.command == "schema":
         print(schema_path(args.name).read_text(), end="")

@@ -24,7 +24,7 @@ import numpy as np
 from . import audio as audio_mod
 from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
 from .fsutil import atomic_path, safe_filename, sha256_file, write_json_atomic
-from .queues import Claim, Owner, QueueStore, utcnow
+from .queues import QueueStore, utcnow
 from .settings import OutputOptions, Settings
 from .stemstore import RawStemWriter
 from .variants import VARIANTS, selected_variants, stream_mix
@@ -39,6 +39,11 @@ class StageError(RuntimeError):
     """A stage failed for a reason a person can act on."""
 
 
+class TransientError(RuntimeError):
+    """A failure that another attempt may not meet (the separation service went away):
+    the bundle stays claimed and the orchestrator retries the step."""
+
+
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
@@ -50,13 +55,19 @@ def describe_error(exc: BaseException) -> str:
 
 
 @contextmanager
-def failing_to_archive(store: QueueStore, job_id: str, stage: str) -> Iterator[None]:
-    """Any exception inside moves the job's working copy to ``failed/`` with
-    ``error.json`` naming the stage, then propagates."""
+def failing_to_archive(store: QueueStore, job_id: str, drop_id: str | None,
+                       stage: str) -> Iterator[None]:
+    """An exception inside moves this drop of the job from working/ to ``failed/`` with
+    ``error.json`` naming the stage, then propagates. Not for ``TransientError`` (retried)
+    nor for an interrupted run (BaseException): a run that dies is failed or retried by
+    the orchestrator, and the bundle's claim follows its runs' final status."""
     try:
         yield
-    except Exception as exc:  # an interrupted run (BaseException) stays claimed: recovery requeues it
-        store.fail(job_id, stage, describe_error(exc))
+    except TransientError:
+        raise
+    except Exception as exc:
+        if drop_id:
+            store.fail(job_id, drop_id, stage, describe_error(exc))
         raise
 
 
@@ -115,14 +126,33 @@ def track_basename(artist: str, title: str) -> str:
 
 
 # ----- stage 1: source audio -------------------------------------------------------------
-def prepare_source(store: QueueStore, lib: Library, job_id: str, owner: Owner,
-                   is_alive: Callable[[Claim], bool] | None = None, *,
+def bundle_folder(store: QueueStore, job_id: str, drop_id: str | None) -> Path:
+    """Where a run reads the bundle: its drop in working/ (claimed by whoever started the
+    run), or, for a run without a drop (a re-materialization from the UI or a backfill),
+    the copy archived in done/."""
+    if drop_id:
+        path = store.claimed_path(job_id, drop_id)
+        if path is None:
+            where = store.settled(job_id, drop_id)
+            raise StageError(f"drop {drop_id} of job {job_id} is not claimed in working/"
+                             + (f" (it is in {where[0]}/ already)" if where else ""))
+        return path
+    found = store.locate(job_id)
+    if found is None or found[0] != "done":
+        raise StageError(f"job {job_id}: no processed bundle in {store.done_dir} to read the "
+                         "source from (drop the bundle into a queue to process it)")
+    return found[1]
+
+
+def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | None, *,
                    tolerance: tuple[float, float] = (2.0, 0.01)) -> dict:
-    """Claim the bundle, validate it, keep job.json + cover in the library, decode the audio
-    to FLAC at the model rate and check its duration against the online one, within
-    ``tolerance`` = (seconds, fraction), whichever is larger."""
-    state, folder = store.acquire(job_id, owner, is_alive)
-    with failing_to_archive(store, job_id, "source_audio"):
+    """Validate the bundle (this drop's claim in working/, see ``bundle_folder``), keep
+    job.json + cover in the library, decode the audio to FLAC at the model rate and check
+    its duration against the online one, within ``tolerance`` = (seconds, fraction),
+    whichever is larger."""
+    folder = bundle_folder(store, job_id, drop_id)
+    state = "working" if drop_id else "done"
+    with failing_to_archive(store, job_id, drop_id, "source_audio"):
         bundle = JobBundle.load(folder)
         src = bundle.media_path("audio")
         info = audio_mod.probe(src)
@@ -179,19 +209,27 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, owner: Owner,
 
 
 # ----- stage 2: stems -------------------------------------------------------------------
-def separate_stems(lib: Library, job_id: str, separator) -> dict:
-    """Separate the stored source with ``separator`` (an object with ``load()`` returning a
-    ``LoadedModel`` and ``separate(wav)``) and store the stems losslessly."""
+def separate_to_folder(source: Path, folder: Path, job_id: str, separator,
+                       progress: Callable[[float], None] | None = None) -> dict:
+    """Separate ``source`` with ``separator`` (an object with ``load()`` returning a
+    ``LoadedModel``, ``separate(wav, sink=, inplace=)`` and its segment/overlap/shifts) and
+    store the stems losslessly in ``folder`` with ``stems.json``. What the separation
+    service runs for each request; ``progress(fraction)`` follows the written samples."""
     loaded = separator.load()
-    wav = audio_mod.decode(lib.track_dir(job_id) / "source.flac", loaded.samplerate, loaded.channels)
+    wav = audio_mod.decode(source, loaded.samplerate, loaded.channels)
     frames = wav.shape[1]
-    folder = lib.stem_dir(job_id)
     # The stems stream out of the model into raw files (the whole-track stems are never in
     # memory), then are encoded to FLAC with one scale for all: 24-bit FLAC holds [-1, 1).
     writer = RawStemWriter(folder, loaded.sources)
+
+    def sink(start: int, chunk) -> None:
+        writer(start, chunk)
+        if progress is not None:
+            progress(min(1.0, (start + chunk.shape[-1]) / max(frames, 1)))
+
     try:
         start = time.perf_counter()
-        separator.separate(wav, sink=writer, inplace=True)
+        separator.separate(wav, sink=sink, inplace=True)
         seconds = time.perf_counter() - start
         del wav
         if writer.frames != frames:
@@ -215,8 +253,18 @@ def separate_stems(lib: Library, job_id: str, separator) -> dict:
         "separation_seconds": round(seconds, 3),
         "at": utcnow(),
     }
-    write_json_atomic(folder / "stems.json", meta)
+    write_json_atomic(Path(folder) / "stems.json", meta)
     return meta
+
+
+def separate_stems(lib: Library, job_id: str, client) -> dict:
+    """The stems stage: ask the separation service (``client.separate(job_id, source,
+    stems_dir)``, see ``imaker.separator``) to separate the stored source into the stems
+    store; it returns the stems' ``stems.json``."""
+    source = lib.track_dir(job_id) / "source.flac"
+    if not source.is_file():
+        raise StageError(f"track {job_id} has no stored source: materialize source_audio first")
+    return client.separate(job_id, source, lib.stem_dir(job_id))
 
 
 def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -281,7 +329,7 @@ def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
 
 
 # ----- stage 4: manifest ----------------------------------------------------------------
-def write_manifest(store: QueueStore, lib: Library, job_id: str,
+def write_manifest(store: QueueStore, lib: Library, job_id: str, drop_id: str | None = None,
                    code_versions: dict[str, str] | None = None) -> JobManifest:
     """Describe every artifact (probed + hashed), write manifest.json last and atomically,
     then archive the bundle to done/."""
@@ -325,7 +373,8 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str,
             "created_at": utcnow(),
         })
     manifest.save(out_dir)
-    store.archive_done(job_id)
+    if drop_id:
+        store.archive_done(job_id, drop_id)
     return manifest
 
 

@@ -18,12 +18,11 @@ import ctypes
 import errno
 import json
 import os
-import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from .bundle import BUNDLE_PREFIX, job_id_from_folder
 from .fsutil import fsync_dir, write_json_atomic
@@ -31,8 +30,9 @@ from .fsutil import fsync_dir, write_json_atomic
 CLAIM_DIR = ".imaker"
 CLAIM_FILE = "claim.json"
 ERROR_FILE = "error.json"
-#: a claimed folder with no readable claim record is stale after this many seconds
-UNOWNED_CLAIM_GRACE_S = 600.0
+#: a folder in working/ with no claim record yet (its claimer died between the rename and
+#: writing the record) gets one from the reconciler after this many seconds
+UNRECORDED_CLAIM_GRACE_S = 60.0
 
 
 class QueueError(RuntimeError):
@@ -47,12 +47,14 @@ class ClaimLost(QueueError):
     """Another claimer took the job first."""
 
 
-class JobBusy(QueueError):
-    """The job is claimed by a run that is still alive."""
-
-
 def utcnow() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_drop_id() -> str:
+    """Identifies one drop of a bundle (one claim): the runs that process it carry it as the
+    ``imaker/drop_id`` tag, so exactly one run lineage belongs to each drop."""
+    return uuid.uuid4().hex[:16]
 
 
 @dataclass(frozen=True)
@@ -74,44 +76,16 @@ class InvalidEntry:
     reason: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Claim:
+    """A bundle in working/: which drop it is and who claimed it. No pid or heartbeat: a
+    claim lives exactly as long as the Dagster runs of its drop (see ``imaker_assets.lifecycle``)."""
+
     job_id: str
     queue: str
-    attempt: int
-    run_id: str | None
-    pid: int
-    host: str
+    drop_id: str
     claimed_at: str
-    updated_at: float = 0.0  # epoch seconds of the last stage that touched the claim
-
-    def process_alive(self, grace_s: float = 60.0) -> bool | None:
-        """True/False for a claim made on this host, None when it cannot be told.
-
-        A claim is only dead once its process is gone *and* nothing has touched it for
-        ``grace_s`` seconds: a multi-process run hands the claim from step to step."""
-        if self.host != socket.gethostname():
-            return None
-        if time.time() - self.updated_at < grace_s:
-            return True
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
-@dataclass(frozen=True)
-class Owner:
-    run_id: str | None = None
-    pid: int = 0
-    host: str = ""
-
-    @classmethod
-    def current(cls, run_id: str | None = None) -> "Owner":
-        return cls(run_id=run_id, pid=os.getpid(), host=socket.gethostname())
+    by: str = ""
 
 
 class QueueStore:
@@ -209,55 +183,39 @@ class QueueStore:
                 return state, path
         return None
 
-    def archived_count(self, job_id: str) -> int:
-        """How many archived copies (done or failed) exist for this job id."""
-        name = self.folder(job_id)
-        count = 0
-        for folder in (self.done_dir, self.failed_dir):
-            try:
-                count += sum(1 for e in os.scandir(folder)
-                             if e.name == name or e.name.startswith(name + "@"))
-            except FileNotFoundError:
-                pass
-        return count
-
-    def run_key(self, job: ReadyJob) -> str:
-        """Dagster run key for a ready bundle: the job id for its first submission, with a
-        ``:N`` suffix when it was processed or attempted before (resubmission or recovery)."""
-        n = self.archived_count(job.job_id) + self.read_attempts(job.path)
-        return job.job_id if n == 0 else f"{job.job_id}:{n}"
-
     # ----- claims ----------------------------------------------------------------------
-    def read_attempts(self, path: Path) -> int:
-        try:
-            data = json.loads((path / CLAIM_DIR / "attempts.json").read_text())
-            return max(0, int(data.get("attempts", 0)))
-        except (OSError, ValueError, TypeError, AttributeError):
-            return 0
-
-    def read_claim(self, job_id: str) -> Claim | None:
-        path = self.working_dir / self.folder(job_id) / CLAIM_DIR / CLAIM_FILE
+    def read_claim(self, job_id: str, folder: Path | None = None) -> Claim | None:
+        path = (folder or self.working_dir / self.folder(job_id)) / CLAIM_DIR / CLAIM_FILE
         try:
             data = json.loads(path.read_text())
-            return Claim(**data)
-        except (OSError, ValueError, TypeError):
+            return Claim(job_id=str(data["job_id"]), queue=str(data["queue"]),
+                         drop_id=str(data["drop_id"]), claimed_at=str(data["claimed_at"]),
+                         by=str(data.get("by", "")))
+        except (OSError, ValueError, TypeError, KeyError):
             return None
 
-    def _write_claim(self, path: Path, job_id: str, queue: str, owner: Owner) -> Claim:
-        claim = Claim(job_id=job_id, queue=queue, attempt=self.read_attempts(path) + 1,
-                      run_id=owner.run_id, pid=owner.pid, host=owner.host, claimed_at=utcnow(),
-                      updated_at=time.time())
+    def _record_claim(self, path: Path, claim: Claim) -> Claim:
+        """Write the claim record once: of two writers exactly one wins (hard link of a
+        complete temp file, which fails when the record exists); returns the record that
+        is there afterwards."""
         meta = path / CLAIM_DIR
-        if meta.is_symlink():
+        if meta.is_symlink() or (meta.exists() and not meta.is_dir()):
             meta.unlink()
         meta.mkdir(exist_ok=True)
-        write_json_atomic(meta / CLAIM_FILE, asdict(claim))
-        write_json_atomic(meta / "attempts.json", {"attempts": claim.attempt})
-        return claim
+        tmp = meta / f".claim.{claim.drop_id}.part"
+        tmp.write_text(json.dumps(asdict(claim), indent=2) + "\n")
+        try:
+            os.link(tmp, meta / CLAIM_FILE)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(meta)
+        return self.read_claim(claim.job_id, path) or claim
 
-    def claim(self, job: ReadyJob, owner: Owner) -> Path:
-        """Atomically move a ready bundle into ``working/``. Raises ClaimLost if another
-        claimer got it first."""
+    def claim(self, job: ReadyJob, by: str) -> Claim:
+        """Atomically move a ready bundle into ``working/`` as a new drop. Raises ClaimLost
+        if another claimer (the sensor, another ``imaker ingest``) got it first."""
         self.working_dir.mkdir(parents=True, exist_ok=True)
         dest = self.working_dir / job.path.name
         try:
@@ -265,56 +223,51 @@ class QueueStore:
         except FileNotFoundError:
             raise ClaimLost(f"job {job.job_id} was claimed by someone else") from None
         except FileExistsError:
-            raise ClaimLost(f"job {job.job_id} is already in working/") from None
+            raise ClaimLost(f"job {job.job_id} is already in working/ (in progress)") from None
         fsync_dir(dest.parent)
-        self._write_claim(dest, job.job_id, job.queue, owner)
-        return dest
+        return self._record_claim(dest, Claim(job.job_id, job.queue, new_drop_id(), utcnow(), by))
 
-    def acquire(self, job_id: str, owner: Owner,
-                is_alive: Callable[[Claim], bool] | None = None) -> tuple[str, Path]:
-        """Get the bundle for a run wherever it is: claim it from a queue, take over a stale
-        claim, take back a failed job for a retry, or read a done job in place (re-processing).
-        Returns (state it was found in, path)."""
-        found = self.locate(job_id)
-        if found is None:
-            raise JobNotFound(f"no bundle job_{job_id} in any queue, working/ or the archive")
-        state, path = found
-        if state.startswith("queue:"):
-            queue = state.split(":", 1)[1]
-            self.claim(ReadyJob(job_id, queue, path, 0), owner)
-        elif state == "working":
+    def claims(self, grace_s: float = UNRECORDED_CLAIM_GRACE_S) -> list[Claim]:
+        """Every claim in working/. A folder whose claimer died before recording the claim
+        gets a record (a new drop) once it is ``grace_s`` old."""
+        out: list[Claim] = []
+        try:
+            entries = list(os.scandir(self.working_dir))
+        except FileNotFoundError:
+            return out
+        now = time.time()
+        for entry in entries:
+            job_id = job_id_from_folder(entry.name)
+            if job_id is None or not entry.is_dir(follow_symlinks=False):
+                continue
             claim = self.read_claim(job_id)
-            if claim is not None and claim.run_id == owner.run_id and owner.run_id is not None:
-                self.touch(job_id, owner)
-                return state, path
-            if claim is not None and self._claim_alive(claim, is_alive):
-                raise JobBusy(f"job {job_id} is being processed by run {claim.run_id} "
-                              f"(pid {claim.pid} on {claim.host})")
-            self._write_claim(path, job_id, claim.queue if claim else "unknown", owner)
-        elif state == "failed":
-            dest = self.working_dir / path.name
-            _rename_noreplace(path, dest)
-            (dest / ERROR_FILE).unlink(missing_ok=True)
-            self._write_claim(dest, job_id, "retry", owner)
-        else:  # done: reprocessing an archived job reads it where it is
-            return state, path
-        return state, self.working_dir / self.folder(job_id)
+            if claim is None:
+                try:
+                    age = now - entry.stat(follow_symlinks=False).st_ctime
+                except FileNotFoundError:
+                    continue
+                if age < grace_s:
+                    continue
+                claim = self._record_claim(Path(entry.path), Claim(
+                    job_id, "unknown", new_drop_id(), utcnow(), "reconciler"))
+            out.append(claim)
+        return out
 
-    def touch(self, job_id: str, owner: Owner) -> None:
-        """Record that ``owner`` (a stage of the claiming run) is working on the job now."""
+    def claimed_path(self, job_id: str, drop_id: str) -> Path | None:
+        """working/job_<id> when it holds this drop, else None."""
         claim = self.read_claim(job_id)
-        if claim is None or claim.run_id != owner.run_id:
-            return
-        claim.pid, claim.host, claim.updated_at = owner.pid, owner.host, time.time()
-        write_json_atomic(self.working_dir / self.folder(job_id) / CLAIM_DIR / CLAIM_FILE,
-                          asdict(claim))
+        if claim is None or claim.drop_id != drop_id:
+            return None
+        return self.working_dir / self.folder(job_id)
 
-    @staticmethod
-    def _claim_alive(claim: Claim, is_alive: Callable[[Claim], bool] | None) -> bool:
-        if is_alive is not None:
-            return is_alive(claim)
-        alive = claim.process_alive()
-        return True if alive is None else alive
+    def settled(self, job_id: str, drop_id: str) -> tuple[str, Path] | None:
+        """("done"|"failed", archived folder) once this drop has left working/."""
+        for state, folder in (("done", self.done_dir), ("failed", self.failed_dir)):
+            path = folder / self.folder(job_id)
+            claim = self.read_claim(job_id, path)
+            if claim is not None and claim.drop_id == drop_id:
+                return state, path
+        return None
 
     # ----- archiving -------------------------------------------------------------------
     def _free_name(self, folder: Path, name: str) -> Path:
@@ -336,71 +289,29 @@ class QueueStore:
         fsync_dir(folder)
         return dest
 
-    def archive_done(self, job_id: str) -> Path | None:
-        if not (self.working_dir / self.folder(job_id)).is_dir():
-            found = self.locate(job_id)
-            return found[1] if found and found[0] == "done" else None
-        dest = self._archive(job_id, self.done_dir)
-        (dest / CLAIM_DIR / CLAIM_FILE).unlink(missing_ok=True)
-        return dest
-
-    def fail(self, job_id: str, stage: str, error: str) -> Path | None:
-        """Archive the working copy to ``failed/`` with ``error.json``. A job that is not in
-        working/ (e.g. re-processing a done job) is left where it is; returns None then."""
-        if not (self.working_dir / self.folder(job_id)).is_dir():
+    def archive_done(self, job_id: str, drop_id: str) -> Path | None:
+        """Archive this drop to ``done/`` (its claim record goes with it). A drop that is not
+        in working/ (a re-materialization from the UI reads the archive) is left alone."""
+        if self.claimed_path(job_id, drop_id) is None:
             return None
-        dest = self._archive(job_id, self.failed_dir)
-        write_json_atomic(dest / ERROR_FILE,
+        return self._archive(job_id, self.done_dir)
+
+    def fail(self, job_id: str, drop_id: str, stage: str, error: str) -> Path | None:
+        """Archive this drop to ``failed/`` with ``error.json`` (job_id, stage, error, at).
+        Returns None when the drop is not in working/ (settled already)."""
+        if self.claimed_path(job_id, drop_id) is None:
+            return None
+        src = self.working_dir / self.folder(job_id)
+        # error.json first, then the rename: the reason is never missing in failed/
+        write_json_atomic(src / ERROR_FILE,
                           {"job_id": job_id, "stage": stage, "error": error, "at": utcnow()})
-        return dest
+        return self._archive(job_id, self.failed_dir)
 
     def read_error(self, job_id: str) -> dict | None:
         try:
             return json.loads((self.failed_dir / self.folder(job_id) / ERROR_FILE).read_text())
         except (OSError, ValueError):
             return None
-
-    # ----- recovery --------------------------------------------------------------------
-    def recover_stale(self, is_alive: Callable[[Claim], bool] | None = None,
-                      grace_s: float = UNOWNED_CLAIM_GRACE_S) -> list[tuple[str, str]]:
-        """Return claims whose run died to their queue, or to ``failed/`` once they have
-        used ``max_attempts``. Returns [(job_id, "requeued"|"failed")]."""
-        actions: list[tuple[str, str]] = []
-        try:
-            entries = list(os.scandir(self.working_dir))
-        except FileNotFoundError:
-            return actions
-        now = time.time()
-        for entry in entries:
-            job_id = job_id_from_folder(entry.name)
-            if job_id is None or not entry.is_dir(follow_symlinks=False):
-                continue
-            claim = self.read_claim(job_id)
-            if claim is None:
-                try:
-                    age = now - entry.stat(follow_symlinks=False).st_ctime
-                except FileNotFoundError:
-                    continue
-                if age < grace_s:
-                    continue  # just claimed; the claim record is being written
-            elif self._claim_alive(claim, is_alive):
-                continue
-            attempts = self.read_attempts(Path(entry.path))
-            if attempts >= self.max_attempts:
-                self.fail(job_id, "recovery",
-                          f"the run processing this job died {attempts} time(s) "
-                          f"(last: {claim.run_id if claim else 'unknown'}); giving up")
-                actions.append((job_id, "failed"))
-                continue
-            queue = claim.queue if claim and claim.queue in self.queues else next(iter(self.queues))
-            dest = self.queues[queue] / entry.name
-            try:
-                (Path(entry.path) / CLAIM_DIR / CLAIM_FILE).unlink(missing_ok=True)
-                _rename_noreplace(Path(entry.path), dest)
-            except (FileExistsError, FileNotFoundError):
-                continue
-            actions.append((job_id, "requeued"))
-        return actions
 
 
 _AT_FDCWD = -100

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import os
-import socket
-import tempfile
 import threading
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -97,75 +93,6 @@ def load_model(name: str, repo: Path | None = None, device: str = "auto") -> Loa
         return loaded
 
 
-class CoreShare:
-    """The CPU cores of this host shared by the processes that are busy with tracks
-    (worker processes of ``imaker ingest --once``, runs launched by the Dagster daemon).
-
-    A busy process holds a marker file ``<host>-<pid>-<n>`` in ``folder``
-    (``DEFAULT_CORE_SHARE_DIR``: host-wide, like the cores): a CPU separation for its
-    duration (``separating``), a batch worker for each whole track (``busy``: its ffmpeg
-    decodes/encodes need a core too). Before each forward pass a separation sets torch's
-    intra-op threads to ``cores // busy processes`` (distinct live pids) — one thread each
-    while two workers are busy on 2 cores (two single-threaded separations do ~20 % more
-    work per second there than one two-threaded one, and a two-threaded pass next to an
-    ffmpeg encode waits on its slowest thread), all cores when a track is processed alone
-    (the tail of a batch, a single long track). Markers of dead processes (a killed worker)
-    are ignored and removed; markers of other hosts (a shared folder) are not counted."""
-
-    def __init__(self, folder: Path, cores: int | None = None):
-        self.folder = Path(folder)
-        if cores is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        self.cores = max(1, int(cores or 1))
-        self._host = socket.gethostname().replace("-", "_")
-
-    @contextmanager
-    def separating(self) -> Iterator[None]:
-        with self.busy():
-            yield
-
-    @contextmanager
-    def busy(self) -> Iterator[None]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        marker = self.folder / f"{self._host}-{os.getpid()}-{next(_MARKERS)}"
-        marker.touch()
-        try:
-            yield
-        finally:
-            marker.unlink(missing_ok=True)
-
-    def running(self) -> int:
-        """Distinct live processes of this host holding a marker."""
-        pids: set[int] = set()
-        try:
-            entries = list(os.scandir(self.folder))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            host, _, rest = entry.name.partition("-")
-            pid = rest.partition("-")[0]
-            if host != self._host or not pid.isdigit():
-                continue
-            if int(pid) in pids:
-                continue
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                Path(entry.path).unlink(missing_ok=True)
-                continue
-            except PermissionError:
-                pass
-            pids.add(int(pid))
-        return len(pids)
-
-    def threads(self) -> int:
-        return max(1, self.cores // max(1, self.running()))
-
-
-_MARKERS = itertools.count()
-DEFAULT_CORE_SHARE_DIR = Path(tempfile.gettempdir()) / "imaker-separations"
-
-
 def _set_threads(n: int) -> None:
     import torch
 
@@ -235,7 +162,7 @@ def _mono_stats(mix, chunk: int = 1 << 20):
 def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = None,
              overlap: float = 0.25, shifts: int = 1, batch_size: int | None = None,
              autocast: bool = True, sink=None, inplace: bool = False,
-             share: CoreShare | None = None, cpu_autocast: bool | None = False
+             threads: Callable[[], int] | None = None, cpu_autocast: bool | None = False
              ) -> dict[str, np.ndarray] | None:
     """Separate ``wav`` (channels, samples at the model's rate) into ``{source: array}``.
 
@@ -250,7 +177,9 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
     ``(sources, channels, n)`` array for samples ``start .. start + n`` (valid during the
     call only), in order; with one model and ``shifts <= 1`` the stems never exist whole in
     memory. ``inplace=True`` lets the normalisation overwrite ``wav`` (float32, C-contiguous)
-    instead of copying it. ``share``: take part in the host's ``CoreShare`` (CPU only)."""
+    instead of copying it. ``threads``: called before each forward pass on the CPU, the
+    number of torch threads for the calling thread (the separation service splits the
+    cores between the separations it runs at once)."""
     import torch
 
     if wav.ndim != 2 or wav.shape[0] != loaded.channels:
@@ -272,15 +201,15 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
     def denormalised(start: int, chunk) -> None:
         sink(start, (chunk * std + mean).to("cpu").numpy())
 
-    share = share if batch and str(loaded.device) == "cpu" else None
-    with torch.inference_mode(), (share.separating() if share else nullcontext()):
+    threads = threads if batch and str(loaded.device) == "cpu" else None
+    with torch.inference_mode():
         if batch:
             from imaker import fast_apply
 
             out = fast_apply.apply_model_batched(
                 loaded.model, mix[None], shifts=shifts, overlap=overlap, segment=segment,
                 batch_size=batch, device=loaded.device, autocast_dtype=autocast_dtype,
-                on_batch=(lambda: _set_threads(share.threads())) if share else None,
+                on_batch=(lambda: _set_threads(threads())) if threads else None,
                 sink=(lambda start, chunk: denormalised(start, chunk[0])) if sink else None)
             if sink is not None:
                 return None

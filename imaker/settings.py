@@ -86,7 +86,6 @@ class Settings:
     output_audio_bitrate: str
     max_claim_attempts: int
     sensor_max_jobs_per_tick: int
-    sensor_batch_min: int  # a tick with at least this many new bundles requests one batch run
     demucs_model: str
     demucs_model_repo: Path | None
     demucs_device: str
@@ -96,7 +95,9 @@ class Settings:
     demucs_batch_size: int | None  # None: auto (8 on CUDA, 1 elsewhere); 0: demucs apply_model
     demucs_autocast: bool
     demucs_cpu_autocast: bool | None  # bf16 on the CPU; None: auto (when the CPU has it natively)
-    ingest_workers: int | None  # None: auto (2 when >= 2 cores and >= 2 tracks wait)
+    separator_url: str | None  # None: a service on loopback, started on first use
+    separator_port: int  # port of that auto-started service
+    separator_concurrency: int | None  # separations the service runs at once; None: auto
     nas_sync_enabled: bool
     nas_sync_config_path: Path
     ytdl_mode: str
@@ -131,9 +132,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     batch_raw = _clean(env, "DEMUCS_BATCH_SIZE")
     batch_size = (None if batch_raw is None or batch_raw.lower() == "auto"
                   else _num(env, "DEMUCS_BATCH_SIZE", None, int))
-    workers_raw = _clean(env, "INGEST_WORKERS")
-    workers = (None if workers_raw is None or workers_raw.lower() == "auto"
-               else _num(env, "INGEST_WORKERS", None, int))
+    conc_raw = _clean(env, "SEPARATOR_CONCURRENCY")
+    concurrency = (None if conc_raw is None or conc_raw.lower() == "auto"
+                   else _num(env, "SEPARATOR_CONCURRENCY", None, int))
+    separator_url = _clean(env, "SEPARATOR_URL")
+    if separator_url and not separator_url.startswith(("http://", "https://")):
+        raise SettingsError(f"SEPARATOR_URL={separator_url!r}: expected http://host:port")
     repo = _clean(env, "DEMUCS_MODEL_REPO")
     device = (_clean(env, "DEMUCS_DEVICE") or "auto").lower()
     if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
@@ -155,7 +159,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         output_audio_bitrate=_clean(env, "OUTPUT_AUDIO_BITRATE") or "256k",
         max_claim_attempts=_num(env, "MAX_CLAIM_ATTEMPTS", 3, int),
         sensor_max_jobs_per_tick=_num(env, "SENSOR_MAX_JOBS_PER_TICK", 20, int),
-        sensor_batch_min=_num(env, "SENSOR_BATCH_MIN", 2, int),
         demucs_model=_clean(env, "DEMUCS_MODEL") or "htdemucs",
         demucs_model_repo=Path(repo).expanduser().resolve() if repo else None,
         demucs_device=device,
@@ -166,7 +169,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         demucs_autocast=_bool(env, "DEMUCS_AUTOCAST", True),
         demucs_cpu_autocast=(None if (_clean(env, "DEMUCS_CPU_AUTOCAST") or "auto").lower() == "auto"
                              else _bool(env, "DEMUCS_CPU_AUTOCAST", False)),
-        ingest_workers=workers,
+        separator_url=separator_url.rstrip("/") if separator_url else None,
+        separator_port=_num(env, "SEPARATOR_PORT", 8765, int),
+        separator_concurrency=concurrency,
         nas_sync_enabled=_bool(env, "NAS_SYNC_ENABLED", False),
         nas_sync_config_path=path("NAS_SYNC_CONFIG_PATH", data / "nas_sync_config.yaml"),
         ytdl_mode=_choice(env, "YTDL_MODE", "audio", ("audio", "video", "both")),
@@ -178,14 +183,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("MAX_CLAIM_ATTEMPTS must be at least 1")
     if settings.sensor_max_jobs_per_tick < 1:
         raise SettingsError("SENSOR_MAX_JOBS_PER_TICK must be at least 1")
-    if settings.sensor_batch_min < 0:
-        raise SettingsError("SENSOR_BATCH_MIN must be >= 0 (0: one run per track always)")
     if not 0 <= settings.demucs_overlap < 1:
         raise SettingsError("DEMUCS_OVERLAP must be in [0, 1)")
     if settings.demucs_shifts < 0:
         raise SettingsError("DEMUCS_SHIFTS must be >= 0")
     if settings.demucs_batch_size is not None and settings.demucs_batch_size < 0:
         raise SettingsError("DEMUCS_BATCH_SIZE must be auto, 0 (demucs apply_model) or >= 1")
-    if settings.ingest_workers is not None and settings.ingest_workers < 1:
-        raise SettingsError("INGEST_WORKERS must be auto or >= 1")
+    if settings.separator_concurrency is not None and settings.separator_concurrency < 1:
+        raise SettingsError("SEPARATOR_CONCURRENCY must be auto or >= 1")
+    if not 0 < settings.separator_port < 65536:
+        raise SettingsError("SEPARATOR_PORT must be a TCP port (1-65535)")
     return settings

@@ -8,24 +8,32 @@ stage archives the job to ``failed/`` with the stage and reason.
 
 from contextlib import contextmanager
 
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import (AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue,
+                     RetryRequested, asset)
 
 from imaker import analysis, pipeline
 from resources import LibraryResource, QueueResource, SeparatorResource
 
 from .partitions import tracks
-from .runtime import claim_alive, owner_for
 
 GROUP = "tracks"
+#: run tag naming the drop (the claim in working/) a run processes; runs started from the
+#: UI or by a backfill have none and read the archived bundle
+DROP_TAG = "imaker/drop_id"
+#: attempts of the `stems` step when the separation service is unreachable or dies
+SERVICE_RETRIES = 3
+SERVICE_RETRY_WAIT_S = 10
+
+
+def drop_id(context: AssetExecutionContext) -> str | None:
+    return context.run.tags.get(DROP_TAG)
 
 
 @contextmanager
 def _stage(context: AssetExecutionContext, queues: QueueResource, stage: str):
-    """Mark the job's claim as worked on by this step; archive the job to failed/ if the
-    stage raises."""
+    """Archive this run's drop to failed/ (with the stage and reason) if the stage raises."""
     store = queues.store()
-    store.touch(context.partition_key, owner_for(context))
-    with pipeline.failing_to_archive(store, context.partition_key, stage):
+    with pipeline.failing_to_archive(store, context.partition_key, drop_id(context), stage):
         yield store
 
 
@@ -37,8 +45,7 @@ def source_audio(context: AssetExecutionContext, queues: QueueResource,
                  library: LibraryResource) -> MaterializeResult:
     job_id = context.partition_key
     lib = library.library()
-    meta = pipeline.prepare_source(queues.store(), lib, job_id, owner_for(context),
-                                   claim_alive(context.instance),
+    meta = pipeline.prepare_source(queues.store(), lib, job_id, drop_id(context),
                                    tolerance=library.duration_tolerance)
     source = lib.track_dir(job_id) / "source.flac"
     loud = analysis.loudness(source)
@@ -64,8 +71,16 @@ def source_audio(context: AssetExecutionContext, queues: QueueResource,
                    "variants can be re-mixed without separating again.")
 def stems(context: AssetExecutionContext, queues: QueueResource, library: LibraryResource,
           separator: SeparatorResource) -> MaterializeResult:
-    with _stage(context, queues, "stems"):
-        meta = pipeline.separate_stems(library.library(), context.partition_key, separator)
+    client = separator.client()
+    try:
+        with _stage(context, queues, "stems"):
+            meta = pipeline.separate_stems(library.library(), context.partition_key, client)
+    except pipeline.TransientError as exc:
+        # the service is unreachable or died mid-separation: Dagster retries the step (the
+        # bundle stays claimed); after the last attempt the run fails with this message
+        context.log.warning(str(exc))
+        raise RetryRequested(max_retries=SERVICE_RETRIES,
+                             seconds_to_wait=SERVICE_RETRY_WAIT_S) from exc
     return MaterializeResult(metadata={
         "sources": ", ".join(meta["sources"]), "model": meta["model"],
         "signature": meta["signature"], "device": meta["device"],
@@ -115,7 +130,8 @@ def manifest(context: AssetExecutionContext, queues: QueueResource,
     job_id = context.partition_key
     lib = library.library()
     with _stage(context, queues, "manifest") as store:
-        result = pipeline.write_manifest(store, lib, job_id, code_versions=CODE_VERSIONS)
+        result = pipeline.write_manifest(store, lib, job_id, drop_id(context),
+                                         code_versions=CODE_VERSIONS)
     return MaterializeResult(metadata={
         "path": MetadataValue.path(str(lib.output_dir(job_id) / "manifest.json")),
         "artifacts": len(result.artifacts),

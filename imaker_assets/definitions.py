@@ -1,5 +1,7 @@
 """The code location: ``dagster dev -w workspace.yaml`` loads ``defs`` from here."""
 
+import os
+
 from dagster import Definitions
 
 from imaker.settings import Settings, load_settings
@@ -7,7 +9,6 @@ from resources import build_resources
 from sensors import queue_sensor
 
 from .assets import track_assets
-from .batch import ingest_batch
 from .catalog import catalog, catalog_automation
 from .checks import track_checks
 from .jobs import ingest_track
@@ -20,8 +21,11 @@ def build_defs(settings: Settings | None = None) -> Definitions:
     return Definitions(
         assets=[*track_assets, nas_copy, catalog],
         asset_checks=track_checks,
-        jobs=[ingest_track, ingest_batch, retrieve],
-        sensors=[queue_sensor, catalog_automation],
+        jobs=[ingest_track, retrieve],
+        # the daemon that `imaker ingest` starts only drives its claims (it refreshes the
+        # catalog itself when its jobs are done)
+        sensors=([queue_sensor] if os.environ.get("IMAKER_INGEST_ONLY") == "1"
+                 else [queue_sensor, catalog_automation]),
         resources=build_resources(settings or load_settings()),
     )
 

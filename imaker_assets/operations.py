@@ -1,18 +1,19 @@
-"""What the `imaker` commands do with Dagster: in-process runs against an instance."""
+"""What the `imaker` commands do with Dagster, against ``$DAGSTER_HOME``'s instance."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue as queue_mod
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Iterable, TextIO
 
-from dagster import AssetSelection, DagsterInstance, materialize
+from dagster import AssetSelection, DagsterInstance, DagsterRunStatus, materialize
 
-from imaker import separation
 from imaker.pipeline import Library
-from imaker.queues import QueueStore
+from imaker.queues import Claim, QueueStore
 from imaker.settings import Settings
 from imaker.variants import VARIANTS
 from resources import build_resources
@@ -20,13 +21,20 @@ from resources import build_resources
 from .assets import manifest, stems, track_assets, variants
 from .catalog import catalog
 from .checks import track_checks
-from .definitions import build_defs
-from .nas import build_nas_copy
+from .lifecycle import WILL_RETRY_TAG, claim_ready, drop_runs, failure_reason
 from .partitions import tracks
-from .runtime import claim_alive
 
-NAS_COPY_NO_RETRY = build_nas_copy(retry_policy=None)
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+#: a daemon whose sensor and run-queue heartbeats are younger than this serves the instance
+#: (Dagster's daemons beat every 30 s)
+HEARTBEAT_FRESH_S = 70.0
+INGEST_ONLY_ENV = "IMAKER_INGEST_ONLY"
+WORKSPACE = """load_from:
+  - python_module:
+      module_name: imaker_assets.definitions
+      attribute: defs
+      location_name: instrumental_maker
+"""
 
 
 def refresh_catalog(instance: DagsterInstance, settings: Settings) -> bool:
@@ -35,163 +43,135 @@ def refresh_catalog(instance: DagsterInstance, settings: Settings) -> bool:
     return result.success
 
 
-def worker_count(settings: Settings, waiting: int) -> int:
-    """Worker processes for ``ingest_once``: ``INGEST_WORKERS``, or auto = 2 on a host with
-    at least 2 cores (1 otherwise), never more than the tracks waiting."""
-    wanted = settings.ingest_workers
-    if wanted is None:
-        wanted = 2 if (os.cpu_count() or 1) >= 2 else 1
-    return max(1, min(wanted, waiting))
+def daemon_serving(instance: DagsterInstance) -> bool:
+    """Whether a Dagster daemon (``dagster dev``, ``dagster-daemon run``, compose) is
+    evaluating sensors and dequeuing runs for this instance now."""
+    beats = instance.get_daemon_heartbeats()
+    now = time.time()
+    return all(kind in beats and now - beats[kind].timestamp < HEARTBEAT_FRESH_S
+               for kind in ("SENSOR", "QUEUED_RUN_COORDINATOR"))
 
 
-def _run_track(instance: DagsterInstance, settings: Settings, job_def, job_id: str,
-               queue: str, extra_tags: dict[str, str] | None = None) -> tuple[bool, str]:
-    """One track: its own ``ingest_track`` run (lineage, metadata, checks), then its NAS copy
-    in a run of its own. Returns (succeeded, the line to print)."""
-    tags = {"imaker/job_id": job_id, "imaker/queue": queue, "imaker/trigger": "imaker-ingest",
-            **(extra_tags or {})}
-    result = job_def.execute_in_process(
-        partition_key=job_id, instance=instance, raise_on_error=False, run_config=QUIET,
-        asset_selection=[a.key for a in track_assets], tags=tags)
-    if result.success:
-        # NAS copy in its own run without the in-process retry sleeps: a NAS that is
-        # down fails this job at once; the sensor path (daemon) keeps the retry policy.
-        nas = materialize([NAS_COPY_NO_RETRY], partition_key=job_id, instance=instance,
-                          resources=build_resources(settings), run_config=QUIET,
-                          raise_on_error=False, tags=tags)
-        if nas.success:
-            return True, f"{job_id}: {settings.outputs_dir / job_id}"
-        result = nas
-    error = QueueStore.from_settings(settings).read_error(job_id)
-    if error:
-        reason = f"{error['stage']}: {error['error']}"
-    else:
-        events = [e for e in result.all_events if e.is_step_failure or e.is_failure]
-        reason = events[0].message if events else "run failed"
-    return False, f"{job_id}: failed: {reason}"
+class DaemonGuard:
+    """Makes sure a Dagster daemon serves the instance while ``imaker ingest`` waits for its
+    drops: the running one (``dagster dev``) when there is one, else ``dagster-daemon run``
+    started here for the duration (one per instance: a file lock in ``$DAGSTER_HOME``; its
+    queue sensor only drives the claims made by `imaker ingest`, see ``INGEST_ONLY_ENV``).
+    The runs themselves are Dagster's: the queue sensor requests them, the run queue
+    launches them, run monitoring and run retries watch them."""
 
+    def __init__(self, instance: DagsterInstance, home: Path):
+        self.instance, self.home = instance, home
+        self.proc: subprocess.Popen | None = None
+        self.lock = None
 
-def _worker(instance_ref, settings: Settings, tasks, results, tags) -> None:
-    """A worker process of ``ingest_once``: imports and loads the model once, then runs the
-    tracks it takes from ``tasks`` one after the other (each in its own Dagster run). It
-    counts as busy in the host's ``CoreShare`` for each whole track, so the separations
-    of busy workers split the cores between them."""
-    instance = DagsterInstance.from_ref(instance_ref)
-    job_def = build_defs(settings).resolve_job_def("ingest_track")
-    share = separation.CoreShare(separation.DEFAULT_CORE_SHARE_DIR)
-    while True:
-        item = tasks.get()
-        if item is None:
+    def check(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the Dagster daemon started by imaker exited "
+                                   f"({self.proc.returncode}); see {self.log}")
             return
-        job_id, queue = item
+        if daemon_serving(self.instance):
+            return
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.home / ".imaker-ingest-daemon.lock"))
         try:
-            with share.busy():  # a core of its own for this track, separation or not
-                ok, line = _run_track(instance, settings, job_def, job_id, queue, tags)
-        except Exception as exc:  # noqa: BLE001 - reported per track, the worker goes on
-            ok, line = False, f"{job_id}: failed: {type(exc).__name__}: {exc}"
-        results.put((job_id, ok, line))
+            lock.acquire(timeout=0)
+        except Timeout:
+            return  # another `imaker ingest` runs a daemon for this instance
+        self.lock = lock
+        workspace = self.home / "imaker-workspace.yaml"
+        if not workspace.is_file() or workspace.read_text() != WORKSPACE:
+            workspace.write_text(WORKSPACE)
+        self.log = self.home / "logs" / "imaker-ingest-daemon.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).with_name("dagster-daemon")
+        cmd = [str(exe) if exe.exists() else "dagster-daemon", "run", "-w", str(workspace)]
+        env = {**os.environ, INGEST_ONLY_ENV: "1", "DAGSTER_HOME": str(self.home)}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
 
-
-def _run_workers(instance: DagsterInstance, settings: Settings, todo: list[tuple[str, str]],
-                 workers: int, out: TextIO, tags: dict[str, str] | None = None) -> int:
-    """Process ``todo`` with ``workers`` spawned processes; returns the number of failures.
-    A worker that dies (killed for memory, say) fails nothing it had not finished: its claim
-    is left in working/ for the next pass's recovery, and its remaining tracks go to the
-    other workers."""
-    ctx = multiprocessing.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for item in todo:
-        tasks.put(item)
-    for _ in range(workers):
-        tasks.put(None)
-    procs = [ctx.Process(target=_worker, name=f"imaker-ingest-{i}", daemon=True,
-                         args=(instance.get_ref(), settings, tasks, results, tags))
-             for i in range(workers)]
-    for proc in procs:
-        proc.start()
-    pending = {job_id for job_id, _ in todo}
-    failures = 0
-    try:
-        while pending:
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
             try:
-                job_id, ok, line = results.get(timeout=1.0)
-            except queue_mod.Empty:
-                if not any(p.is_alive() for p in procs):
-                    break
-                continue
-            pending.discard(job_id)
-            failures += 0 if ok else 1
-            print(line, file=out, flush=True)
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    for job_id in sorted(pending):
-        codes = ", ".join(str(p.exitcode) for p in procs)
-        print(f"{job_id}: not finished: the worker processes exited (exit codes {codes}); "
-              "a claimed track is recovered on the next pass", file=out, flush=True)
-        failures += 1
-    return failures
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.lock is not None:
+            self.lock.release()
 
 
-def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | None = None) -> int:
-    """Register and process every ready bundle once, then refresh the catalog.
-    Returns the number of failed jobs.
+def outcome(instance: DagsterInstance, store: QueueStore, claim: Claim,
+            settings: Settings) -> tuple[bool, str] | None:
+    """(succeeded, the line to print) once a drop is archived and its runs are over."""
+    where = store.settled(claim.job_id, claim.drop_id)
+    if where is None:
+        return None
+    runs = drop_runs(instance, claim.drop_id)
+    newest = runs[0] if runs else None
+    if newest is not None and (not newest.is_finished or (
+            newest.status == DagsterRunStatus.FAILURE
+            and newest.tags.get(WILL_RETRY_TAG) == "true")):
+        return None  # e.g. nas_copy still running after the manifest archived the bundle
+    state, path = where
+    if state == "failed":
+        error = store.read_error(claim.job_id) or {}
+        return False, (f"{claim.job_id}: failed: {error.get('stage', '?')}: "
+                       f"{error.get('error', 'unknown reason')}")
+    if newest is not None and newest.status != DagsterRunStatus.SUCCESS:
+        stage, reason = failure_reason(instance, newest)
+        return False, f"{claim.job_id}: failed: {stage}: {reason}"
+    return True, f"{claim.job_id}: {settings.outputs_dir / claim.job_id}"
 
-    Batch ingestion: the tracks go to ``worker_count`` long-lived worker processes (imports
-    and the model load are paid once per worker, not per track; one worker decodes,
-    encodes and analyses while the other separates; CPU threads are shared between the
-    separations). Every track still gets its own ``ingest_track`` run and partition.
-    With a pool limit of 1 for ``gpu`` (the `stems` step) the separations themselves take
-    turns, and only the rest of the work overlaps (what a single GPU wants)."""
+
+def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | None = None,
+                poll_s: float = 0.5) -> int:
+    """Claim every ready bundle, let Dagster process each drop as its own `ingest_track`
+    run (the queue sensor requests it, the daemon's run queue runs it: see ``DaemonGuard``),
+    wait until each is archived and print one line per job; refresh the catalog.
+    Returns the number of failed jobs. A bundle claimed by someone else (the sensor of a
+    running ``dagster dev``, another ``imaker ingest``) is theirs: not reported here."""
     out = out or sys.stdout
     store = QueueStore.from_settings(settings)
-    store.ensure_dirs()
-    for job_id, action in store.recover_stale(claim_alive(instance)):
-        print(f"{job_id}: recovered a dead claim: {action}", file=out, flush=True)
-    ready, invalid = store.scan()
+    claimed, rejected, waiting = claim_ready(store, settings, by=f"imaker-ingest:{os.getpid()}")
     failures = 0
-    for entry in invalid:
-        store.reject(entry)
-        print(f"{entry.path.name}: failed: {entry.reason}", file=out, flush=True)
+    for line in rejected:
+        name, _, reason = line.partition(": ")
+        print(f"{name}: failed: {reason}", file=out, flush=True)
         failures += 1
-    if not ready and not invalid:
-        print("no bundles waiting in " + ", ".join(str(p) for p in settings.queues.values()),
-              file=out, flush=True)
-        return 0
-    todo: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for job in ready:
-        if job.job_id in seen:
-            print(f"{job.job_id}: another copy is queued in {job.queue}; left for the next pass",
+    if waiting:
+        print(f"{waiting} bundle(s) left in the queues: another drop of the same job is in "
+              "progress", file=out, flush=True)
+    if not claimed:
+        if not rejected:
+            print("no bundles waiting in " + ", ".join(str(p) for p in settings.queues.values()),
                   file=out, flush=True)
-            continue
-        seen.add(job.job_id)
-        todo.append((job.job_id, job.queue))
-    failures += process_tracks(instance, settings, todo, out)
+        return failures
+    pending = {claim.drop_id: claim for claim, _ in claimed}
+    guard = DaemonGuard(instance, Path(os.environ.get("DAGSTER_HOME") or "dagster_home").resolve())
+    last_check = 0.0
+    try:
+        while pending:
+            if time.monotonic() - last_check > 5.0:
+                guard.check()
+                last_check = time.monotonic()
+            for drop_id, claim in list(pending.items()):
+                result = outcome(instance, store, claim, settings)
+                if result is None:
+                    continue
+                del pending[drop_id]
+                failures += 0 if result[0] else 1
+                print(result[1], file=out, flush=True)
+            if pending:
+                time.sleep(poll_s)
+    finally:
+        guard.close()
     refresh_catalog(instance, settings)
-    return failures
-
-
-def process_tracks(instance: DagsterInstance, settings: Settings, todo: list[tuple[str, str]],
-                   out: TextIO, tags: dict[str, str] | None = None) -> int:
-    """Run ``ingest_track`` for each ``(job_id, queue)`` — in ``worker_count`` worker
-    processes when there are several — adding missing partitions first. Prints one line
-    per track on ``out``; returns the number that failed."""
-    missing = [job_id for job_id, _ in todo
-               if not instance.has_dynamic_partition(tracks.name, job_id)]
-    if missing:
-        instance.add_dynamic_partitions(tracks.name, missing)
-    workers = worker_count(settings, len(todo))
-    if workers > 1 and not instance.is_ephemeral:
-        return _run_workers(instance, settings, todo, workers, out, tags)
-    failures = 0
-    job_def = build_defs(settings).resolve_job_def("ingest_track")
-    for job_id, queue in todo:
-        ok, line = _run_track(instance, settings, job_def, job_id, queue, tags)
-        failures += 0 if ok else 1
-        print(line, file=out, flush=True)
     return failures
 
 

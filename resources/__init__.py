@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from dagster import ConfigurableResource
 
 from imaker.pipeline import Library
 from imaker.queues import QueueStore
-from imaker import separation
+from imaker.separator.client import SeparatorClient
 from imaker.settings import OutputOptions, Settings, load_settings
 
 
@@ -63,11 +62,12 @@ class LibraryResource(ConfigurableResource):
 
 
 class SeparatorResource(ConfigurableResource):
-    """Demucs on the GPU when there is one (``device="auto"``), else the CPU.
+    """The separation service the `stems` step sends its separations to, and the model and
+    demucs options it asks for. ``url`` empty: the service on loopback port ``port``,
+    started on first use (see ``imaker.separator.client``)."""
 
-    The model is loaded on first use and cached for the life of the process, so a run
-    that separates several tracks (``imaker ingest --once``) loads it once."""
-
+    url: str | None = None
+    port: int = 8765
     model: str = "htdemucs"
     model_repo: str | None = None
     device: str = "auto"
@@ -77,23 +77,16 @@ class SeparatorResource(ConfigurableResource):
     batch_size: int | None = None  # segments per forward pass; None: auto, 0: apply_model
     autocast: bool = True  # bf16 autocast on CUDA (batched path only)
     cpu_autocast: bool | None = None  # bf16 on the CPU: None = when native (inference_plan)
-    core_share_dir: str | None = None  # CPU threads shared by concurrent separations
+    concurrency: int | None = None  # separations at once in an auto-started service
 
-
-    def load(self) -> separation.LoadedModel:
-        return separation.load_model(self.model, Path(self.model_repo) if self.model_repo else None,
-                          self.device)
-
-    def separate(self, wav: np.ndarray, *, sink=None, inplace: bool = False
-                 ) -> dict[str, np.ndarray] | None:
-        """``separation.separate`` with this resource's settings (``sink``/``inplace``: see
-        there; the stems step streams the stems to disk with them)."""
-        return separation.separate(self.load(), wav, segment=self.segment, overlap=self.overlap,
-                                   shifts=self.shifts, batch_size=self.batch_size,
-                                   autocast=self.autocast, sink=sink, inplace=inplace,
-                                   share=(separation.CoreShare(Path(self.core_share_dir))
-                                          if self.core_share_dir else None),
-                                   cpu_autocast=self.cpu_autocast)
+    def client(self) -> SeparatorClient:
+        return SeparatorClient(
+            url=self.url or None, port=self.port,
+            model={"name": self.model, "repo": self.model_repo, "device": self.device},
+            options={"segment": self.segment, "overlap": self.overlap, "shifts": self.shifts,
+                     "batch_size": self.batch_size, "autocast": self.autocast,
+                     "cpu_autocast": self.cpu_autocast},
+            concurrency=self.concurrency)
 
 
 from .nas import NasResource, build_nas_resource  # noqa: E402  (defined in its own module)
@@ -120,10 +113,10 @@ def build_resources(settings: Settings | None = None, *, extra_variants: list[st
             ytdl_duration_tol_pct=s.ytdl_duration_tol_pct),
         "nas": build_nas_resource(s),
         "separator": SeparatorResource(
+            url=s.separator_url, port=s.separator_port, concurrency=s.separator_concurrency,
             model=s.demucs_model,
             model_repo=str(s.demucs_model_repo) if s.demucs_model_repo else None,
             device=s.demucs_device, segment=s.demucs_segment, overlap=s.demucs_overlap,
             shifts=s.demucs_shifts, batch_size=s.demucs_batch_size,
-            autocast=s.demucs_autocast, cpu_autocast=s.demucs_cpu_autocast,
-            core_share_dir=str(separation.DEFAULT_CORE_SHARE_DIR)),
+            autocast=s.demucs_autocast, cpu_autocast=s.demucs_cpu_autocast),
     }

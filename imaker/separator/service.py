@@ -1,0 +1,237 @@
+"""The separation service (``imaker separator serve``).
+
+    GET  /health      {"status": "ok", "version", "device", "active", "concurrency", "models"}
+    POST /separate    {"job_id", "source", "stems_dir", "model": {...}, "options": {...}}
+                      -> NDJSON lines: {"event": "accepted"|"waiting"|"progress"|"done"|"error"}
+
+A request names the stored source (``library/<job_id>/source.flac``) and the stems folder
+(``stems/<job_id>/``) — paths this process sees at the same place as the run (one host,
+or the same volumes in compose); the stems are streamed to disk there as the windows
+finish (``imaker.pipeline.separate_to_folder``) and the last line carries ``stems.json``.
+
+Models are loaded once per (name, repo, device) and kept. At most ``concurrency``
+separations run at once (an anyio ``CapacityLimiter``; the rest wait): on the CPU that is
+the number of cores, and each separation takes ``cores // running`` torch threads before
+every forward pass (two single-threaded separations do ~20 % more work per second on 2
+cores than one two-threaded one); on CUDA one at a time, with our batched segment loop.
+A client that goes away (its run was killed) stops its separation at the next window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .. import pipeline, separation
+
+KEEPALIVE_S = 5.0
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "htdemucs"
+    repo: str | None = None
+    device: str = "auto"
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    segment: float | None = None
+    overlap: float = Field(0.25, ge=0, lt=1)
+    shifts: int = Field(1, ge=0)
+    batch_size: int | None = Field(None, ge=0)
+    autocast: bool = True
+    cpu_autocast: bool | None = None
+
+
+class SeparateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    job_id: str = Field(min_length=1, max_length=128)
+    source: str
+    stems_dir: str
+    model: ModelSpec = ModelSpec()
+    options: Options = Options()
+
+
+class Cancelled(Exception):
+    pass
+
+
+class _Separator:
+    """What ``pipeline.separate_to_folder`` expects, for one request."""
+
+    def __init__(self, service: "Service", req: SeparateRequest, cancel: threading.Event):
+        self.service, self.req, self.cancel = service, req, cancel
+        self.segment, self.overlap = req.options.segment, req.options.overlap
+        self.shifts = req.options.shifts
+
+    def load(self) -> separation.LoadedModel:
+        spec = self.req.model
+        return separation.load_model(spec.name, Path(spec.repo) if spec.repo else None,
+                                     spec.device)
+
+    def threads(self) -> int:
+        if self.cancel.is_set():
+            raise Cancelled("the client went away")
+        return max(1, self.service.cores // max(1, self.service.active))
+
+    def separate(self, wav, *, sink=None, inplace=False):
+        o = self.req.options
+        return separation.separate(self.load(), wav, segment=o.segment, overlap=o.overlap,
+                                   shifts=o.shifts, batch_size=o.batch_size,
+                                   autocast=o.autocast, sink=sink, inplace=inplace,
+                                   threads=self.threads, cpu_autocast=o.cpu_autocast)
+
+
+class Service:
+    def __init__(self, concurrency: int | None = None, idle_exit_s: float | None = None,
+                 preload: ModelSpec | None = None):
+        self.cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else (os.cpu_count() or 1))
+        self.concurrency = concurrency or self._auto_concurrency()
+        self.limiter = anyio.CapacityLimiter(self.concurrency)
+        self.active = 0  # separations running now (under the limiter)
+        self._lock = threading.Lock()
+        self.idle_exit_s = idle_exit_s
+        self.last_used = time.monotonic()
+        self.preload = preload
+        self.server = None  # the uvicorn server (for the idle exit)
+        self.started_at = time.time()
+
+    def _auto_concurrency(self) -> int:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return 1
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+        return self.cores
+
+    # ----- endpoints ---------------------------------------------------------------------
+    async def health(self, request: Request) -> JSONResponse:
+        from importlib.metadata import version
+
+        return JSONResponse({
+            "status": "ok", "version": version("instrumental-maker"), "pid": os.getpid(),
+            "active": self.active, "concurrency": self.concurrency, "cores": self.cores,
+            "models": [{"name": m.name, "device": str(m.device), "signature": m.signature}
+                       for m in separation._CACHE.values()]})
+
+    async def separate(self, request: Request):
+        try:
+            req = SeparateRequest.model_validate(await request.json())
+        except (ValidationError, ValueError) as exc:
+            return JSONResponse({"event": "error", "kind": "bad_request",
+                                 "message": f"invalid request: {exc}"}, status_code=400)
+        source = Path(req.source)
+        if not source.is_file():
+            return JSONResponse({"event": "error", "kind": "bad_request",
+                                 "message": f"{source} does not exist on the separation "
+                                            "service's host (same volumes as the runs?)"},
+                                status_code=400)
+        self.last_used = time.monotonic()
+        return StreamingResponse(self._stream(req), media_type="application/x-ndjson")
+
+    async def _stream(self, req: SeparateRequest):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        state = {"fraction": 0.0}
+
+        def progress(fraction: float) -> None:
+            state["fraction"] = fraction
+
+        def work() -> dict:
+            with self._lock:
+                self.active += 1
+            try:
+                return pipeline.separate_to_folder(Path(req.source), Path(req.stems_dir),
+                                                   req.job_id, _Separator(self, req, cancel),
+                                                   progress)
+            finally:
+                with self._lock:
+                    self.active -= 1
+                self.last_used = time.monotonic()
+
+        async def run() -> None:
+            try:
+                meta = await anyio.to_thread.run_sync(work, limiter=self.limiter)
+                await events.put({"event": "done", "stems": meta})
+            except Exception as exc:  # noqa: BLE001 - reported to the client as one line
+                await events.put({"event": "error", "kind": "failed",
+                                  "message": pipeline.describe_error(exc)})
+
+        task = loop.create_task(run())
+        try:
+            yield _line({"event": "accepted", "job_id": req.job_id, "pid": os.getpid()})
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    running = self.active > 0
+                    yield _line({"event": "progress" if running else "waiting",
+                                 "fraction": round(state["fraction"], 4)})
+                    continue
+                yield _line(event)
+                return
+        finally:
+            # the client went away (or we are done): stop the separation at its next window
+            cancel.set()
+            if not task.done():
+                await asyncio.shield(asyncio.wait([task]))
+
+    async def _idle_watch(self) -> None:
+        while self.idle_exit_s:
+            await asyncio.sleep(min(5.0, self.idle_exit_s))
+            if self.active == 0 and time.monotonic() - self.last_used > self.idle_exit_s:
+                if self.server is not None:
+                    self.server.should_exit = True
+                return
+
+    async def _startup(self) -> None:
+        if self.preload is not None:
+            spec = self.preload
+            await anyio.to_thread.run_sync(lambda: separation.load_model(
+                spec.name, Path(spec.repo) if spec.repo else None, spec.device))
+        if self.idle_exit_s:
+            asyncio.get_running_loop().create_task(self._idle_watch())
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        await self._startup()
+        yield
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/health", self.health, methods=["GET"]),
+                                 Route("/separate", self.separate, methods=["POST"])],
+                         lifespan=self._lifespan)
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    return (json.dumps(event) + "\n").encode()
+
+
+def serve(host: str, port: int, *, concurrency: int | None = None,
+          idle_exit_s: float | None = None, preload: ModelSpec | None = None) -> None:
+    import uvicorn
+
+    service = Service(concurrency, idle_exit_s, preload)
+    config = uvicorn.Config(service.app(), host=host, port=port, log_level="info",
+                            access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    service.server = server
+    server.run()
