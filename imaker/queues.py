@@ -307,6 +307,29 @@ class QueueStore:
                           {"job_id": job_id, "stage": stage, "error": error, "at": utcnow()})
         return self._archive(job_id, self.failed_dir)
 
+    def requeue_failed(self, job_id: str) -> Path:
+        """Put a failed job back into the queue it came from (``imaker retry``): its
+        ``error.json`` is kept as history in ``.imaker/history/``; the next claim is a new
+        drop. Raises JobNotFound when there is no failed copy."""
+        src = self.failed_dir / self.folder(job_id)
+        if not src.is_dir() or src.is_symlink():
+            raise JobNotFound(f"no failed bundle job_{job_id} in {self.failed_dir}")
+        claim = self.read_claim(job_id, src)
+        queue = claim.queue if claim and claim.queue in self.queues else "other"
+        meta = src / CLAIM_DIR
+        history = meta / "history"
+        history.mkdir(parents=True, exist_ok=True)
+        error = src / ERROR_FILE
+        if error.is_file():
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            os.rename(error, history / f"error-{stamp}.json")
+        (meta / CLAIM_FILE).unlink(missing_ok=True)
+        dest = self.queues[queue] / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _rename_noreplace(src, dest)
+        fsync_dir(dest.parent)
+        return dest
+
     def read_error(self, job_id: str) -> dict | None:
         try:
             return json.loads((self.failed_dir / self.folder(job_id) / ERROR_FILE).read_text())

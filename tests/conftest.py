@@ -89,3 +89,18 @@ def write_bundle(queue_dir: Path, job_id: str, media: Path | None, *, folder: st
     final = queue_dir / name
     tmp.rename(final)
     return final
+
+
+def claim_tags(job_id: str) -> dict[str, str]:
+    """Claim a queued bundle the way the queue sensor does (a new drop in working/) and
+    return the tags of the run that processes it. Materializing with these tags in-process
+    runs exactly the steps of a sensor's `ingest_track` run."""
+    from imaker.queues import QueueStore
+    from imaker.settings import load_settings
+
+    store = QueueStore.from_settings(load_settings())
+    job = next((j for j in store.discover() if j.job_id == job_id), None)
+    if job is None:
+        return {}  # nothing queued: re-materialize from the archived bundle (no drop)
+    claim = store.claim(job, by="test")
+    return {"imaker/job_id": job_id, "imaker/drop_id": claim.drop_id}

@@ -5,7 +5,7 @@ import json
 import pytest
 from dagster import DagsterInstance, RetryPolicy, materialize
 
-from conftest import write_bundle
+from conftest import claim_tags, write_bundle
 from imaker.bundle import JobManifest
 from imaker.settings import load_settings
 from imaker_assets.assets import track_assets
@@ -33,7 +33,8 @@ def _materialize(job_id, assets, nas_resource=None, selection=None):
         instance.add_dynamic_partitions("tracks", [job_id])
     resources = {**build_resources(settings), "nas": nas_resource or build_nas_resource(settings)}
     return materialize(assets, selection=selection, partition_key=job_id, instance=instance,
-                       resources=resources, raise_on_error=False), settings
+                       resources=resources, raise_on_error=False,
+                       tags=claim_tags(job_id)), settings
 
 
 def _nas_materialization(result, name="nas_copy"):

@@ -8,7 +8,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 from mutagen import File as MutagenFile
 
-from conftest import write_bundle
+from conftest import claim_tags, write_bundle
 from imaker import audio, separation
 from imaker.bundle import JobManifest, schema_errors
 from imaker.fsutil import sha256_file
@@ -26,7 +26,7 @@ def _materialize(job_id, selection=None):
         instance.add_dynamic_partitions("tracks", [job_id])
     result = materialize(track_assets, selection=selection, partition_key=job_id,
                          instance=instance, resources=build_resources(settings),
-                         raise_on_error=False)
+                         raise_on_error=False, tags=claim_tags(job_id))
     return result, settings
 
 
@@ -168,8 +168,13 @@ def test_disk_error_in_outputs_fails_the_job_with_reason_and_keeps_the_stems(
     assert error["stage"] == "variants" and "NotADirectoryError" in error["error"]
     assert (settings.stems_dir / "disk1" / "stems.json").is_file()  # separation is not lost
 
-    # once the disk is fixed, re-running the track takes the bundle back from failed/
+    # once the disk is fixed, `imaker retry` puts the bundle back in its queue (error.json
+    # kept as history) and the track is processed again
     blocker.unlink()
+    from imaker.queues import QueueStore
+
+    QueueStore.from_settings(settings).requeue_failed("disk1")
+    assert (settings.queue_other / "job_disk1" / ".imaker" / "history").is_dir()
     result, settings = _materialize("disk1")
     assert result.success
     assert (settings.outputs_dir / "disk1" / "manifest.json").is_file()

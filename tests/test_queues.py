@@ -1,13 +1,11 @@
 import json
 import multiprocessing as mp
 import os
-import subprocess
-import sys
 
 import pytest
 
 from conftest import write_bundle
-from imaker.queues import ClaimLost, Owner, QueueStore
+from imaker.queues import CLAIM_DIR, CLAIM_FILE, ClaimLost, JobNotFound, QueueStore
 
 
 @pytest.fixture
@@ -52,11 +50,15 @@ def test_claim_then_archive_done_and_failed(store, source_m4a):
     write_bundle(store.queues["other"], "a", source_m4a)
     write_bundle(store.queues["other"], "b", source_m4a)
     a, b = store.discover()
-    store.claim(a, Owner.current("run-a"))
-    store.claim(b, Owner.current("run-b"))
-    assert store.read_claim("a").run_id == "run-a"
-    assert store.archive_done("a") == store.done_dir / "job_a"
-    failed = store.fail("b", "stems", "boom")
+    ca = store.claim(a, by="test")
+    cb = store.claim(b, by="test")
+    assert store.read_claim("a") == ca and ca.drop_id != cb.drop_id and ca.queue == "other"
+    # only the drop that holds the claim archives it
+    assert store.archive_done("a", "someone-else") is None
+    assert store.archive_done("a", ca.drop_id) == store.done_dir / "job_a"
+    assert store.settled("a", ca.drop_id) == ("done", store.done_dir / "job_a")
+    assert store.fail("b", "someone-else", "stems", "boom") is None
+    failed = store.fail("b", cb.drop_id, "stems", "boom")
     assert (failed / "audio.m4a").is_file()
     error = json.loads((failed / "error.json").read_text())
     assert error == {"job_id": "b", "stage": "stems", "error": "boom", "at": error["at"]}
@@ -74,7 +76,7 @@ def _race(args):
         if not jobs:
             continue
         try:
-            s.claim(jobs[0], Owner.current(f"pid{os.getpid()}"))
+            s.claim(jobs[0], by=f"pid{os.getpid()}")
             won += 1
         except ClaimLost:
             pass
@@ -97,47 +99,48 @@ def test_claim_does_not_replace_an_existing_working_folder(store, source_m4a):
     write_bundle(store.queues["other"], "dup", source_m4a)
     (store.working_dir / "job_dup").mkdir()  # an empty dir would be silently replaced by rename()
     with pytest.raises(ClaimLost):
-        store.claim(store.discover()[0], Owner.current("r"))
+        store.claim(store.discover()[0], by="test")
     assert (store.queues["other"] / "job_dup" / "job.json").is_file()
 
 
-def test_dead_claim_is_requeued_then_failed_after_max_attempts(store, source_m4a):
-    write_bundle(store.queues["youtube_audio"], "dies", source_m4a)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    dead_owner = Owner(run_id=None, pid=dead.pid, host=Owner.current().host)
-    first_key = store.run_key(store.discover()[0])
-
-    store.claim(store.discover()[0], dead_owner)
-    # a live claim is left alone
-    assert store.recover_stale(is_alive=lambda c: True) == []
-    assert store.recover_stale(is_alive=lambda c: False) == [("dies", "requeued")]
-    job = store.discover()[0]
-    assert job.queue == "youtube_audio"
-    assert store.run_key(job) != first_key   # a new run is requested for the retry
-
-    store.claim(job, dead_owner)
-    assert store.recover_stale(is_alive=lambda c: False) == [("dies", "failed")]
-    error = json.loads((store.failed_dir / "job_dies" / "error.json").read_text())
-    assert error["stage"] == "recovery" and "died 2 time(s)" in error["error"]
+def test_a_claim_record_is_written_once_and_a_lost_record_is_recreated(store, source_m4a):
+    write_bundle(store.queues["other"], "rec", source_m4a)
+    claim = store.claim(store.discover()[0], by="first")
+    folder = store.working_dir / "job_rec"
+    # a second writer (a reconciler racing the claimer) cannot replace the record
+    again = store._record_claim(folder, claim.__class__("rec", "other", "other-drop", "t", "x"))
+    assert again == claim
+    # a claimer that died between the rename and the record: after the grace period the
+    # folder gets a record (a new drop), so a run is requested for it
+    (folder / CLAIM_DIR / CLAIM_FILE).unlink()
+    assert store.claims(grace_s=3600) == []
+    [fresh] = store.claims(grace_s=0)
+    assert fresh.job_id == "rec" and fresh.drop_id != claim.drop_id
 
 
-def test_default_liveness_uses_the_claiming_process(store, source_m4a):
-    write_bundle(store.queues["other"], "p", source_m4a)
-    store.claim(store.discover()[0], Owner.current("alive"))
-    assert store.recover_stale() == []  # this very process holds it
+def test_failed_job_is_requeued_with_its_error_kept_as_history(store, source_m4a):
+    write_bundle(store.queues["youtube_audio"], "retry1", source_m4a)
+    claim = store.claim(store.discover()[0], by="test")
+    store.fail("retry1", claim.drop_id, "stems", "boom")
+    dest = store.requeue_failed("retry1")
+    assert dest == store.queues["youtube_audio"] / "job_retry1"
+    [old] = (dest / CLAIM_DIR / "history").iterdir()
+    assert json.loads(old.read_text())["error"] == "boom"
+    assert not (dest / "error.json").exists() and store.read_claim("retry1", dest) is None
+    second = store.claim(store.discover()[0], by="test")
+    assert second.drop_id != claim.drop_id
+    with pytest.raises(JobNotFound):
+        store.requeue_failed("retry1")
 
 
-def test_resubmitting_an_archived_job_gets_a_new_run_key(store, source_m4a):
+def test_resubmitting_an_archived_job_is_a_new_drop_and_keeps_the_old_archive(store, source_m4a):
     write_bundle(store.queues["other"], "again", source_m4a)
-    job = store.discover()[0]
-    assert store.run_key(job) == "again"
-    store.claim(job, Owner.current("r1"))
-    store.archive_done("again")
+    first = store.claim(store.discover()[0], by="test")
+    store.archive_done("again", first.drop_id)
     write_bundle(store.queues["other"], "again", source_m4a)
-    job2 = store.discover()[0]
-    assert store.run_key(job2) == "again:1"
-    store.claim(job2, Owner.current("r2"))
-    store.archive_done("again")  # the older archived copy is kept under a dated name
+    second = store.claim(store.discover()[0], by="test")
+    assert second.drop_id != first.drop_id
+    store.archive_done("again", second.drop_id)  # the older archived copy keeps a dated name
     names = sorted(p.name for p in store.done_dir.iterdir())
     assert names[0] == "job_again" and names[1].startswith("job_again@") and len(names) == 2
+    assert store.settled("again", second.drop_id)[0] == "done"
