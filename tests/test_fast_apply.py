@@ -269,58 +269,51 @@ def test_separate_streams_denormalised_stems_and_can_normalise_in_place(short_re
         np.testing.assert_allclose(streamed[i], stems[name], rtol=0, atol=1e-6)
 
 
-def test_core_share_gives_each_busy_process_its_part_of_the_cores(tmp_path):
-    import subprocess
-    import sys
+def test_separation_asks_for_its_thread_count_before_every_forward_pass(short_repo):
+    """The separation service splits the cores between the separations it runs: each one
+    asks before every pass (``threads``), and torch's thread count is set per calling thread."""
+    import threading
 
-    share = separation.CoreShare(tmp_path / "seps", cores=4)
-    assert share.running() == 0 and share.threads() == 4
-    others = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
-    try:
-        with share.busy():
-            assert share.threads() == 4
-            with share.separating():  # the same process: still one
-                assert share.running() == 1 and share.threads() == 4
-                (tmp_path / "seps" / f"{share._host}-{others[0].pid}-0").touch()
-                assert share.running() == 2 and share.threads() == 2
-                for i, proc in enumerate(others[1:], 1):
-                    (tmp_path / "seps" / f"{share._host}-{proc.pid}-{i}").touch()
-                assert share.running() == 4 and share.threads() == 1
-            # a killed process's marker does not count (and is cleaned up)
-            for proc in others:
-                proc.kill()
-                proc.wait()
-            assert share.threads() == 4
-        assert list((tmp_path / "seps").iterdir()) == []
-    finally:
-        for proc in others:
-            proc.kill()
-    # other hosts' markers (a shared folder) are not counted
-    (tmp_path / "seps" / f"otherhost-{os.getpid()}-0").touch()
-    assert share.running() == 0
-    assert [p.name for p in (tmp_path / "seps").iterdir()] == [f"otherhost-{os.getpid()}-0"]
-
-
-def test_separation_follows_the_core_share_between_forward_passes(short_repo, tmp_path):
-    """A separation running alone uses all cores; while another process's separation runs
-    (its marker is there) it drops to its half before the next pass."""
     loaded = separation.load_model("tiny_a", short_repo, "cpu")
-    share = separation.CoreShare(tmp_path / "seps", cores=2)
-    seen: list[int] = []
-    before = torch.get_num_threads()
+    asked: list[int] = []
+    seen: dict[str, list[int]] = {}
     real = separation._set_threads
-    separation._set_threads = lambda n: (seen.append(n), real(n))
+
+    def spy(n):
+        seen.setdefault(threading.current_thread().name, []).append(n)
+        real(n)
+
+    separation._set_threads = spy
+    main_threads = torch.get_num_threads()
+    answers = iter([2, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     try:
-        (tmp_path / "seps").mkdir()
-        other = tmp_path / "seps" / f"{share._host}-{os.getppid()}-0"
-        other.touch()  # a live process (our parent) is separating
-        separation.separate(loaded, _mix(7.0)[0].numpy(), batch_size=1, share=share)
-        assert seen and set(seen) == {1}
-        other.unlink()
-        seen.clear()
-        separation.separate(loaded, _mix(7.0)[0].numpy(), batch_size=1, share=share)
-        assert set(seen) == {2}
-        assert [p.name for p in (tmp_path / "seps").iterdir()] == []  # own marker removed
+        worker = threading.Thread(name="sep", target=lambda: separation.separate(
+            loaded, _mix(7.0)[0].numpy(), batch_size=1,
+            threads=lambda: asked.append(1) or next(answers)))
+        worker.start()
+        worker.join()
     finally:
         separation._set_threads = real
-        torch.set_num_threads(before)
+    assert len(asked) >= 3 and seen["sep"][:2] == [2, 1]   # follows the answers, pass by pass
+    assert torch.get_num_threads() == main_threads          # other threads keep theirs
+
+
+def test_service_gives_each_running_separation_its_part_of_the_cores():
+    from imaker.separator.service import SeparateRequest, Service, _Separator
+
+    service = Service(concurrency=2)
+    service.cores = 4
+    sep = _Separator(service, SeparateRequest(job_id="x", source="/s", stems_dir="/d"),
+                     threading_event())
+    for active, threads in ((1, 4), (2, 2), (3, 1), (5, 1)):
+        service.active = active
+        assert sep.threads() == threads
+    sep.cancel.set()   # the client went away: the next pass stops the separation
+    with pytest.raises(Exception, match="client went away"):
+        sep.threads()
+
+
+def threading_event():
+    import threading
+
+    return threading.Event()
