@@ -169,6 +169,11 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
                 print(result[1], file=out, flush=True)
             if pending:
                 time.sleep(poll_s)
+        # the daemon started here may be driving another `imaker ingest`'s claims (that one
+        # found it serving and did not start its own): stop it only once those are settled
+        while guard.proc is not None and any(
+                c.by.startswith("imaker-ingest:") for c in store.claims()):
+            time.sleep(poll_s)
     finally:
         guard.close()
     refresh_catalog(instance, settings)

@@ -10,7 +10,8 @@ from dagster import DagsterInstance, materialize
 from conftest import write_bundle
 from imaker import cli
 from imaker.settings import load_settings
-from imaker_assets.operations import NAS_COPY_NO_RETRY, QUIET
+from imaker_assets.nas import nas_copy
+from imaker_assets.operations import QUIET
 from resources import build_resources
 from test_nas_support import s3_client, s3_env, s3_options, s3_server, sshd  # noqa: F401
 from test_retrieve_support import make_video
@@ -54,7 +55,7 @@ def test_three_routes_on_three_backends_then_nothing_to_send(
     assert {a["status"] for a in record["artifacts"]} == {"copied"}
     assert {a["backend"] for a in record["artifacts"]} == {"local", "sftp", "s3"}
 
-    again = materialize([NAS_COPY_NO_RETRY], partition_key="nas_v", instance=DagsterInstance.get(),
+    again = materialize([nas_copy], partition_key="nas_v", instance=DagsterInstance.get(),
                         resources=build_resources(settings), run_config=QUIET)
     assert again.success
     record = json.loads((settings.outputs_dir / "nas_v" / "sync.json").read_text())
