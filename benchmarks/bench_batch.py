@@ -1,18 +1,21 @@
 #!/usr/bin/env python
-"""Batch ingestion vs the demucs CLI on the same generated files (issue 7's benchmark).
+"""Our two ingestion paths vs the demucs CLI on the same generated files.
 
     python benchmarks/bench_batch.py [--tracks 8] [--seconds 60] [--long-seconds 1200]
-                                     [--full-size] [--device cpu] [--workers auto]
+                                     [--full-size] [--device cpu] [--no-sensor]
 
 For each batch — ``--tracks`` x ``--seconds`` files, then (with ``--long-seconds``) one long
 file on its own — it runs, on the same inputs, model repo, device and segment:
 
 * the reference: ``python -m demucs`` over the files in one process (loads the model once,
   walks the files, writes 4 wav stems each);
-* ours: the same files as bundles in a queue, ``imaker ingest --once`` (worker processes
-  that load the model once each; per track its own Dagster run: decode, separate, FLAC
-  stems, variants encoded + tagged, manifest, 4 asset checks, loudness + waveform metadata;
-  then the catalog).
+* ours, CLI path: the same files as bundles in a queue, ``imaker ingest --once`` (claims
+  them; a Dagster daemon's queue sensor requests one ``ingest_track`` run per track, the run
+  queue runs up to 4 at once; each run: decode, separation in the separation service —
+  started fresh for the measurement, model loaded once —, FLAC stems, variants encoded +
+  tagged, manifest, 4 asset checks, loudness + waveform metadata; then the catalog);
+* ours, sensor path: ``dagster dev`` already running (not timed), the bundles dropped at
+  once, timed until the last bundle is archived with its manifest;
 
 and prints both wall times, the ratio, per-stage times summed over the tracks (from the
 Dagster event log: step start to step end; steps of different tracks overlap in time when
@@ -70,17 +73,31 @@ def _tree_rss(root: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], log: Path, **kwargs) -> dict:
-    """Wall seconds, peak tree RSS and largest process RSS (GiB), exit code of one command."""
+def _service_pid(port: int | None) -> int | None:
+    if port is None:
+        return None
+    from imaker.separator.client import SeparatorClient
+
+    health = SeparatorClient(url=None, port=port).health(timeout=0.5)
+    return health["pid"] if health else None
+
+
+def run_measured(cmd: list[str], log: Path, service_port: int | None = None, **kwargs) -> dict:
+    """Wall seconds, peak RSS of the process tree plus the separation service (GiB), the
+    largest process of the tree, exit code of one command."""
     start = time.perf_counter()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, **kwargs)
         peak = [0]
         done = threading.Event()
+        service = [None]
 
         def sample() -> None:
             while not done.wait(0.2):
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                if service[0] is None:
+                    service[0] = _service_pid(service_port)
+                extra = _tree_rss(service[0]) if service[0] else 0
+                peak[0] = max(peak[0], _tree_rss(proc.pid) + extra)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -111,11 +128,136 @@ def step_times(home: Path) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines()
+                    if l.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def _precision(args) -> str:
     from imaker.separation import inference_plan
 
     cpu = {"auto": None, "true": True, "false": False}[args.cpu_autocast]
     return inference_plan(args.device, None, True, cpu)[1] or "fp32"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_service(port: int) -> None:
+    pid = _service_pid(port)
+    if pid:
+        os.kill(pid, 15)
+
+
+def _bundles(queue: Path, inputs: list[Path], suffix: str = "") -> list[Path]:
+    out = []
+    for src in inputs:
+        bundle = queue / f"job_{src.stem}{suffix}.tmp"
+        bundle.mkdir(parents=True)
+        shutil.copy(src, bundle / "audio.m4a")
+        (bundle / "job.json").write_text(json.dumps({
+            "schema_version": 1, "job_id": f"{src.stem}{suffix}", "source_type": "local",
+            "title": src.stem, "artist": "Bench", "audio": "audio.m4a"}))
+        out.append(bundle)
+    return out
+
+
+def overheads(home: Path, data: Path) -> dict[str, float]:
+    """Mean seconds per track: claimed -> stems step start, stems end -> manifest end."""
+    code = (
+        "import json, sys, calendar, time\n"
+        "from pathlib import Path\n"
+        "from dagster import DagsterInstance, DagsterEventType as T\n"
+        "inst = DagsterInstance.get(); a = []; b = []\n"
+        "for rec in inst.get_run_records():\n"
+        "    run = rec.dagster_run\n"
+        "    if run.job_name != 'ingest_track' or run.status.value != 'SUCCESS': continue\n"
+        "    job = run.tags['dagster/partition']\n"
+        "    ev = {}\n"
+        "    for e in inst.all_logs(run.run_id):\n"
+        "        if e.is_dagster_event and e.step_key in ('stems', 'manifest'):\n"
+        "            ev[(e.step_key, e.dagster_event.event_type)] = e.timestamp\n"
+        "    claim = json.loads((Path(sys.argv[1]) / 'archive' / 'done' / f'job_{job}' / '.imaker' / 'claim.json').read_text())\n"
+        "    claimed = calendar.timegm(time.strptime(claim['claimed_at'], '%Y-%m-%dT%H:%M:%SZ'))\n"
+        "    a.append(ev[('stems', T.STEP_START)] - claimed)\n"
+        "    b.append(ev[('manifest', T.STEP_SUCCESS)] - ev[('stems', T.STEP_SUCCESS)])\n"
+        "print(json.dumps({'seen_to_stems': sum(a) / max(len(a), 1), 'stems_to_manifest': sum(b) / max(len(b), 1)}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True,
+                          text=True, env=dict(os.environ, DAGSTER_HOME=str(home)), check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sensor_path(work: Path, inputs: list[Path], env: dict, port: int) -> dict:
+    """`dagster dev` running (started and warmed up outside the timing); drop every bundle at
+    once; time until the last one is archived with its manifest."""
+    import urllib.request
+
+    data = Path(env["IMAKER_DATA"])
+    queue = data / "queues" / "other"
+    queue.mkdir(parents=True, exist_ok=True)
+    tmps = _bundles(queue, inputs, "_s")
+    ui = _free_port()
+    log = open(work / "dagster_dev.log", "wb")
+    dev = subprocess.Popen([str(Path(sys.executable).with_name("dagster")), "dev", "-w",
+                            str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(ui)],
+                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{ui}/server_info", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline and dev.poll() is None, "dagster dev did not start"
+                time.sleep(1)
+        time.sleep(10)  # the daemon's first ticks
+        peak, done_flag = [0], threading.Event()
+
+        def sample() -> None:
+            while not done_flag.wait(0.2):
+                pid = _service_pid(port)
+                peak[0] = max(peak[0], _tree_rss(dev.pid) + (_tree_rss(pid) if pid else 0))
+
+        threading.Thread(target=sample, daemon=True).start()
+        start = time.perf_counter()
+        for tmp in tmps:
+            tmp.rename(tmp.with_name(tmp.name.removesuffix(".tmp")))
+        from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+        from dagster._core.instance.ref import InstanceRef
+
+        instance = DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"]))
+        done = data / "archive" / "done"
+        names = [t.name.removesuffix(".tmp") for t in tmps]
+
+        def finished() -> bool:  # archived, and its run over (nas_copy runs after the archive)
+            if not all((done / n).is_dir() for n in names):
+                return False
+            runs = instance.get_runs(filters=RunsFilter(job_name="ingest_track"))
+            ok = {r.tags.get("dagster/partition") for r in runs
+                  if r.status == DagsterRunStatus.SUCCESS}
+            return all(n.removeprefix("job_") in ok for n in names)
+
+        while not finished():
+            failed = list((data / "archive" / "failed").glob("job_*"))
+            assert not failed, f"failed: {failed}"
+            assert dev.poll() is None, (work / "dagster_dev.log").read_text()[-3000:]
+            time.sleep(0.5)
+        wall = time.perf_counter() - start
+        done_flag.set()
+    finally:
+        os.killpg(dev.pid, 15)
+        dev.wait(timeout=60)
+    return {"wall": wall, "tree_rss": peak[0] / 2**30, "max_rss": 0.0, "rc": 0}
 
 
 def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: str) -> dict:
@@ -128,21 +270,30 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     home.mkdir()
     shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     queue = data / "queues" / "other"
-    for src in inputs:
-        bundle = queue / f"job_{src.stem}"
-        bundle.mkdir(parents=True)
-        shutil.copy(src, bundle / "audio.m4a")
-        (bundle / "job.json").write_text(json.dumps({
-            "schema_version": 1, "job_id": src.stem, "source_type": "local", "title": src.stem,
-            "artist": "Bench", "audio": "audio.m4a"}))
+    for tmp in _bundles(queue, inputs):
+        tmp.rename(tmp.with_name(tmp.name.removesuffix(".tmp")))
+    port = _free_port()  # a separation service of its own, started (and loaded) on first use
     env = dict(os.environ, IMAKER_DATA=str(data), DAGSTER_HOME=str(home), DEMUCS_MODEL=name,
                DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE=args.device, HF_HUB_OFFLINE="1",
-               INGEST_WORKERS=args.workers,
-               DEMUCS_CPU_AUTOCAST=args.cpu_autocast)
+               SEPARATOR_PORT=str(port), DEMUCS_CPU_AUTOCAST=args.cpu_autocast,
+               DAGSTER_DISABLE_TELEMETRY="1")
+    env.pop("SEPARATOR_URL", None)
     ours = run_measured([str(Path(sys.executable).with_name("imaker")), "ingest", "--once"],
-                        work / "imaker.log", env=env, cwd=ROOT)
+                        work / "imaker.log", service_port=port, env=env, cwd=ROOT)
     if ours["rc"] != 0:
         raise SystemExit((work / "imaker.log").read_text()[-3000:])
+    cli_overheads = overheads(home, data)
+    _stop_service(port)
+    sensor = None
+    if not args.no_sensor:
+        port2 = _free_port()
+        shome, sdata = work / "sensor_home", work / "sensor_data"
+        shome.mkdir()
+        shutil.copy(ROOT / "dagster_home" / "dagster.yaml", shome / "dagster.yaml")
+        senv = dict(env, IMAKER_DATA=str(sdata), DAGSTER_HOME=str(shome), SEPARATOR_PORT=str(port2))
+        sensor = sensor_path(work, inputs, senv, port2)
+        sensor["overheads"] = overheads(shome, sdata)
+        _stop_service(port2)
     sep = sum(json.loads((data / "stems" / s.stem / "stems.json").read_text())["separation_seconds"]
               for s in inputs)
     steps = step_times(home)
@@ -150,17 +301,25 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     for key, seconds in steps.items():
         stages["checks" if "_" in key and key not in ("source_audio", "nas_copy") else key] += seconds
     print(f"\n== {label}; model {name}; device {args.device}; cores {os.cpu_count()}; "
-          f"INGEST_WORKERS={args.workers}; "
+          f"CPU {_cpu_model()}; "
           f"ours {_precision(args)} (DEMUCS_CPU_AUTOCAST={args.cpu_autocast}), CLI fp32")
     print(f"demucs CLI (one process, 4 wav stems per file): {demucs['wall']:8.1f} s   "
           f"peak RSS {demucs['tree_rss']:5.2f} GiB (largest process {demucs['max_rss']:.2f})")
     print(f"imaker ingest --once (full pipeline):           {ours['wall']:8.1f} s   "
           f"peak RSS {ours['tree_rss']:5.2f} GiB (largest process {ours['max_rss']:.2f})")
-    print(f"ratio ours / demucs CLI: {ours['wall'] / demucs['wall']:.3f}")
+    print(f"ratio ours / demucs CLI: {ours['wall'] / demucs['wall']:.3f}   per track: bundle "
+          f"seen -> stems start {cli_overheads['seen_to_stems']:.1f} s, stems end -> manifest "
+          f"{cli_overheads['stems_to_manifest']:.1f} s")
+    if sensor is not None:
+        print(f"sensor path (dagster dev running, dropped at once): {sensor['wall']:8.1f} s   "
+              f"peak RSS {sensor['tree_rss']:5.2f} GiB   ratio {sensor['wall'] / demucs['wall']:.3f}"
+              f"   per track: seen -> stems {sensor['overheads']['seen_to_stems']:.1f} s, "
+              f"stems -> manifest {sensor['overheads']['stems_to_manifest']:.1f} s")
     print("per-stage seconds summed over tracks: " + ", ".join(
         f"{k} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])) +
         f"; of which model separation {sep:.1f}")
     return {"label": label, "demucs": demucs, "ours": ours, "ratio": ours["wall"] / demucs["wall"],
+            "sensor": sensor, "overheads": cli_overheads,
             "stages": dict(stages), "separation_seconds": sep}
 
 
@@ -172,7 +331,7 @@ def main() -> int:
                    help="then one long track on its own (e.g. 1200 = 20 minutes)")
     p.add_argument("--full-size", action="store_true", help="real HTDemucs architecture, random weights")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", default="auto", help="INGEST_WORKERS for our side")
+    p.add_argument("--no-sensor", action="store_true", help="skip the sensor path")
     p.add_argument("--cpu-autocast", choices=["auto", "true", "false"], default="auto",
                    help="DEMUCS_CPU_AUTOCAST for our side (auto: bf16 when the CPU has it "
                         "natively; false: fp32 like the CLI)")

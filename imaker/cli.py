@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     fg = sub.add_parser("forget", help="delete a track's partition, stored source and stems")
     fg.add_argument("job_id")
     fg.add_argument("--outputs", action="store_true", help="also delete outputs/<job_id>/")
+    rt = sub.add_parser("retry", help="put failed bundles back into their queue (error.json "
+                                      "kept as history)")
+    rt.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    rt.add_argument("--failed", action="store_true", help="every bundle in archive/failed/")
     sub.add_parser("settings", help="print the effective settings as JSON")
     from .retrievers.cli import add_parsers as add_retriever_parsers
 
@@ -101,6 +105,26 @@ def main(argv: list[str] | None = None) -> int:
         build_model_repo(args.path, args.name)
         print(f"DEMUCS_MODEL={args.name} DEMUCS_MODEL_REPO={args.path.resolve()}")
         return 0
+    if args.command == "retry":
+        from .bundle import job_id_from_folder
+        from .queues import JobNotFound, QueueStore
+
+        store = QueueStore.from_settings(settings)
+        ids = list(args.job_ids)
+        if args.failed and store.failed_dir.is_dir():
+            ids += sorted(j for j in (job_id_from_folder(p.name) for p in store.failed_dir.iterdir())
+                          if j is not None)
+        if not ids:
+            print("imaker retry: name JOB_IDs or --failed", file=sys.stderr)
+            return 2
+        bad = 0
+        for job_id in dict.fromkeys(ids):
+            try:
+                print(f"{job_id}: queued again in {store.requeue_failed(job_id).parent}")
+            except (JobNotFound, OSError) as exc:
+                print(f"{job_id}: {exc}", file=sys.stderr)
+                bad += 1
+        return 1 if bad else 0
     if args.command == "separator":
         from .separator.service import ModelSpec, serve as serve_separator
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from dagster import DagsterInstance
 
-from conftest import write_bundle
+from conftest import claim_tags, write_bundle
 from imaker import analysis, audio, pipeline
 from imaker.settings import load_settings
 from imaker_assets.definitions import build_defs
@@ -21,7 +21,7 @@ def processed(imaker_env, source_m4a, cover_jpg):
     instance = DagsterInstance.get()
     instance.add_dynamic_partitions("tracks", ["chk"])
     result = build_defs(settings).resolve_job_def("ingest_track").execute_in_process(
-        partition_key="chk", instance=instance)
+        partition_key="chk", instance=instance, tags=claim_tags("chk"))
     return settings, instance, result
 
 
@@ -52,7 +52,7 @@ def _ingest(job_id):
     instance = DagsterInstance.get()
     instance.add_dynamic_partitions("tracks", [job_id])
     result = build_defs(settings).resolve_job_def("ingest_track").execute_in_process(
-        partition_key=job_id, instance=instance, raise_on_error=False)
+        partition_key=job_id, instance=instance, raise_on_error=False, tags=claim_tags(job_id))
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
 
@@ -71,8 +71,8 @@ def test_truncated_variant_and_wrong_hash_fail_their_checks(imaker_env, source_m
         cut.replace(path)
         return meta
 
-    def tampering_manifest(store, lib, job_id, **kw):
-        result = real_manifest(store, lib, job_id, **kw)
+    def tampering_manifest(store, lib, job_id, *args, **kw):
+        result = real_manifest(store, lib, job_id, *args, **kw)
         with open(lib.output_dir(job_id) / result.artifacts[-1].path, "ab") as fh:
             fh.write(b"tampered")
         return result

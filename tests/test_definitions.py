@@ -31,5 +31,6 @@ def test_definitions_contents(imaker_env):
     from imaker_assets.assets import stems
 
     assert stems.op.pool == "gpu"
-    assert {j.name for j in defs.resolve_sensor_def("queue_sensor").jobs} == {"ingest_track",
-                                                                       "ingest_batch"}
+    assert {j.name for j in defs.resolve_sensor_def("queue_sensor").jobs} == {"ingest_track"}
+    assert {j.name for j in defs.resolve_all_job_defs()} >= {"ingest_track", "retrieve"}
+    assert "ingest_batch" not in {j.name for j in defs.resolve_all_job_defs()}

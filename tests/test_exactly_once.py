@@ -92,8 +92,23 @@ def test_fifo_job_json_fails_at_once_in_ingest_once(imaker_env, source_m4a):
     assert proc.returncode == 1, out + err
     assert "fifo_cli: failed: source_audio: job.json is not a regular file" in out, out + err
     assert time.monotonic() - start < 120
-    error = json.loads((settings.archive_dir / "failed" / "job_fifo_cli" / "error.json").read_text())
+    failed = settings.archive_dir / "failed" / "job_fifo_cli"
+    error = json.loads((failed / "error.json").read_text())
     assert "not a regular file" in error["error"]
+
+    # repaired, then `imaker retry` puts it back and the next pass processes it
+    (failed / "job.json").unlink()
+    (failed / "job.json").write_text(json.dumps({
+        "schema_version": 1, "job_id": "fifo_cli", "source_type": "local", "title": "T",
+        "artist": "A", "audio": "audio.m4a"}))
+    retry = _imaker("retry", "--failed")
+    out, err = retry.communicate(timeout=60)
+    assert retry.returncode == 0 and "fifo_cli: queued again" in out, out + err
+    again = _imaker("ingest", "--once")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0 and f"fifo_cli: {settings.outputs_dir / 'fifo_cli'}" in out, out + err
+    history = list((settings.archive_dir / "done" / "job_fifo_cli" / ".imaker" / "history").iterdir())
+    assert len(history) == 1 and "not a regular file" in history[0].read_text()
 
 
 def _engine_pid(instance, run_id):

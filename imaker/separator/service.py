@@ -104,6 +104,7 @@ class Service:
         self.concurrency = concurrency or self._auto_concurrency()
         self.limiter = anyio.CapacityLimiter(self.concurrency)
         self.active = 0  # separations running now (under the limiter)
+        self.completed = 0  # separations finished since the start
         self._lock = threading.Lock()
         self.idle_exit_s = idle_exit_s
         self.last_used = time.monotonic()
@@ -127,7 +128,8 @@ class Service:
 
         return JSONResponse({
             "status": "ok", "version": version("instrumental-maker"), "pid": os.getpid(),
-            "active": self.active, "concurrency": self.concurrency, "cores": self.cores,
+            "active": self.active, "completed": self.completed,
+            "concurrency": self.concurrency, "cores": self.cores,
             "models": [{"name": m.name, "device": str(m.device), "signature": m.signature}
                        for m in separation._CACHE.values()]})
 
@@ -159,9 +161,12 @@ class Service:
             with self._lock:
                 self.active += 1
             try:
-                return pipeline.separate_to_folder(Path(req.source), Path(req.stems_dir),
+                meta = pipeline.separate_to_folder(Path(req.source), Path(req.stems_dir),
                                                    req.job_id, _Separator(self, req, cancel),
                                                    progress)
+                with self._lock:
+                    self.completed += 1
+                return meta
             finally:
                 with self._lock:
                     self.active -= 1
