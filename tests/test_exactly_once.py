@@ -144,6 +144,7 @@ def test_dagster_dev_killed_run_worker_is_retried_by_dagster_once(imaker_env, tm
         _wait(lambda: done.exists() or (settings.archive_dir / "failed").joinpath(
             "job_killed").exists() or proc.poll() is not None, 420, "the bundle to settle", 2)
         assert done.exists(), log.read_text()[-4000:]
+        _wait(lambda: _track_runs(instance, "killed")[0].is_finished, 120, "nas_copy")
         runs = _track_runs(instance, "killed")
         assert [r.status for r in runs] == [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE]
         assert runs[0].tags.get("dagster/parent_run_id") == run.run_id   # Dagster's retry
