@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"imaker: {exc}", file=sys.stderr)
         return 2
+    from .fsutil import apply_umask
+
+    apply_umask(settings.umask)
     if getattr(args, "func", None):  # retrievers
         return args.func(args, settings)
     if args.command == "settings":

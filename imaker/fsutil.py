@@ -33,6 +33,37 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask (from /proc, without changing it; else by setting and restoring)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(umask: int | None) -> None:
+    """The ``UMASK`` setting (linuxserver.io convention): applied once per process by every
+    entry point; None keeps the inherited one."""
+    if umask is not None:
+        os.umask(umask)
+
+
+def file_mode() -> int:
+    """Mode of a new file: 0644 with the usual umask 022 (media servers running as another
+    user can read the outputs); ``mkstemp`` alone would leave 0600."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~current_umask()
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place on success.
@@ -44,6 +75,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.stem[:40]}.", suffix=f".part{final.suffix}",
                                dir=final.parent)
+    os.fchmod(fd, file_mode())
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -98,6 +98,7 @@ class Settings:
     separator_url: str | None  # None: a service on loopback, started on first use
     separator_port: int  # port of that auto-started service
     separator_concurrency: int | None  # separations the service runs at once; None: auto
+    umask: int | None  # UMASK (octal, e.g. 022); None: the inherited one
     nas_sync_enabled: bool
     nas_sync_config_path: Path
     ytdl_mode: str
@@ -135,6 +136,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     conc_raw = _clean(env, "SEPARATOR_CONCURRENCY")
     concurrency = (None if conc_raw is None or conc_raw.lower() == "auto"
                    else _num(env, "SEPARATOR_CONCURRENCY", None, int))
+    umask_raw = _clean(env, "UMASK")
+    try:
+        umask = int(umask_raw, 8) if umask_raw is not None else None
+    except ValueError:
+        raise SettingsError(f"UMASK={umask_raw!r}: expected an octal mask such as 022") from None
+    if umask is not None and not 0 <= umask <= 0o777:
+        raise SettingsError(f"UMASK={umask_raw!r}: expected an octal mask such as 022")
     separator_url = _clean(env, "SEPARATOR_URL")
     if separator_url and not separator_url.startswith(("http://", "https://")):
         raise SettingsError(f"SEPARATOR_URL={separator_url!r}: expected http://host:port")
@@ -172,6 +180,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         separator_url=separator_url.rstrip("/") if separator_url else None,
         separator_port=_num(env, "SEPARATOR_PORT", 8765, int),
         separator_concurrency=concurrency,
+        umask=umask,
         nas_sync_enabled=_bool(env, "NAS_SYNC_ENABLED", False),
         nas_sync_config_path=path("NAS_SYNC_CONFIG_PATH", data / "nas_sync_config.yaml"),
         ytdl_mode=_choice(env, "YTDL_MODE", "audio", ("audio", "video", "both")),

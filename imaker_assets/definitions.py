@@ -4,6 +4,7 @@ import os
 
 from dagster import Definitions
 
+from imaker.fsutil import apply_umask
 from imaker.settings import Settings, load_settings
 from resources import build_resources
 from sensors import queue_sensor
@@ -17,7 +18,10 @@ from .retrieve import retrieve
 
 
 def build_defs(settings: Settings | None = None) -> Definitions:
-    """Definitions with resources configured from ``settings`` (default: the environment)."""
+    """Definitions with resources configured from ``settings`` (default: the environment).
+    Applies the ``UMASK`` setting to this process (the code server, every run)."""
+    settings = settings or load_settings()
+    apply_umask(settings.umask)
     return Definitions(
         assets=[*track_assets, nas_copy, catalog],
         asset_checks=track_checks,
@@ -26,7 +30,7 @@ def build_defs(settings: Settings | None = None) -> Definitions:
         # catalog itself when its jobs are done)
         sensors=([queue_sensor] if os.environ.get("IMAKER_INGEST_ONLY") == "1"
                  else [queue_sensor, catalog_automation]),
-        resources=build_resources(settings or load_settings()),
+        resources=build_resources(settings),
     )
 
 

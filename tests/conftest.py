@@ -60,7 +60,8 @@ def imaker_env(tmp_path, monkeypatch, model_repo):
                 "GENERATE_NO_DRUMS_VARIANT", "GENERATE_DRUMS_ONLY_VARIANT", "PRESERVE_STEMS",
                 "OUTPUT_AUDIO_FORMAT", "DEMUCS_SEGMENT", "DEMUCS_SHIFTS", "DEMUCS_BATCH_SIZE",
                 "DEMUCS_AUTOCAST", "DEMUCS_CPU_AUTOCAST", "NAS_SYNC_ENABLED",
-                "NAS_SYNC_CONFIG_PATH", "INGEST_WORKERS", "SENSOR_BATCH_MIN"):
+                "NAS_SYNC_CONFIG_PATH", "SEPARATOR_URL", "SEPARATOR_PORT", "SEPARATOR_CONCURRENCY",
+                "UMASK"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("IMAKER_DATA", str(data))
     monkeypatch.setenv("DAGSTER_HOME", str(home))

@@ -213,3 +213,36 @@ def test_bundle_with_video_gets_the_instrumental_muxed_into_an_mp4(imaker_env, s
     assert vid.path == "files/video/AC_DC - Test Song.mp4" and vid.codec == "h264+aac"
     assert vid.sha256 == sha256_file(mp4)
     assert schema_errors("manifest", man.to_dict()) == []
+
+
+def test_outputs_are_readable_by_other_users_and_follow_umask(imaker_env, source_m4a, monkeypatch):
+    """Files 0644 and folders 0755 with the usual umask 022 (a media server running as
+    another user reads them); UMASK=027 gives 0640/0750."""
+    import os
+    import stat
+
+    from imaker.fsutil import apply_umask, current_umask
+
+    from dagster_server import free_port
+    from imaker.separator.client import client_from_settings
+
+    old = current_umask()
+    try:
+        for umask, fmode, dmode, job_id in ((0o022, 0o644, 0o755, "perm1"),
+                                            (0o027, 0o640, 0o750, "perm2")):
+            monkeypatch.setenv("UMASK", f"{umask:03o}")
+            # the separation service writes the stems: one started with this UMASK
+            monkeypatch.setenv("SEPARATOR_PORT", str(free_port()))
+            apply_umask(load_settings().umask)
+            settings = load_settings()
+            write_bundle(settings.queue_other, job_id, source_m4a)
+            assert _materialize(job_id)[0].success
+            roots = [settings.outputs_dir / job_id, settings.library_dir / job_id,
+                     settings.stems_dir / job_id]
+            for root in roots:
+                for path in [root, *root.rglob("*")]:
+                    mode = stat.S_IMODE(path.stat().st_mode)
+                    assert mode == (dmode if path.is_dir() else fmode), (path, oct(mode))
+            os.kill(client_from_settings(settings).health()["pid"], 15)
+    finally:
+        os.umask(old)

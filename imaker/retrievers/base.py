@@ -28,6 +28,7 @@ and register it in your package's ``pyproject.toml``::
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Collection, Iterable, Mapping
 
 from ..bundle import JOB_ID_RE, BundleError
+from ..fsutil import dir_mode
 from ..settings import Settings
 from .writer import BundleWriter, DuplicateJob, SeenIndex
 
@@ -193,6 +195,7 @@ class _Staging:
     def __enter__(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix="stage-", dir=self.root))
+        os.chmod(self.path, dir_mode())  # mkdtemp's 0700 would follow the bundle everywhere
         return self.path
 
     def __exit__(self, *exc) -> None:
