@@ -21,6 +21,8 @@ offsets) and the same per-source weights of a ``BagOfModels`` — but:
 from __future__ import annotations
 
 import random
+import threading
+import time
 import typing as tp
 import weakref
 
@@ -77,6 +79,109 @@ def _runner(model: torch.nn.Module, compile_model: bool) -> tp.Callable:
     return fn
 
 
+def _forward(runner, batch: torch.Tensor, device: torch.device,
+             dtype: torch.dtype | None) -> torch.Tensor:
+    with torch.inference_mode():
+        if dtype is not None:
+            with torch.autocast(device.type, dtype=dtype):
+                return runner(batch)
+        return runner(batch)
+
+
+class WindowBatcher:
+    """Runs the windows of concurrent separations in common forward passes (the separation
+    service on CUDA: one pass of 2 x 8 windows keeps a GPU busier than two passes of 8).
+
+    Each separation thread calls it instead of the model; calls that wait at the same time
+    with the same model, window shape, device and autocast dtype are concatenated (up to
+    ``max_items`` windows) and run once by one of the callers (the leader), and each gets
+    its own rows back. HTDemucs treats every item of a batch on its own (it normalises per
+    item), so the result is what separate passes give, up to float rounding. One leader
+    at a time: when its own windows are done it hands the role to a waiting caller."""
+
+    def __init__(self, max_items: int = 16, gather_s: float = 0.02):
+        self.max_items = max(1, int(max_items))
+        self.gather_s = gather_s  # how long a pass waits for the others' windows
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._seen: dict[int, float] = {}  # caller thread -> time of its last call
+        self._pending: list[dict] = []
+        self._leader = False
+        self.passes = 0  # forward passes run (tests, /health)
+        self.merged = 0  # of which held windows of more than one caller
+
+    def __call__(self, runner, batch: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype | None) -> torch.Tensor:
+        req = {"runner": runner, "batch": batch, "key": (id(runner), tuple(batch.shape[1:]),
+                                                         str(device), str(dtype)),
+               "device": device, "dtype": dtype, "event": threading.Event(), "result": None,
+               "error": None, "lead": False}
+        with self._cond:
+            self._seen[threading.get_ident()] = time.monotonic()
+            self._pending.append(req)
+            if not self._leader:
+                self._leader = req["lead"] = True
+            self._cond.notify_all()
+        while not req["lead"]:
+            req["event"].wait()
+            req["event"].clear()
+            if req["error"] is not None:
+                raise req["error"]
+            if req["result"] is not None:
+                return req["result"]
+        return self._lead(req)
+
+    def _others_active(self) -> bool:
+        now, me = time.monotonic(), threading.get_ident()
+        return any(now - t < 1.0 for tid, t in self._seen.items() if tid != me)
+
+    def _lead(self, own: dict) -> torch.Tensor:
+        while True:
+            with self._cond:
+                if own["result"] is not None or own["error"] is not None:
+                    # hand over: the first waiting caller leads now
+                    nxt = next(iter(self._pending), None)
+                    if nxt is None:
+                        self._leader = False
+                    else:
+                        nxt["lead"] = True
+                        nxt["event"].set()
+                    break
+                if len(self._pending) == 1 and self._others_active():
+                    # another separation is between two passes: give its windows a moment
+                    self._cond.wait_for(lambda: len(self._pending) > 1, timeout=self.gather_s)
+                key = self._pending[0]["key"]
+                group, size = [], 0
+                for req in self._pending:
+                    if req["key"] == key and (not group or
+                                              size + req["batch"].shape[0] <= self.max_items):
+                        group.append(req)
+                        size += req["batch"].shape[0]
+                for req in group:
+                    self._pending.remove(req)
+            try:
+                first = group[0]
+                batch = torch.cat([r["batch"] for r in group], 0) if len(group) > 1 \
+                    else first["batch"]
+                res = _forward(first["runner"], batch, first["device"], first["dtype"])
+                self.passes += 1
+                self.merged += len(group) > 1
+                start = 0
+                for req in group:
+                    n = req["batch"].shape[0]
+                    req["result"] = res[start:start + n]
+                    start += n
+            except BaseException as exc:  # noqa: BLE001 - every caller of the pass gets it
+                for req in group:
+                    req["error"] = exc
+            for req in group:
+                if req is not own:
+                    req["event"].set()
+        if own["error"] is not None:
+            raise own["error"]
+        return own["result"]
+
+
 def _valid_length(model, segment: float | None, chunk_length: int) -> int:
     """The length ``apply_model``'s unsplit branch pads a window to."""
     from demucs.htdemucs import HTDemucs
@@ -114,7 +219,8 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
                         autocast_dtype=None, compile_model: bool = False,
                         transition_power: float = 1.0,
                         on_batch: tp.Callable[[], None] | None = None,
-                        sink: tp.Callable[[int, torch.Tensor], None] | None = None
+                        sink: tp.Callable[[int, torch.Tensor], None] | None = None,
+                        batcher: "WindowBatcher | None" = None
                         ) -> torch.Tensor | None:
     """Separate ``mix`` (``(batch, channels, samples)`` or ``(channels, samples)``).
 
@@ -127,7 +233,8 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
     parts in fp32. ``compile_model`` wraps the model(s) in ``torch.compile`` (cached per
     model; the last batch is padded to ``batch_size`` so shapes stay static). ``on_batch``
     is called before every forward pass (``imaker.separation`` re-balances CPU threads
-    between processes there).
+    between processes there). ``batcher``: a ``WindowBatcher`` shared by concurrent
+    separations, which runs their windows in common forward passes.
 
     ``sink(start, chunk)`` streams the output instead of returning it: ``chunk`` is
     ``(batch, sources, channels, n)`` (without the batch dimension for a 2-D ``mix``) for
@@ -194,13 +301,13 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
                            out_shift=max_shift - offset, scale=per_shift, segment=segment,
                            overlap=overlap, transition_power=transition_power,
                            batch_size=batch_size, device=device, dtype=dtype,
-                           pad_batches=compile_model, on_batch=on_batch)
+                           pad_batches=compile_model, on_batch=on_batch, batcher=batcher)
             else:
                 _split(runner, sub, mix, out, source_shift=0, view_offset=0, view_length=length,
                        out_shift=0, scale=scale, segment=segment, overlap=overlap,
                        transition_power=transition_power, batch_size=batch_size,
                        device=device, dtype=dtype, pad_batches=compile_model,
-                       on_batch=on_batch)
+                       on_batch=on_batch, batcher=batcher)
         finally:
             sub.to(original)
     out.release(length)
@@ -246,7 +353,8 @@ def _split(runner, model, mix: torch.Tensor, out: _Output, *, source_shift: int,
            view_offset: int, view_length: int, out_shift: int, scale: list[float],
            segment: float | None, overlap: float, transition_power: float, batch_size: int,
            device: torch.device, dtype: torch.dtype | None, pad_batches: bool,
-           on_batch: tp.Callable[[], None] | None = None) -> None:
+           on_batch: tp.Callable[[], None] | None = None,
+           batcher: "WindowBatcher | None" = None) -> None:
     """One split pass of ``model`` over a view of the (virtually zero-padded) ``mix``, added
     into ``out``: view sample ``i`` is ``mix[..., view_offset + i - source_shift]`` (zero
     outside ``mix``), and its output goes to ``out[..., i - out_shift]``."""
@@ -301,12 +409,10 @@ def _split(runner, model, mix: torch.Tensor, out: _Output, *, source_shift: int,
         if pad_batches and len(group) < batch_size:
             batch = F.pad(batch, (0, 0, 0, 0, 0, (batch_size - len(group)) * n))
         batch = batch.to(device, non_blocking=True)
-        with torch.inference_mode():
-            if dtype is not None:
-                with torch.autocast(device.type, dtype=dtype):
-                    res = runner(batch)
-            else:
-                res = runner(batch)
+        if batcher is not None:
+            res = batcher(runner, batch, device, dtype)
+        else:
+            res = _forward(runner, batch, device, dtype)
         if draw is not None:
             for _ in range(len(group) - 1):
                 draw()

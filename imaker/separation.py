@@ -162,7 +162,8 @@ def _mono_stats(mix, chunk: int = 1 << 20):
 def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = None,
              overlap: float = 0.25, shifts: int = 1, batch_size: int | None = None,
              autocast: bool = True, sink=None, inplace: bool = False,
-             threads: Callable[[], int] | None = None, cpu_autocast: bool | None = False
+             threads: Callable[[], int] | None = None, cpu_autocast: bool | None = False,
+             batcher=None
              ) -> dict[str, np.ndarray] | None:
     """Separate ``wav`` (channels, samples at the model's rate) into ``{source: array}``.
 
@@ -210,6 +211,7 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
                 loaded.model, mix[None], shifts=shifts, overlap=overlap, segment=segment,
                 batch_size=batch, device=loaded.device, autocast_dtype=autocast_dtype,
                 on_batch=(lambda: _set_threads(threads())) if threads else None,
+                batcher=batcher,
                 sink=(lambda start, chunk: denormalised(start, chunk[0])) if sink else None)
             if sink is not None:
                 return None

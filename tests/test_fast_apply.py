@@ -317,3 +317,31 @@ def threading_event():
     import threading
 
     return threading.Event()
+
+
+def test_window_batcher_runs_concurrent_separations_in_shared_passes(short_repo):
+    """What the separation service does on CUDA, checked on the CPU: two separations at
+    once share forward passes through one WindowBatcher, and each gets what it gets alone."""
+    import threading
+
+    model = separation.load_model("tiny_a", short_repo, "cpu").model
+    mixes = [_mix(15.0)[0], _mix(12.0, seed=1)[0] * 0.5]
+    alone = [fast_apply.apply_model_batched(model, m, shifts=0, batch_size=1) for m in mixes]
+    batcher = fast_apply.WindowBatcher(max_items=4, gather_s=0.2)
+    slow = threading.Barrier(2)
+    together: list = [None, None]
+
+    def run(i):
+        slow.wait()
+        together[i] = fast_apply.apply_model_batched(model, mixes[i], shifts=0, batch_size=1,
+                                                     batcher=batcher)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert batcher.merged >= 1, (batcher.passes, batcher.merged)   # windows of both in one pass
+    for got, ref in zip(together, alone):
+        assert got.shape == ref.shape
+        assert min(_snr_db(ref[None], got[None])) > 80

@@ -13,7 +13,8 @@ Models are loaded once per (name, repo, device) and kept. At most ``concurrency`
 separations run at once (an anyio ``CapacityLimiter``; the rest wait): on the CPU that is
 the number of cores, and each separation takes ``cores // running`` torch threads before
 every forward pass (two single-threaded separations do ~20 % more work per second on 2
-cores than one two-threaded one); on CUDA one at a time, with our batched segment loop.
+cores than one two-threaded one); on CUDA two, whose windows share forward passes
+(``fast_apply.WindowBatcher``: up to 16 windows per pass).
 A client that goes away (its run was killed) stops its separation at the next window.
 """
 
@@ -38,6 +39,10 @@ from starlette.routing import Route
 from .. import pipeline, separation
 
 KEEPALIVE_S = 5.0
+#: separations at once on CUDA: their windows share forward passes (``WindowBatcher``)
+CUDA_CONCURRENCY = 2
+#: windows per shared forward pass (2 tracks x the default CUDA batch of 8)
+CROSS_BATCH_ITEMS = 16
 
 
 class ModelSpec(BaseModel):
@@ -90,21 +95,25 @@ class _Separator:
 
     def separate(self, wav, *, sink=None, inplace=False):
         o = self.req.options
-        return separation.separate(self.load(), wav, segment=o.segment, overlap=o.overlap,
+        loaded = self.load()
+        return separation.separate(loaded, wav, segment=o.segment, overlap=o.overlap,
                                    shifts=o.shifts, batch_size=o.batch_size,
                                    autocast=o.autocast, sink=sink, inplace=inplace,
-                                   threads=self.threads, cpu_autocast=o.cpu_autocast)
+                                   threads=self.threads, cpu_autocast=o.cpu_autocast,
+                                   batcher=self.service.batcher_for(loaded))
 
 
 class Service:
     def __init__(self, concurrency: int | None = None, idle_exit_s: float | None = None,
-                 preload: ModelSpec | None = None):
+                 preload: ModelSpec | None = None, cross_batch: bool = False):
         self.cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else (os.cpu_count() or 1))
         self.concurrency = concurrency or self._auto_concurrency()
         self.limiter = anyio.CapacityLimiter(self.concurrency)
         self.active = 0  # separations running now (under the limiter)
         self.completed = 0  # separations finished since the start
+        self.batchers: dict = {}
+        self.cross_batch = cross_batch
         self._lock = threading.Lock()
         self.idle_exit_s = idle_exit_s
         self.last_used = time.monotonic()
@@ -117,10 +126,24 @@ class Service:
             import torch
 
             if torch.cuda.is_available():
-                return 1
+                return CUDA_CONCURRENCY
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
         return self.cores
+
+    def batcher_for(self, loaded: separation.LoadedModel):
+        """On CUDA (or when ``cross_batch`` is forced), one ``WindowBatcher`` per model: the
+        windows of the separations running at once share forward passes. On the CPU the
+        separations split the cores instead (one thread each beats one big batch there)."""
+        if not (self.cross_batch or str(loaded.device).startswith("cuda")):
+            return None
+        from ..fast_apply import WindowBatcher
+
+        with self._lock:
+            key = (loaded.name, loaded.signature, str(loaded.device))
+            if key not in self.batchers:
+                self.batchers[key] = WindowBatcher(max_items=CROSS_BATCH_ITEMS)
+            return self.batchers[key]
 
     # ----- endpoints ---------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
@@ -131,7 +154,8 @@ class Service:
             "active": self.active, "completed": self.completed,
             "concurrency": self.concurrency, "cores": self.cores,
             "models": [{"name": m.name, "device": str(m.device), "signature": m.signature}
-                       for m in separation._CACHE.values()]})
+                       for m in separation._CACHE.values()],
+            "shared_passes": sum(b.merged for b in self.batchers.values())})
 
     async def separate(self, request: Request):
         try:
