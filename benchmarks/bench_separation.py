@@ -46,35 +46,48 @@ def make_input(path: Path, seconds: float) -> Path:
 
 
 def run_ours_child(args) -> None:
-    """One fresh process through the real pipeline stages; prints JSON timings."""
+    """One fresh process through the real pipeline stages (the separation in-process, as the
+    separation service runs it); prints JSON timings."""
     t0 = time.perf_counter()
-    from imaker.pipeline import (Library, make_variants, prepare_source, separate_stems,
+    from imaker import separation
+    from imaker.pipeline import (Library, make_variants, prepare_source, separate_to_folder,
                                  write_manifest)
-    from imaker.queues import Owner, QueueStore
+    from imaker.queues import QueueStore
     from imaker.settings import load_settings
-    from resources import SeparatorResource, build_resources
+    from resources import build_resources
+
+    class Local:  # what the separation service hands to separate_to_folder
+        segment, overlap, shifts = args.segment, 0.25, 1
+
+        def load(self):
+            return separation.load_model(args.model, Path(args.repo), args.device)
+
+        def separate(self, wav, *, sink=None, inplace=False):
+            return separation.separate(self.load(), wav, segment=args.segment,
+                                       batch_size=args.batch_size, sink=sink, inplace=inplace)
 
     t_import = time.perf_counter() - t0
     settings = load_settings()
     store, lib = QueueStore.from_settings(settings), Library.from_settings(settings)
-    sep = SeparatorResource(model=args.model, model_repo=args.repo, device=args.device,
-                            segment=args.segment, batch_size=args.batch_size)
+    sep = Local()
     times = {"imports": t_import}
     t = time.perf_counter()
     sep.load()
     times["model_load"] = time.perf_counter() - t
     t = time.perf_counter()
-    prepare_source(store, lib, "bench", Owner.current("bench"))
+    drop = store.claim(store.discover()[0], by="bench").drop_id
+    prepare_source(store, lib, "bench", drop)
     times["source_audio"] = time.perf_counter() - t
     t = time.perf_counter()
-    meta = separate_stems(lib, "bench", sep)
+    meta = separate_to_folder(lib.track_dir("bench") / "source.flac", lib.stem_dir("bench"),
+                              "bench", sep)
     times["stems_total"] = time.perf_counter() - t
     times["separation"] = meta["separation_seconds"]
     t = time.perf_counter()
     make_variants(build_resources(settings)["library"].output_options(), lib, "bench")
     times["variants"] = time.perf_counter() - t
     t = time.perf_counter()
-    write_manifest(store, lib, "bench")
+    write_manifest(store, lib, "bench", drop)
     times["manifest"] = time.perf_counter() - t
     times["process_total"] = time.perf_counter() - t0
     print(json.dumps(times))
