@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (compose: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=None, help="port (default SEPARATOR_PORT, 8765)")
     serve.add_argument("--concurrency", type=int, default=None,
-                       help="separations at once (default SEPARATOR_CONCURRENCY: cores on CPU, 1 on CUDA)")
+                       help="separations at once (default SEPARATOR_CONCURRENCY: cores on CPU, 2 on CUDA)")
     serve.add_argument("--idle-exit", type=float, default=None,
                        help="exit after this many idle seconds (the auto-started service)")
     serve.add_argument("--preload", action="store_true",
