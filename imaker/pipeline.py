@@ -128,15 +128,18 @@ def track_basename(artist: str, title: str) -> str:
 # ----- stage 1: source audio -------------------------------------------------------------
 def bundle_folder(store: QueueStore, job_id: str, drop_id: str | None) -> Path:
     """Where a run reads the bundle: its drop in working/ (claimed by whoever started the
-    run), or, for a run without a drop (a re-materialization from the UI or a backfill),
-    the copy archived in done/."""
+    run) or in failed/ (a failed run re-executed from the UI: when it succeeds the manifest
+    step moves the bundle to done/), or, for a run without a drop (a re-materialization
+    from the UI or a backfill), the copy archived in done/."""
     if drop_id:
         path = store.claimed_path(job_id, drop_id)
-        if path is None:
-            where = store.settled(job_id, drop_id)
-            raise StageError(f"drop {drop_id} of job {job_id} is not claimed in working/"
-                             + (f" (it is in {where[0]}/ already)" if where else ""))
-        return path
+        if path is not None:
+            return path
+        where = store.settled(job_id, drop_id)
+        if where is not None and where[0] == "failed":
+            return where[1]  # re-executed from the UI after it failed: read it there
+        raise StageError(f"drop {drop_id} of job {job_id} is not claimed in working/"
+                         + (f" (it is in {where[0]}/ already)" if where else ""))
     found = store.locate(job_id)
     if found is None or found[0] != "done":
         raise StageError(f"job {job_id}: no processed bundle in {store.done_dir} to read the "
@@ -151,7 +154,7 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
     its duration against the online one, within ``tolerance`` = (seconds, fraction),
     whichever is larger."""
     folder = bundle_folder(store, job_id, drop_id)
-    state = "working" if drop_id else "done"
+    state = folder.parent.name if drop_id else "done"
     with failing_to_archive(store, job_id, drop_id, "source_audio"):
         bundle = JobBundle.load(folder)
         src = bundle.media_path("audio")

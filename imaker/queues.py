@@ -290,16 +290,42 @@ class QueueStore:
         return dest
 
     def archive_done(self, job_id: str, drop_id: str) -> Path | None:
-        """Archive this drop to ``done/`` (its claim record goes with it). A drop that is not
-        in working/ (a re-materialization from the UI reads the archive) is left alone."""
-        if self.claimed_path(job_id, drop_id) is None:
+        """Archive this drop to ``done/`` (its claim record goes with it). A drop that was
+        archived to ``failed/`` and is now processed after all (re-executed from the UI)
+        moves from there to ``done/``, its ``error.json`` kept as history. A run without
+        this drop (a re-materialization from the UI) leaves the archive alone."""
+        if self.claimed_path(job_id, drop_id) is not None:
+            return self._archive(job_id, self.done_dir)
+        where = self.settled(job_id, drop_id)
+        if where is None or where[0] != "failed":
             return None
-        return self._archive(job_id, self.done_dir)
+        src = where[1]
+        self._keep_error(src)
+        done = self.done_dir / src.name
+        self.done_dir.mkdir(parents=True, exist_ok=True)
+        if done.exists():
+            os.rename(done, self._free_name(self.done_dir, src.name))
+        os.rename(src, done)
+        fsync_dir(self.done_dir)
+        return done
+
+    def _keep_error(self, folder: Path) -> None:
+        error = folder / ERROR_FILE
+        if error.is_file():
+            history = folder / CLAIM_DIR / "history"
+            history.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            os.rename(error, history / f"error-{stamp}.json")
 
     def fail(self, job_id: str, drop_id: str, stage: str, error: str) -> Path | None:
         """Archive this drop to ``failed/`` with ``error.json`` (job_id, stage, error, at).
         Returns None when the drop is not in working/ (settled already)."""
         if self.claimed_path(job_id, drop_id) is None:
+            where = self.settled(job_id, drop_id)
+            if where is not None and where[0] == "failed":  # a re-execution failed again
+                write_json_atomic(where[1] / ERROR_FILE, {"job_id": job_id, "stage": stage,
+                                                          "error": error, "at": utcnow()})
+                return where[1]
             return None
         src = self.working_dir / self.folder(job_id)
         # error.json first, then the rename: the reason is never missing in failed/
@@ -316,14 +342,8 @@ class QueueStore:
             raise JobNotFound(f"no failed bundle job_{job_id} in {self.failed_dir}")
         claim = self.read_claim(job_id, src)
         queue = claim.queue if claim and claim.queue in self.queues else "other"
-        meta = src / CLAIM_DIR
-        history = meta / "history"
-        history.mkdir(parents=True, exist_ok=True)
-        error = src / ERROR_FILE
-        if error.is_file():
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-            os.rename(error, history / f"error-{stamp}.json")
-        (meta / CLAIM_FILE).unlink(missing_ok=True)
+        self._keep_error(src)
+        (src / CLAIM_DIR / CLAIM_FILE).unlink(missing_ok=True)
         dest = self.queues[queue] / src.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         _rename_noreplace(src, dest)

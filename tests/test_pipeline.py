@@ -246,3 +246,31 @@ def test_outputs_are_readable_by_other_users_and_follow_umask(imaker_env, source
             os.kill(client_from_settings(settings).health()["pid"], 15)
     finally:
         os.umask(old)
+
+
+def test_failed_run_re_executed_with_its_drop_moves_the_bundle_to_done(
+        imaker_env, source_m4a, tmp_path, monkeypatch):
+    """What "Re-execute from failure" in the UI does: the failed steps run again with the
+    run's tags (its drop id); the bundle, already in failed/, moves to done/."""
+    from imaker_assets.assets import variants as variants_asset
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the outputs folder should be")
+    monkeypatch.setenv("OUTPUTS_DIR", str(blocker / "outputs"))
+    settings = load_settings()
+    write_bundle(settings.queue_other, "redo1", source_m4a)
+    tags = claim_tags("redo1")
+    instance = DagsterInstance.get()
+    instance.add_dynamic_partitions("tracks", ["redo1"])
+    first = materialize(track_assets, partition_key="redo1", instance=instance,
+                        resources=build_resources(settings), raise_on_error=False, tags=tags)
+    assert not first.success
+    assert (settings.archive_dir / "failed" / "job_redo1" / "error.json").is_file()
+    blocker.unlink()
+    again = materialize(track_assets, selection=[variants_asset, manifest], partition_key="redo1",
+                        instance=instance, resources=build_resources(settings),
+                        raise_on_error=False, tags=tags)
+    assert again.success
+    assert (settings.archive_dir / "done" / "job_redo1").is_dir()
+    assert not (settings.archive_dir / "failed" / "job_redo1").exists()
+    assert (settings.outputs_dir / "redo1" / "manifest.json").is_file()

@@ -144,3 +144,20 @@ def test_resubmitting_an_archived_job_is_a_new_drop_and_keeps_the_old_archive(st
     names = sorted(p.name for p in store.done_dir.iterdir())
     assert names[0] == "job_again" and names[1].startswith("job_again@") and len(names) == 2
     assert store.settled("again", second.drop_id)[0] == "done"
+
+
+def test_a_failed_drop_processed_after_all_moves_to_done(store, source_m4a):
+    """A failed run re-executed from the UI: a new failure rewrites error.json in place, a
+    success moves the bundle to done/ with the old reasons kept as history."""
+    write_bundle(store.queues["other"], "redo", source_m4a)
+    claim = store.claim(store.discover()[0], by="test")
+    store.fail("redo", claim.drop_id, "stems", "first")
+    store.fail("redo", claim.drop_id, "variants", "second")
+    error = json.loads((store.failed_dir / "job_redo" / "error.json").read_text())
+    assert error["stage"] == "variants" and error["error"] == "second"
+    assert store.archive_done("redo", "another-drop") is None
+    assert store.archive_done("redo", claim.drop_id) == store.done_dir / "job_redo"
+    assert not (store.failed_dir / "job_redo").exists()
+    [old] = (store.done_dir / "job_redo" / CLAIM_DIR / "history").iterdir()
+    assert json.loads(old.read_text())["error"] == "second"
+    assert store.settled("redo", claim.drop_id)[0] == "done"
