@@ -1,4 +1,8 @@
-"""Per-track asset checks, shown beside each partition in the UI."""
+"""Per-track asset checks, shown beside each partition in the UI.
+
+The checks on `variants` are blocking: when one fails, `manifest` (and so done/ and the
+NAS copy) does not run, the run fails, and the bundle goes to failed/ with the check's
+description as the reason (``imaker_assets.lifecycle.failure_reason``)."""
 
 import warnings
 
@@ -24,7 +28,7 @@ def _variant_files(library: LibraryResource, job_id: str):
     return lib, lib.read_json(job_id, "variants.json")["artifacts"]
 
 
-@asset_check(asset=variants, partitions_def=tracks,
+@asset_check(asset=variants, partitions_def=tracks, blocking=True,
              description="Every variant lasts as long as the source (± 50 ms).")
 def variants_match_source_duration(context: AssetCheckExecutionContext,
                                    library: LibraryResource) -> AssetCheckResult:
@@ -33,7 +37,7 @@ def variants_match_source_duration(context: AssetCheckExecutionContext,
     return _result(analysis.check_durations(lib.output_dir(context.partition_key), arts, source))
 
 
-@asset_check(asset=variants, partitions_def=tracks,
+@asset_check(asset=variants, partitions_def=tracks, blocking=True,
              description="No variant clips (sample peak ≤ 0 dBFS).")
 def variants_do_not_clip(context: AssetCheckExecutionContext,
                          library: LibraryResource) -> AssetCheckResult:
@@ -41,7 +45,7 @@ def variants_do_not_clip(context: AssetCheckExecutionContext,
     return _result(analysis.check_levels(lib.output_dir(context.partition_key), arts)[0])
 
 
-@asset_check(asset=variants, partitions_def=tracks,
+@asset_check(asset=variants, partitions_def=tracks, blocking=True,
              description="No variant is silent (RMS above −60 dBFS).")
 def variants_are_not_silent(context: AssetCheckExecutionContext,
                             library: LibraryResource) -> AssetCheckResult:

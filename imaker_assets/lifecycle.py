@@ -68,6 +68,15 @@ def failure_reason(instance: DagsterInstance, run) -> tuple[str, str]:
     step = next((r.event_log_entry for r in records
                  if r.event_log_entry.dagster_event.event_type == DagsterEventType.STEP_FAILURE),
                 None)
+    if step is not None and "blocking asset check" in (step.dagster_event.message or "") + \
+            (step.dagster_event.step_failure_data.error.message
+             if step.dagster_event.step_failure_data.error else ""):
+        failed = [r.event_log_entry.dagster_event.event_specific_data for r in
+                  instance.get_records_for_run(
+                      run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records]
+        reasons = [f"{e.check_name}: {e.description}" for e in failed if not e.passed]
+        if reasons:
+            return "checks", "blocking check failed: " + "; ".join(reasons)
     if step is not None:
         data = step.dagster_event.step_failure_data
         message = (data.user_failure_data.description if data.user_failure_data else None) \

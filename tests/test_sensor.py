@@ -151,3 +151,28 @@ def test_a_drop_whose_last_run_died_goes_to_failed_with_the_reason(imaker_env, s
     assert error["stage"] == "run" and "exit code -9" in error["error"]
     assert "after 2 attempts" in error["error"]
     assert list(settings.working_dir.iterdir()) == []
+
+
+def test_a_failed_blocking_check_keeps_the_track_out_of_done_with_its_reason(
+        imaker_env, tmp_path):
+    """A silent result: the blocking check on `variants` fails, `manifest` never runs, and
+    the sensor archives the bundle to failed/ with the check's description."""
+    import subprocess
+
+    settings = load_settings()
+    defs = build_defs(settings)
+    instance = DagsterInstance.get()
+    silent = tmp_path / "silent.m4a"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
+                    "anullsrc=r=44100:cl=stereo", "-t", "3", str(silent)], check=True)
+    write_bundle(settings.queue_other, "quiet", silent)
+    result = _tick(instance, defs)
+    _apply(instance, result)
+    run = _execute(instance, defs, result.run_requests[0])
+    assert not run.success
+    assert not (settings.outputs_dir / "quiet" / "manifest.json").exists()
+    _tick(instance, defs)
+    error = json.loads((settings.archive_dir / "failed" / "job_quiet" / "error.json").read_text())
+    assert error["stage"] == "checks"
+    assert "variants_are_not_silent" in error["error"] and "silent" in error["error"]
+    assert not (settings.archive_dir / "done" / "job_quiet").exists()
