@@ -78,14 +78,22 @@ def test_truncated_variant_and_wrong_hash_fail_their_checks(imaker_env, source_m
         return result
 
     monkeypatch.setattr(pipeline, "make_variants", truncating_variants)
-    monkeypatch.setattr(pipeline, "write_manifest", tampering_manifest)
     write_bundle(settings.queue_other, "bad_out", source_m4a)
     evals = _ingest("bad_out")
     assert not evals["variants_match_source_duration"].passed
     assert "instrumental" in evals["variants_match_source_duration"].description
+    assert evals["variants_do_not_clip"].passed and evals["variants_are_not_silent"].passed
+    # blocking: the manifest never ran, nothing reached done/
+    assert "manifest_matches_files" not in evals
+    assert not (settings.outputs_dir / "bad_out" / "manifest.json").exists()
+    assert not (settings.archive_dir / "done" / "job_bad_out").exists()
+
+    monkeypatch.setattr(pipeline, "make_variants", real_variants)
+    monkeypatch.setattr(pipeline, "write_manifest", tampering_manifest)
+    write_bundle(settings.queue_other, "bad_hash", source_m4a)
+    evals = _ingest("bad_hash")
     assert not evals["manifest_matches_files"].passed
     assert "sha256" in evals["manifest_matches_files"].description
-    assert evals["variants_do_not_clip"].passed and evals["variants_are_not_silent"].passed
 
 
 def test_clipped_and_silent_files_fail(tmp_path):
