@@ -155,6 +155,16 @@ def test_dagster_dev_killed_run_worker_is_retried_by_dagster_once(imaker_env, tm
             return not info.claimed_slots and not info.pending_steps
         _wait(slots_free, 120, "the gpu pool slots to be freed", 2)
 
+        # `imaker ingest --once` beside the running `dagster dev`: it claims, dagster dev's
+        # daemon runs the track, the CLI reports it; it starts no daemon of its own
+        write_bundle(settings.queue_other, "beside", make_audio(tmp_path / "b.m4a", 4.0))
+        cli = _imaker("ingest", "--once")
+        out, err = cli.communicate(timeout=300)
+        assert cli.returncode == 0 and f"beside: {settings.outputs_dir / 'beside'}" in out, out + err
+        home = Path(os.environ["DAGSTER_HOME"])
+        assert not (home / "logs" / "imaker-ingest-daemon.log").exists()
+        _assert_exactly_once(instance, settings, ["killed", "beside"])
+
 
 def _materialize_in_thread(job_id, results):
     settings = load_settings()
