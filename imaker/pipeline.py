@@ -33,6 +33,8 @@ from .video import mux_video
 SOURCE_RATE = 44100
 SOURCE_CHANNELS = 2
 STEM_FORMAT = "flac"
+#: the largest sample 24-bit FLAC stores without clipping (a hair under 1.0)
+FLAC_FULL_SCALE = 1.0 - 2.0 ** -20
 
 
 class StageError(RuntimeError):
@@ -188,6 +190,14 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
             with atomic_path(track / cover_name) as tmp:
                 shutil.copyfile(cover_src, tmp)
             stored.cover = cover_name
+        # 24-bit FLAC holds [-1, 1): a decode that goes over full scale (loud AAC/MP3
+        # masters, float WAVs) is stored scaled down by one constant, like the stems, and
+        # every reader divides it back (``read_source``) — nothing is clipped before the
+        # variants' own anti-clipping gain.
+        peak = float(np.max(np.abs(wav))) if wav.size else 0.0
+        scale = 1.0 if peak < FLAC_FULL_SCALE else float(FLAC_FULL_SCALE / peak)
+        if scale != 1.0:
+            wav *= np.float32(scale)
         audio_mod.encode(wav, SOURCE_RATE, track / "source.flac", STEM_FORMAT)
         meta = {
             "job_id": job_id,
@@ -198,6 +208,9 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
             "input_sample_rate": info["audio"]["sample_rate"],
             "input_channels": info["audio"]["channels"],
             "input_sha256": sha256_file(src),
+            "input_peak": round(peak, 6),
+            "input_peak_dbfs": round(float(20 * np.log10(peak)), 2) if peak > 0 else None,
+            "scale": scale,
             "input_file": bundle.audio,
             "source_type": bundle.source_type,
             "source_url": bundle.source_url,
@@ -211,6 +224,21 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
     return meta
 
 
+def read_source(source: Path, samplerate: int = SOURCE_RATE,
+                channels: int = SOURCE_CHANNELS) -> np.ndarray:
+    """The decoded input exactly as ``prepare_source`` got it: ``source.flac`` divided by the
+    scale in the ``source.json`` beside it (1.0 unless the input went over full scale)."""
+    wav = audio_mod.decode(source, samplerate, channels)
+    try:
+        scale = float(json.loads((Path(source).parent / "source.json").read_text())
+                      .get("scale", 1.0))
+    except (OSError, ValueError, TypeError):
+        scale = 1.0
+    if scale and scale != 1.0:
+        wav /= np.float32(scale)
+    return wav
+
+
 # ----- stage 2: stems -------------------------------------------------------------------
 def separate_to_folder(source: Path, folder: Path, job_id: str, separator,
                        progress: Callable[[float], None] | None = None) -> dict:
@@ -219,7 +247,7 @@ def separate_to_folder(source: Path, folder: Path, job_id: str, separator,
     store the stems losslessly in ``folder`` with ``stems.json``. What the separation
     service runs for each request; ``progress(fraction)`` follows the written samples."""
     loaded = separator.load()
-    wav = audio_mod.decode(source, loaded.samplerate, loaded.channels)
+    wav = read_source(source, loaded.samplerate, loaded.channels)
     frames = wav.shape[1]
     # The stems stream out of the model into raw files (the whole-track stems are never in
     # memory), then are encoded to FLAC with one scale for all: 24-bit FLAC holds [-1, 1).
@@ -365,6 +393,7 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
         provenance={
             "source": {"type": bundle.source_type, "url": bundle.source_url,
                        "input_sha256": source["input_sha256"], "input_file": source["input_file"],
+                       "input_peak_dbfs": source.get("input_peak_dbfs"),
                        "duration_s": source["duration_s"]},
             "separation": {"model": stems_meta["model"], "signature": stems_meta["signature"],
                            "device": stems_meta["device"], "segment": stems_meta["segment"],

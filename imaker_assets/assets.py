@@ -57,6 +57,8 @@ def source_audio(context: AssetExecutionContext, queues: QueueResource,
             "duration_s": meta["duration_s"], "sample_rate": meta["sample_rate"],
             "channels": meta["channels"], "input_sha256": meta["input_sha256"],
             "input_codec": meta["input_codec"] or "unknown", "source_type": meta["source_type"],
+            "input_peak_dbfs": meta["input_peak_dbfs"] if meta["input_peak_dbfs"] is not None
+            else "silent",
             "source_url": MetadataValue.url(meta["source_url"]) if meta["source_url"] else "",
             "loudness_lufs": loud["integrated_lufs"], "true_peak_dbtp": loud["true_peak_dbtp"],
             "waveform": MetadataValue.md(analysis.markdown_images(

@@ -274,3 +274,39 @@ def test_failed_run_re_executed_with_its_drop_moves_the_bundle_to_done(
     assert (settings.archive_dir / "done" / "job_redo1").is_dir()
     assert not (settings.archive_dir / "failed" / "job_redo1").exists()
     assert (settings.outputs_dir / "redo1" / "manifest.json").is_file()
+
+
+def test_an_input_over_full_scale_is_stored_and_separated_unclipped(imaker_env, tmp_path):
+    """A float WAV peaking at 1.5 (as loud AAC/MP3 decodes do): the stored source keeps the
+    decoded signal (scaled, with the scale beside it), the separation reads exactly the
+    decoded samples, the manifest records the input's peak."""
+    t = np.arange(3 * 44100) / 44100
+    loud = np.stack([1.5 * np.sin(2 * np.pi * 220 * t), 1.2 * np.sin(2 * np.pi * 330 * t)])
+    wav = tmp_path / "loud.wav"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar", "44100",
+                    "-ac", "2", "-i", "pipe:0", "-c:a", "pcm_f32le", str(wav)],
+                   input=np.ascontiguousarray(loud.T).astype("<f4").tobytes(), check=True)
+    settings = load_settings()
+    folder = write_bundle(settings.queue_other, "loud1", None, audio="loud.wav")
+    import shutil as _sh
+
+    _sh.copy(wav, folder / "loud.wav")
+    decoded = audio.decode(folder / "loud.wav", 44100, 2)
+    assert abs(float(np.abs(decoded).max()) - 1.5) < 1e-3
+    assert _materialize("loud1")[0].success
+    from imaker.pipeline import read_source
+
+    lib = Library.from_settings(settings)
+    stored = read_source(lib.track_dir("loud1") / "source.flac")
+    err = decoded - stored
+    snr = 10 * np.log10((decoded ** 2).sum() / (err ** 2).sum())
+    assert snr > 100, snr                                     # not clipped (13.7 dB before)
+    source = json.loads((lib.track_dir("loud1") / "source.json").read_text())
+    assert abs(source["input_peak"] - 1.5) < 1e-3 and source["scale"] < 0.7
+    man = json.loads((settings.outputs_dir / "loud1" / "manifest.json").read_text())
+    assert abs(man["provenance"]["source"]["input_peak_dbfs"] - 20 * np.log10(1.5)) < 0.01
+    # the stems add up to the decoded input (up to the model), and the variants obey the
+    # anti-clipping rule: nothing above -1 dBFS
+    for art in man["artifacts"]:
+        peak = np.abs(audio.decode(settings.outputs_dir / "loud1" / art["path"], 44100, 2)).max()
+        assert peak <= 10 ** (-1 / 20) + 0.02, (art["path"], peak)
