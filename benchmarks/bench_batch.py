@@ -255,8 +255,13 @@ def sensor_path(work: Path, inputs: list[Path], env: dict, port: int) -> dict:
         wall = time.perf_counter() - start
         done_flag.set()
     finally:
+        # `dagster dev` started from a script ignores SIGTERM (its children do not)
         os.killpg(dev.pid, 15)
-        dev.wait(timeout=60)
+        try:
+            dev.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(dev.pid, 9)
+            dev.wait()
     return {"wall": wall, "tree_rss": peak[0] / 2**30, "max_rss": 0.0, "rc": 0}
 
 
