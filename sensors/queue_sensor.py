@@ -3,6 +3,8 @@
 and requests one `ingest_track` run per drop (through the daemon's run queue), and
 archives drops whose runs are over."""
 
+import os
+
 from dagster import (DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason,
                      sensor)
 
@@ -36,8 +38,6 @@ def _source_type(path) -> str:
                     "into working/, adds its `tracks` partition and requests one ingest_track "
                     "run per drop; archives drops whose runs ended (done/ or failed/).")
 def queue_sensor(context: SensorEvaluationContext, queues: QueueResource):
-    import os
-
     settings = load_settings()
     store: QueueStore = queues.store()
     claim_new = os.environ.get(INGEST_ONLY_ENV) != "1"

@@ -14,12 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter, materialize
 
 from conftest import claim_tags, make_audio, write_bundle
 from dagster_server import dagster_server, free_port
-from imaker.queues import QueueStore
 from imaker.separator.client import SeparatorClient
 from imaker.settings import load_settings
 from resources import build_resources

@@ -5,7 +5,6 @@ Tiny random HTDemucs models with a 3 s segment, so a 13 s input spans 6 overlapp
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
