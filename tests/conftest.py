@@ -4,6 +4,7 @@ temp Dagster instance. Everything is real (ffmpeg, demucs loading code, Dagster)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,6 +69,9 @@ def imaker_env(tmp_path, monkeypatch, model_repo):
     monkeypatch.setenv("DEMUCS_MODEL", MODEL_NAME)
     monkeypatch.setenv("DEMUCS_MODEL_REPO", str(model_repo))
     monkeypatch.setenv("DEMUCS_DEVICE", "cpu")
+    # Several checkouts testing on one machine each get their own auto-started service.
+    if os.environ.get("IMAKER_TEST_SEPARATOR_PORT"):
+        monkeypatch.setenv("SEPARATOR_PORT", os.environ["IMAKER_TEST_SEPARATOR_PORT"])
     return data
 
 
