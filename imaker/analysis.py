@@ -21,24 +21,7 @@ DURATION_TOLERANCE_S = 0.050
 SILENCE_FLOOR_DBFS = -60.0
 
 
-def loudness(path: Path) -> dict:
-    """Integrated loudness (LUFS), loudness range (LU) and true peak (dBTP) with ffmpeg's
-    ebur128 filter."""
-    proc = subprocess.run(
-        ["ffmpeg", "-nostdin", "-hide_banner", "-nostats", "-i", str(path), "-map", "0:a:0",
-         "-af", "ebur128=peak=true", "-f", "null", "-"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise audio_mod.AudioError(f"cannot measure loudness of {Path(path).name}")
-    summary = proc.stderr[proc.stderr.rfind("Summary:"):]
-
-    def grab(label: str) -> float | None:
-        m = re.search(label + r":\s+(-?[\d.]+|-inf)", summary)
-        if not m:
-            return None
-        return float("-inf") if m.group(1) == "-inf" else float(m.group(1))
-
-    return {"integrated_lufs": grab("I"), "loudness_range_lu": grab("LRA"),
-            "true_peak_dbtp": grab("Peak")}
+loudness = audio_mod.loudness  # measured where the files are encoded and tagged
 
 
 def _db(x: float) -> float:

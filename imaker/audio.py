@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from contextlib import ExitStack
@@ -82,6 +84,23 @@ def decode(path: Path, samplerate: int, channels: int) -> np.ndarray:
     return audio
 
 
+def write_failure(returncode: int, stderr: bytes) -> str | None:
+    """Why an ffmpeg run that *writes* a file (at ``-v error``) failed, or None. ffmpeg exits
+    0 when writing the trailer meets a full disk ("Error writing trailer ...: No space
+    left on device"), so any error it printed fails the file too; killed by a signal
+    (SIGXFSZ past a file size limit) says so."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        tail = _stderr_tail(stderr) if stderr.strip() else ""
+        return f"ffmpeg was killed by {name}" + (f": {tail}" if tail else "")
+    if returncode != 0 or stderr.strip():
+        return _stderr_tail(stderr)
+    return None
+
+
 def _read_stderr(fh: IO[bytes]) -> str:
     fh.seek(0)
     return _stderr_tail(fh.read())
@@ -151,7 +170,7 @@ class Encoder:
     ffmpeg is killed, the temporary file removed, and nothing appears under ``dest``."""
 
     def __init__(self, dest: Path, samplerate: int, channels: int, fmt: str,
-                 bitrate: str = "256k", tags: "Tags | None" = None):
+                 bitrate: str = "256k", tags: "Tags | None" = None, *, measure: bool = False):
         if fmt not in FORMATS:
             raise AudioError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
         ext, self._codec_args, _ = FORMATS[fmt]
@@ -160,6 +179,8 @@ class Encoder:
             raise AudioError(f"{self.dest.name}: a {fmt} file must end in {ext}")
         self.samplerate, self.channels, self.fmt = samplerate, channels, fmt
         self.bitrate, self.tags = bitrate, tags
+        self.measure = measure
+        self.loudness: dict | None = None  # measure=True: ``loudness`` of the encoded file
         self.frames = 0  # written so far
         self._stack: ExitStack | None = None
         self._proc: subprocess.Popen | None = None
@@ -186,7 +207,9 @@ class Encoder:
 
     def _failed(self) -> AudioError:
         _reap(self._proc)
-        return AudioError(f"cannot encode {self.dest.name}: {_read_stderr(self._stderr)}")
+        self._stderr.seek(0)
+        why = write_failure(self._proc.returncode, self._stderr.read()) or "no message"
+        return AudioError(f"cannot encode {self.dest}: {why}")
 
     def write(self, chunk: np.ndarray) -> None:
         """Append float ``(channels, n)`` samples (any float dtype; sent as float32)."""
@@ -211,8 +234,14 @@ class Encoder:
         if self._proc is None:
             raise RuntimeError("Encoder.finish outside its with block")
         self._proc.stdin.close()
-        if self._proc.wait() != 0:
+        self._proc.wait()
+        self._stderr.seek(0)
+        if write_failure(self._proc.returncode, self._stderr.read()) is not None:
             raise self._failed()
+        if self.measure:  # of the encoded file, so the ReplayGain tags describe what plays
+            self.loudness = loudness(self._tmp)
+            if self.tags is not None:
+                self.tags.replaygain = replaygain(self.loudness)
         if self.tags is not None:
             self.tags.write(self._tmp, self.fmt)
         self._finished = True
@@ -260,14 +289,102 @@ def cover_mime(data: bytes) -> str | None:
     return None
 
 
+#: tags copied from the input onto every output (mutagen's "easy" names, the same in every
+#: format; see ``read_tags``). Lyrics and comments are not copied.
+COPIED_TAGS = ("albumartist", "genre", "date", "tracknumber", "discnumber", "composer",
+               "musicbrainz_trackid", "musicbrainz_releasetrackid", "musicbrainz_albumid",
+               "musicbrainz_artistid", "musicbrainz_albumartistid",
+               "musicbrainz_releasegroupid")
+_MAX_TAG_VALUES, _MAX_TAG_CHARS = 8, 500
+#: ReplayGain 2.0's reference loudness (-18 LUFS, EBU R128 measurement)
+REPLAYGAIN_REFERENCE_LUFS = -18.0
+
+
+def _easy_mp4_keys() -> None:
+    """Give mutagen's EasyMP4 the keys MusicBrainz Picard writes that it lacks (mutagen's
+    own extension mechanism)."""
+    from mutagen.easymp4 import EasyMP4Tags
+
+    if "composer" not in EasyMP4Tags.Get:
+        EasyMP4Tags.RegisterTextKey("composer", "\xa9wrt")
+        EasyMP4Tags.RegisterFreeformKey("musicbrainz_releasegroupid",
+                                        "MusicBrainz Release Group Id")
+        EasyMP4Tags.RegisterFreeformKey("musicbrainz_releasetrackid",
+                                        "MusicBrainz Release Track Id")
+
+
+def read_tags(path: Path) -> dict[str, list[str]]:
+    """The ``COPIED_TAGS`` an input file carries (any format mutagen reads: MP4/M4A, MP3,
+    FLAC, Ogg Vorbis/Opus...), ``{name: [values]}``; ``{}`` when it has none or cannot be
+    read (a missing tag never fails a track). Values are bounded in number and length."""
+    import mutagen
+
+    _easy_mp4_keys()
+    try:
+        media = mutagen.File(path, easy=True)
+    except Exception:  # noqa: BLE001 - unreadable tags are no tags; the audio is checked elsewhere
+        return {}
+    if media is None or media.tags is None:
+        return {}
+    out: dict[str, list[str]] = {}
+    for key in COPIED_TAGS:
+        try:
+            values = media.tags.get(key)
+        except (KeyError, ValueError):
+            values = None
+        clean = [str(v).strip()[:_MAX_TAG_CHARS] for v in (values or []) if str(v).strip()]
+        if clean:
+            out[key] = clean[:_MAX_TAG_VALUES]
+    return out
+
+
+def replaygain(loud: dict) -> dict | None:
+    """ReplayGain 2.0 track values from an EBU R128 measurement (``loudness``): gain to
+    -18 LUFS in dB and the true peak as a linear amplitude; None for silence."""
+    lufs, peak = loud.get("integrated_lufs"), loud.get("true_peak_dbtp")
+    if lufs is None or not np.isfinite(lufs) or lufs <= -70.0:
+        return None
+    out = {"gain_db": round(REPLAYGAIN_REFERENCE_LUFS - lufs, 2)}
+    out["peak"] = round(float(10 ** (peak / 20)), 6) if peak is not None and np.isfinite(peak) \
+        else 0.0
+    return out
+
+
+def loudness(path: Path) -> dict:
+    """Integrated loudness (LUFS), loudness range (LU) and true peak (dBTP) with ffmpeg's
+    ebur128 filter."""
+    proc = subprocess.run(
+        [_tool("ffmpeg"), "-nostdin", "-hide_banner", "-nostats", "-i", str(path), "-map",
+         "0:a:0", "-af", "ebur128=peak=true", "-f", "null", "-"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AudioError(f"cannot measure loudness of {path}")
+    summary = proc.stderr[proc.stderr.rfind("Summary:"):]
+
+    def grab(label: str) -> float | None:
+        m = re.search(label + r":\s+(-?[\d.]+|-inf)", summary)
+        if not m:
+            return None
+        return float("-inf") if m.group(1) == "-inf" else float(m.group(1))
+
+    return {"integrated_lufs": grab("I"), "loudness_range_lu": grab("LRA"),
+            "true_peak_dbtp": grab("Peak")}
+
+
 class Tags:
-    """Artist/album/title/cover/job-id tags, written with mutagen for m4a, mp3 and flac."""
+    """Tags of one output, written with mutagen for m4a, mp3 and flac (and the mp4 video):
+    title (marking the version), artist, album, album artist, the input's ``COPIED_TAGS``,
+    cover, ReplayGain 2.0 track gain/peak, and our job id and variant."""
 
     def __init__(self, artist: str, title: str, album: str | None = None,
                  cover: Path | None = None, job_id: str | None = None,
-                 variant: str | None = None):
+                 variant: str | None = None, album_artist: str | None = None,
+                 copied: dict[str, list[str]] | None = None):
         self.artist, self.title, self.album = artist, title, album
         self.job_id, self.variant = job_id, variant
+        self.copied = {k: list(v) for k, v in (copied or {}).items() if k in COPIED_TAGS and v}
+        self.album_artist = album_artist or (self.copied.pop("albumartist", [None])[0]) or artist
+        self.copied.pop("albumartist", None)
+        self.replaygain: dict | None = None  # {"gain_db", "peak"}: set by Encoder(measure=True)
         self.cover_data: bytes | None = None
         self.cover_mime: str | None = None
         if cover is not None:
@@ -276,8 +393,13 @@ class Tags:
             if mime and len(data) <= MAX_COVER_BYTES:
                 self.cover_data, self.cover_mime = data, mime
 
-    def write(self, path: Path, fmt: str) -> None:
-        getattr(self, f"_write_{fmt}")(Path(path))
+    def text(self) -> dict[str, list[str]]:
+        """The text tags by mutagen's easy names."""
+        out = {"artist": [self.artist], "title": [self.title], "albumartist": [self.album_artist]}
+        if self.album:
+            out["album"] = [self.album]
+        out.update(self.copied)
+        return out
 
     def _custom(self) -> dict[str, str]:
         out = {}
@@ -285,37 +407,44 @@ class Tags:
             out["IMAKER_JOB_ID"] = self.job_id
         if self.variant:
             out["IMAKER_VARIANT"] = self.variant
+        if self.replaygain:
+            out["REPLAYGAIN_TRACK_GAIN"] = f"{self.replaygain['gain_db']:+.2f} dB"
+            out["REPLAYGAIN_TRACK_PEAK"] = f"{self.replaygain['peak']:.6f}"
         return out
+
+    def write(self, path: Path, fmt: str) -> None:
+        import mutagen
+
+        _easy_mp4_keys()
+        path = Path(path)
+        media = mutagen.File(path, easy=True)  # the easy names, in every format
+        if media is None:
+            raise AudioError(f"cannot tag {path}: unknown file type")
+        if media.tags is None:
+            media.add_tags()
+        for key, values in self.text().items():
+            media.tags[key.upper() if fmt == "flac" else key] = values
+        media.save()
+        getattr(self, f"_write_{'m4a' if fmt == 'mp4' else fmt}")(path)
 
     def _write_m4a(self, path: Path) -> None:
         from mutagen.mp4 import MP4, MP4Cover, MP4FreeForm
 
         audio = MP4(path)
-        if audio.tags is None:
-            audio.add_tags()
         tags = audio.tags
-        tags["\xa9ART"] = [self.artist]
-        tags["\xa9nam"] = [self.title]
-        if self.album:
-            tags["\xa9alb"] = [self.album]
         if self.cover_data:
             fmt = MP4Cover.FORMAT_PNG if self.cover_mime == "image/png" else MP4Cover.FORMAT_JPEG
             tags["covr"] = [MP4Cover(self.cover_data, imageformat=fmt)]
         for key, value in self._custom().items():
-            tags[f"----:com.apple.iTunes:{key}"] = [MP4FreeForm(value.encode("utf-8"))]
+            # ReplayGain in MP4 by the foobar2000/TagLib convention: lower-case freeform keys
+            name = key.lower() if key.startswith("REPLAYGAIN_") else key
+            tags[f"----:com.apple.iTunes:{name}"] = [MP4FreeForm(value.encode("utf-8"))]
         audio.save()
 
     def _write_mp3(self, path: Path) -> None:
-        from mutagen.id3 import APIC, ID3, TALB, TIT2, TPE1, TXXX, ID3NoHeaderError
+        from mutagen.id3 import APIC, ID3, TXXX
 
-        try:
-            tags = ID3(path)
-        except ID3NoHeaderError:
-            tags = ID3()
-        tags.add(TPE1(encoding=3, text=[self.artist]))
-        tags.add(TIT2(encoding=3, text=[self.title]))
-        if self.album:
-            tags.add(TALB(encoding=3, text=[self.album]))
+        tags = ID3(path)
         if self.cover_data:
             tags.add(APIC(encoding=3, mime=self.cover_mime, type=3, desc="Cover",
                           data=self.cover_data))
@@ -327,10 +456,6 @@ class Tags:
         from mutagen.flac import FLAC, Picture
 
         audio = FLAC(path)
-        audio["ARTIST"] = self.artist
-        audio["TITLE"] = self.title
-        if self.album:
-            audio["ALBUM"] = self.album
         for key, value in self._custom().items():
             audio[key] = value
         if self.cover_data:

@@ -259,6 +259,9 @@ def read_json_file(path: Path, *, max_bytes: int = MAX_JOB_JSON_BYTES) -> Any:
                           f"column {exc.colno}") from None
 
 
+_OPTIONAL = ("gain_db", "loudness_lufs", "replaygain_track_gain_db", "replaygain_track_peak")
+
+
 @dataclass
 class ArtifactMetadata:
     kind: str  # audio | video | stems
@@ -272,12 +275,12 @@ class ArtifactMetadata:
     size_bytes: int
     sha256: str
     gain_db: float | None = None
+    loudness_lufs: float | None = None  # EBU R128 integrated loudness of the file
+    replaygain_track_gain_db: float | None = None  # ReplayGain 2.0 (-18 LUFS), also in the tags
+    replaygain_track_peak: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if out["gain_db"] is None:
-            del out["gain_db"]
-        return out
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in _OPTIONAL}
 
 
 @dataclass

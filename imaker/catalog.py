@@ -13,7 +13,7 @@ from .fsutil import atomic_path
 
 CATALOG_FILE = "catalog.csv"
 COLUMNS = ["job_id", "artist", "album", "title", "source_type", "source_url", "duration_s",
-           "variants", "stems_kept", "stems_published", "nas_sync", "processed_at", "model",
+           "input_peak_dbfs", "variants", "replaygain_db", "stems_kept", "stems_published", "nas_sync", "processed_at", "model",
            "signature", "device"]
 
 
@@ -55,7 +55,12 @@ def build_catalog(outputs_dir: Path, stems_dir: Path, job_ids: Iterable[str] | N
             "job_id": job_id, "artist": man.get("artist"), "album": man.get("album"),
             "title": man.get("title"), "source_type": man.get("source_type"),
             "source_url": src.get("url"), "duration_s": src.get("duration_s"),
+            "input_peak_dbfs": src.get("input_peak_dbfs"),
             "variants": ",".join(a["variant"] for a in arts if a.get("kind") == "audio"),
+            # ReplayGain 2.0 track gain of each variant, as tagged in its file
+            "replaygain_db": ",".join(
+                f"{a['variant']}={a['replaygain_track_gain_db']:+.2f}" for a in arts
+                if a.get("kind") == "audio" and a.get("replaygain_track_gain_db") is not None),
             "stems_kept": (Path(stems_dir) / job_id / "stems.json").is_file(),
             "stems_published": bool(man.get("stems_preserved")),
             "nas_sync": _nas_state(path.parent), "processed_at": prov.get("created_at"),

@@ -11,7 +11,9 @@
     imaker nas-sync [--once|--watch]   copy finished jobs to their NAS routes
     imaker separator serve [--host H] [--port P]
                              the separation service (holds the model for every run)
-    imaker settings          print the effective settings
+    imaker settings [--json | --get NAME]
+                             the effective settings and where each comes from (.env,
+                             environment, default)
     imaker schema job|manifest   print a published JSON Schema
 """
 
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 from .bundle import schema_path
-from .settings import SettingsError, load_settings
+from .settings import SettingsError, explain, load_env_file, load_settings, origin
 
 
 def _instance():
@@ -40,6 +42,61 @@ def _instance():
                              "(the repository's dagster_home/ works)")
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
     return DagsterInstance.get()
+
+
+def _models(settings, args) -> int:
+    from . import models
+
+    repo = settings.demucs_model_repo
+    if args.models_command == "list":
+        entries = models.installed(repo)
+        if not entries:
+            print(f"no models in {repo} (imaker models fetch [NAME] downloads "
+                  f"{settings.demucs_model}; known: {', '.join(models.known_names())})")
+        for e in entries:
+            state = "complete" if not e.missing else f"incomplete (missing {', '.join(e.missing)})"
+            mark = " (DEMUCS_MODEL)" if e.name == settings.demucs_model else ""
+            print(f"{e.name}{mark}: {state}, {len(e.files)} file(s), "
+                  f"{e.size_bytes / 1e6:.1f} MB in {repo}")
+        return 0
+    names = args.names or [settings.demucs_model]
+    if args.if_missing:
+        names = [n for n in names if models.missing(n, repo) is not None]
+        if not names:
+            return 0
+    try:
+        models.fetch(names, repo, root_url=args.url)
+    except models.ModelError as exc:
+        print(f"imaker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_settings(settings, args) -> int:
+    if args.get:
+        print(os.environ.get(args.get, ""))
+        return 0
+    if args.export:
+        import shlex
+
+        for name in args.export:
+            if name in os.environ:
+                print(f"export {name}={shlex.quote(os.environ[name])}")
+        return 0
+    if args.json:
+        print(json.dumps(settings.as_dict(), indent=2))
+        return 0
+    path, rows = explain()
+    print(f"# settings file: {path or 'none'} (IMAKER_ENV_FILE, else ./.env, else the "
+          "checkout's .env; the environment overrides it)")
+    effective = settings.as_dict()
+    aliases = {"IMAKER_DATA": "data_dir"}
+    width = max(len(name) for name, _, _ in rows)
+    for name, raw, where in rows:
+        value = effective.get(aliases.get(name, name.lower()), raw)
+        shown = raw if raw is not None and value is None else value
+        print(f"{name:<{width}} = {'' if shown is None else shown}  # {where}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
                                       "kept as history)")
     rt.add_argument("job_ids", nargs="*", metavar="JOB_ID")
     rt.add_argument("--failed", action="store_true", help="every bundle in archive/failed/")
-    sub.add_parser("settings", help="print the effective settings as JSON")
+    st = sub.add_parser("settings", help="the effective settings and where each value comes "
+                                         "from (environment, the .env file, default)")
+    st.add_argument("--json", action="store_true", help="the settings as JSON")
+    st.add_argument("--get", metavar="NAME", help="print one variable's value (environment, "
+                                                  "else the .env file; empty if unset)")
+    st.add_argument("--export", nargs="+", metavar="NAME",
+                    help="`export NAME=value` lines (shell-quoted) for the variables set in "
+                         "the environment or the .env file (scripts/serve.sh)")
     from .retrievers.cli import add_parsers as add_retriever_parsers
 
     add_retriever_parsers(sub)  # retrieve youtube|deezer|--list, import
@@ -81,18 +145,32 @@ def main(argv: list[str] | None = None) -> int:
                        help="load DEMUCS_MODEL before answering (a health check then means ready)")
     sch = sub.add_parser("schema", help="print a published JSON Schema")
     sch.add_argument("name", choices=["job", "manifest"])
+    mdl = sub.add_parser("models", help="demucs weights in DEMUCS_MODEL_REPO "
+                                        "(default $IMAKER_DATA/models)")
+    mdl_sub = mdl.add_subparsers(dest="models_command", required=True)
+    mf = mdl_sub.add_parser("fetch", help="download and verify models (default: DEMUCS_MODEL) "
+                                          "through demucs' own download table")
+    mf.add_argument("names", nargs="*", metavar="NAME")
+    mf.add_argument("--url", default=None, help="a mirror of demucs' download root "
+                                                "(https://dl.fbaipublicfiles.com/demucs/)")
+    mf.add_argument("--if-missing", action="store_true",
+                    help="only when the repo lacks them (README command 1)")
+    mdl_sub.add_parser("list", help="the models in the repo, complete or not")
     dev = sub.add_parser("dev-model", help="write a tiny random HTDemucs model repo (offline "
                                            "demos and tests; not musically useful)")
     dev.add_argument("path", type=Path)
     dev.add_argument("--name", default="tiny_htdemucs")
     args = parser.parse_args(argv)
-    if args.command == "nas-sync":
-        return args.func(args)
-
     try:
+        load_env_file()  # before anything reads the environment (children inherit it)
+        if args.command == "nas-sync":
+            return args.func(args)
         settings = load_settings()
     except SettingsError as exc:
-        print(f"imaker: {exc}", file=sys.stderr)
+        name = str(exc).split("=", 1)[0]
+        where = origin(name) if name.isupper() else "default"
+        print(f"imaker: {exc}" + (f" (set in {where})" if where not in ("default", "environment")
+                                  else ""), file=sys.stderr)
         return 2
     from .fsutil import apply_umask
 
@@ -100,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None):  # retrievers
         return args.func(args, settings)
     if args.command == "settings":
-        print(json.dumps(settings.as_dict(), indent=2))
-        return 0
+        return _print_settings(settings, args)
+    if args.command == "models":
+        return _models(settings, args)
     if args.command == "dev-model":
         from .devmodel import build_model_repo
 

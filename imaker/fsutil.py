@@ -65,6 +65,18 @@ def dir_mode() -> int:
 
 
 @contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` raised inside without a file name (a ``write`` that meets a full disk
+    or a file size limit) gets ``path``, so the message says which file it was."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+
+
+@contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place on success.
 
@@ -79,10 +91,11 @@ def atomic_path(final: Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, final)
+        with naming(final):
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, final)
         fsync_dir(final.parent)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

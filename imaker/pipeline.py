@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import audio as audio_mod
+from .analysis import SILENCE_FLOOR_DBFS, levels
 from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
 from .fsutil import atomic_path, safe_filename, sha256_file, write_json_atomic
 from .queues import QueueStore, utcnow
@@ -167,6 +168,10 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
         duration = wav.shape[1] / SOURCE_RATE
         if duration < 0.5:
             raise StageError(f"{bundle.audio}: only {duration:.2f} s of audio")
+        rms_dbfs = levels(wav)["rms_dbfs"]
+        if rms_dbfs <= SILENCE_FLOOR_DBFS:  # nothing to separate: say so before the model runs
+            raise StageError(f"the source is silent: {bundle.audio} has an RMS level of "
+                             f"{rms_dbfs} dBFS (at or below {SILENCE_FLOOR_DBFS:g} dBFS)")
         online = bundle.youtube.duration_online_s if bundle.youtube else None
         if online:
             tol = max(tolerance[0], tolerance[1] * online)
@@ -210,6 +215,8 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
             "input_sha256": sha256_file(src),
             "input_peak": round(peak, 6),
             "input_peak_dbfs": round(float(20 * np.log10(peak)), 2) if peak > 0 else None,
+            "input_rms_dbfs": rms_dbfs,
+            "source_tags": audio_mod.read_tags(src),
             "scale": scale,
             "input_file": bundle.audio,
             "source_type": bundle.source_type,
@@ -320,29 +327,45 @@ def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
     base = track_basename(bundle.artist, bundle.title)
     out_dir = lib.output_dir(job_id)
     cover = bundle.media_path("cover") if bundle.cover else None
+    try:  # the input's tags, copied onto every output (a library made before had none)
+        copied = lib.read_json(job_id, "source.json").get("source_tags") or {}
+    except StageError:
+        copied = {}
+
+    def tags(spec) -> audio_mod.Tags:
+        return audio_mod.Tags(artist=bundle.artist, title=spec.tagged_title(bundle.title),
+                              album=bundle.album, cover=cover, job_id=job_id,
+                              variant=spec.name, copied=copied)
 
     rels = {name: f"files/audio/{base}{VARIANTS[name].suffix}{audio_mod.extension(fmt)}"
             for name in names}
+    # each file is measured (EBU R128) once encoded, for its ReplayGain tags and the records
     encoders = {
-        VARIANTS[name]: audio_mod.Encoder(
-            out_dir / rels[name], rate, channels, fmt, options.audio_bitrate,
-            audio_mod.Tags(artist=bundle.artist, title=f"{bundle.title}{VARIANTS[name].suffix}",
-                           album=bundle.album, cover=cover, job_id=job_id, variant=name))
+        VARIANTS[name]: audio_mod.Encoder(out_dir / rels[name], rate, channels, fmt,
+                                          options.audio_bitrate, tags(VARIANTS[name]),
+                                          measure=True)
         for name in names}
     # streamed in chunks (two passes over the stems: peaks, then mix + encode), every
     # variant's ffmpeg encoding at once; the same audio and gain as ``mix`` of load_stems
     gains = stream_mix(stem_files, encoders, samplerate=rate, channels=channels,
                        scale=stems_meta["scale"])
-    records = [{"kind": "audio", "variant": name, "label": VARIANTS[name].label,
-                "path": rels[name], "gain_db": round(20 * np.log10(gains[name]), 3),
-                "stems": VARIANTS[name].stems_for(list(stem_files))} for name in names]
+    records = []
+    for spec, encoder in encoders.items():
+        loud, rg = encoder.loudness, encoder.tags.replaygain
+        records.append({
+            "kind": "audio", "variant": spec.name, "label": spec.label, "path": rels[spec.name],
+            "gain_db": round(20 * np.log10(gains[spec.name]), 3),
+            "stems": spec.stems_for(list(stem_files)),
+            "title_tag": encoder.tags.title,
+            "loudness_lufs": loud["integrated_lufs"], "true_peak_dbtp": loud["true_peak_dbtp"],
+            "replaygain_track_gain_db": rg["gain_db"] if rg else None,
+            "replaygain_track_peak": rg["peak"] if rg else None})
     if bundle.video:
         instrumental = next(r for r in records if r["variant"] == "instrumental")
         rel = f"files/video/{base}.mp4"
         mux_video(bundle.media_path("video"), out_dir / instrumental["path"], out_dir / rel,
                   audio_bitrate=options.audio_bitrate,
-                  tags=audio_mod.Tags(artist=bundle.artist, title=bundle.title, album=bundle.album,
-                                      cover=cover, job_id=job_id, variant="instrumental"))
+                  tags=tags(VARIANTS["instrumental"]))
         records.append({"kind": "video", "variant": "instrumental", "label": "Video (instrumental)",
                         "path": rel})
     if options.preserve_stems:
@@ -385,7 +408,9 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
             codec=codec, duration_s=round(info["duration_s"] or 0.0, 3),
             sample_rate=info["audio"]["sample_rate"], channels=info["audio"]["channels"],
             size_bytes=path.stat().st_size, sha256=sha256_file(path),
-            gain_db=rec.get("gain_db")))
+            gain_db=rec.get("gain_db"), loudness_lufs=_finite(rec.get("loudness_lufs")),
+            replaygain_track_gain_db=rec.get("replaygain_track_gain_db"),
+            replaygain_track_peak=rec.get("replaygain_track_peak")))
     manifest = JobManifest(
         job_id=job_id, source_type=bundle.source_type, artist=bundle.artist, album=bundle.album,
         title=bundle.title, stems_preserved=bool(variants.get("stems_preserved")),
@@ -408,6 +433,10 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
     if drop_id:
         store.archive_done(job_id, drop_id)
     return manifest
+
+
+def _finite(value):
+    return value if isinstance(value, (int, float)) and np.isfinite(value) else None
 
 
 def software_versions() -> dict[str, str]:

@@ -74,6 +74,12 @@ def load_model(name: str, repo: Path | None = None, device: str = "auto") -> Loa
             return _CACHE[key]
         from demucs.pretrained import ModelLoadingError, get_model
 
+        if repo is not None:  # weights missing: say so at once (no download attempts)
+            from .models import missing
+
+            why = missing(name, Path(repo))
+            if why is not None:
+                raise SeparationError(why)
         start = time.perf_counter()
         try:
             model = get_model(name, repo=Path(repo) if repo else None)

@@ -2,6 +2,12 @@
 
 Names follow the original plan (``../shared/seeds``). Defaults work on a laptop: all
 data lives under ``IMAKER_DATA`` (default ``./data``) unless a path variable says otherwise.
+
+The settings file: a ``.env`` (python-dotenv syntax) is read by every entry point
+(``imaker``, README command 1, ``dagster dev``'s code server, the runs) through
+``load_env_file``; the environment overrides it. Which file: ``IMAKER_ENV_FILE`` if set
+(empty: none), else ``./.env`` in the current folder, else the checkout's ``.env``.
+``imaker settings`` shows where each value came from.
 """
 
 from __future__ import annotations
@@ -17,6 +23,100 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 class SettingsError(ValueError):
     pass
+
+
+#: the checkout (where pyproject.toml and the default .env live)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ENV_FILE_VAR = "IMAKER_ENV_FILE"
+#: variables holding paths: a relative one in the settings file is relative to the file's
+#: folder (as docker compose does), so every command finds the same data from any folder
+PATH_VARS = ("IMAKER_DATA", "QUEUE_YOUTUBE_AUDIO", "QUEUE_YOUTUBE_VIDEO", "QUEUE_OTHER",
+             "WORKING_DIR", "ARCHIVE_DIR", "OUTPUTS_DIR", "LIBRARY_DIR", "STEMS_DIR",
+             "DEMUCS_MODEL_REPO", "NAS_SYNC_CONFIG_PATH", "DAGSTER_HOME")
+#: names read from the settings file, and the file, once ``load_env_file`` ran
+_FROM_FILE: dict[str, str] = {}
+_LOADED: list[Path | None] = []
+
+
+def env_file_path(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The settings file this process reads (see the module docstring), or None."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(ENV_FILE_VAR)
+    if raw is not None:
+        return Path(raw).expanduser().resolve() if raw.strip() else None
+    for candidate in (Path.cwd() / ".env", PROJECT_ROOT / ".env"):
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
+
+
+def load_env_file() -> Path | None:
+    """Put the settings file's values into ``os.environ`` where the environment does not
+    set them already (python-dotenv, ``override=False``), once per process, so that child
+    processes (the daemon, code servers, runs) see the same settings. Returns the file."""
+    if _LOADED:
+        return _LOADED[0]
+    path = env_file_path()
+    if path is not None:
+        if not path.is_file():
+            raise SettingsError(f"{ENV_FILE_VAR}={path}: no such file")
+        from dotenv import dotenv_values
+
+        try:
+            values = dotenv_values(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"cannot read the settings file {path}: {exc}") from None
+        for name, value in values.items():
+            if value is not None and name not in os.environ:
+                if name in PATH_VARS and value.strip() and not value.strip().startswith(
+                        ("/", "~", "$")):
+                    value = str(path.parent / value.strip())
+                os.environ[name] = value
+                _FROM_FILE[name] = str(path)
+        # children find the same file even from another folder
+        os.environ.setdefault(ENV_FILE_VAR, str(path))
+    _LOADED.append(path)
+    return path
+
+
+class _Recording(Mapping):
+    """``os.environ`` that remembers which names were read (for ``explain``)."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env, self.read = env, []
+
+    def __getitem__(self, key):
+        if key not in self.read:
+            self.read.append(key)
+        return self.env[key]
+
+    def get(self, key, default=None):
+        if key not in self.read:
+            self.read.append(key)
+        return self.env.get(key, default)
+
+    def __iter__(self):
+        return iter(self.env)
+
+    def __len__(self):
+        return len(self.env)
+
+
+def explain() -> tuple[Path | None, list[tuple[str, str | None, str]]]:
+    """The settings file and, for every variable the settings read, (name, the value set
+    or None for the default, where it came from). Raises ``SettingsError`` like
+    ``load_settings``."""
+    path = load_env_file()
+    recording = _Recording(os.environ)
+    load_settings(recording)
+    return path, [(name, os.environ.get(name), origin(name)) for name in recording.read]
+
+
+def origin(name: str) -> str:
+    """Where a variable's value comes from: "environment", the settings file, or "default"."""
+    if name in _FROM_FILE:
+        return _FROM_FILE[name]
+    return "environment" if name in os.environ else "default"
 
 
 def _clean(env: Mapping[str, str], name: str) -> str | None:
@@ -46,7 +146,8 @@ def _num(env: Mapping[str, str], name: str, default, kind=float):
     try:
         return kind(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+        what = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
+        raise SettingsError(f"{name}={raw!r} is not {what}") from None
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -87,7 +188,7 @@ class Settings:
     max_claim_attempts: int
     sensor_max_jobs_per_tick: int
     demucs_model: str
-    demucs_model_repo: Path | None
+    demucs_model_repo: Path  # DEMUCS_MODEL_REPO, default $IMAKER_DATA/models
     demucs_device: str
     demucs_segment: float | None
     demucs_overlap: float
@@ -121,8 +222,10 @@ class Settings:
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read settings from ``env`` (default: ``os.environ``)."""
-    env = os.environ if env is None else env
+    """Read settings from ``env`` (default: ``os.environ`` after ``load_env_file``)."""
+    if env is None:
+        load_env_file()
+        env = os.environ
     data = Path(_clean(env, "IMAKER_DATA") or "data").expanduser().resolve()
 
     def path(name: str, default: Path) -> Path:
@@ -168,7 +271,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_claim_attempts=_num(env, "MAX_CLAIM_ATTEMPTS", 3, int),
         sensor_max_jobs_per_tick=_num(env, "SENSOR_MAX_JOBS_PER_TICK", 20, int),
         demucs_model=_clean(env, "DEMUCS_MODEL") or "htdemucs",
-        demucs_model_repo=Path(repo).expanduser().resolve() if repo else None,
+        demucs_model_repo=Path(repo).expanduser().resolve() if repo else data / "models",
         demucs_device=device,
         demucs_segment=segment,
         demucs_overlap=_num(env, "DEMUCS_OVERLAP", 0.25),

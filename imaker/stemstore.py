@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import FORMATS, AudioError, _stderr_tail, _tool
-from .fsutil import atomic_path
+from .audio import FORMATS, AudioError, _tool, write_failure
+from .fsutil import atomic_path, naming
 
 #: stems at or above this peak would clip in 24-bit FLAC: all are scaled by one factor
 STEM_PEAK_LIMIT = 0.999
@@ -49,7 +49,8 @@ class RawStemWriter:
         if chunk.size:
             self.peak = max(self.peak, float(np.max(np.abs(chunk))))
         for i, name in enumerate(self.sources):
-            self._files[name].write(np.ascontiguousarray(chunk[i].T, dtype="<f4").tobytes())
+            with naming(self.paths[name]):  # a full disk names the stem file
+                self._files[name].write(np.ascontiguousarray(chunk[i].T, dtype="<f4").tobytes())
         self.frames += int(chunk.shape[-1])
 
     @property
@@ -96,6 +97,7 @@ def encode_raw(raw: Path, samplerate: int, channels: int, dest: Path, fmt: str,
             [_tool("ffmpeg"), "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar",
              str(samplerate), "-ac", str(channels), "-i", str(raw), *gain_args, *codec_args,
              str(tmp)], capture_output=True)
-        if proc.returncode != 0:
-            raise AudioError(f"cannot encode {Path(dest).name}: {_stderr_tail(proc.stderr)}")
+        why = write_failure(proc.returncode, proc.stderr)
+        if why is not None:
+            raise AudioError(f"cannot encode {dest}: {why}")
     return Path(dest)

@@ -25,8 +25,12 @@ class VariantSpec:
     name: str
     label: str
     suffix: str  # appended to "Artist - Track" in the file name
+    title_tag: str  # the title tag, marking the version for media libraries
     exclude: tuple[str, ...] = ()
     include: tuple[str, ...] | None = None  # None = every stem not excluded
+
+    def tagged_title(self, title: str) -> str:
+        return self.title_tag.format(title=title)
 
     def stems_for(self, available: list[str]) -> list[str]:
         chosen = [s for s in available
@@ -39,9 +43,12 @@ class VariantSpec:
 VARIANTS: dict[str, VariantSpec] = {
     spec.name: spec
     for spec in (
-        VariantSpec("instrumental", "Instrumental", "", exclude=("vocals",)),
-        VariantSpec("no_drums", "Instrumental (no drum)", " (no drum)", exclude=("vocals", "drums")),
-        VariantSpec("drums_only", "Drums only", " (drums only)", include=("drums",)),
+        VariantSpec("instrumental", "Instrumental", "", "{title} (Instrumental)",
+                    exclude=("vocals",)),
+        VariantSpec("no_drums", "Instrumental (no drum)", " (no drum)",
+                    "{title} (Instrumental, no drums)", exclude=("vocals", "drums")),
+        VariantSpec("drums_only", "Drums only", " (drums only)", "{title} (Drums only)",
+                    include=("drums",)),
     )
 }
 
@@ -195,6 +202,7 @@ def stream_mix(paths: Mapping[str, Path], outputs: Mapping[VariantSpec, audio_mo
             writing = [pool.submit(outputs[spec].write, out) for spec, out in mixed.items()]
         for future in writing:
             future.result()
-        for encoder in outputs.values():  # all complete and tagged before any is renamed
-            encoder.finish()
+        # all complete, measured and tagged (in parallel) before any is renamed
+        for future in [pool.submit(encoder.finish) for encoder in outputs.values()]:
+            future.result()
     return gains

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .audio import AudioError, Tags, _stderr_tail, _tool, probe
+from .audio import AudioError, Tags, _tool, probe, write_failure
 from .fsutil import atomic_path
 
 
@@ -38,8 +38,9 @@ def mux_video(video_src: Path, instrumental_audio: Path, dest: Path, *,
              "-i", str(instrumental_audio), "-map", "0:v:0", "-map", "1:a:0",
              "-c:v", "copy", *audio_args, "-map_metadata", "-1", "-movflags", "+faststart",
              "-f", "mp4", str(tmp)], capture_output=True, timeout=3600)
-        if proc.returncode != 0:
-            raise VideoError(f"cannot mux {dest.name}: {_stderr_tail(proc.stderr)}")
+        why = write_failure(proc.returncode, proc.stderr)
+        if why is not None:
+            raise VideoError(f"cannot mux {dest}: {why}")
         if tags is not None:
             tags.write(tmp, "m4a")  # mutagen's MP4 handles video files too
     return dest

@@ -104,13 +104,14 @@ def variants(context: AssetExecutionContext, queues: QueueResource,
         meta = pipeline.make_variants(library.output_options(), lib, job_id)
     out = lib.output_dir(job_id)
     audio_arts = [a for a in meta["artifacts"] if a["kind"] == "audio"]
-    per_variant = {}
-    for art in audio_arts:
-        loud = analysis.loudness(out / art["path"])
-        per_variant[art["variant"]] = {
+    per_variant = {
+        art["variant"]: {
             "file": art["path"], "bytes": (out / art["path"]).stat().st_size,
-            "gain_db": art["gain_db"], "loudness_lufs": loud["integrated_lufs"],
-            "true_peak_dbtp": loud["true_peak_dbtp"]}
+            "title_tag": art["title_tag"], "gain_db": art["gain_db"],
+            "loudness_lufs": art["loudness_lufs"], "true_peak_dbtp": art["true_peak_dbtp"],
+            "replaygain_track_gain_db": art["replaygain_track_gain_db"],
+            "replaygain_track_peak": art["replaygain_track_peak"]}
+        for art in audio_arts}
     pictures = {"Source": analysis.waveform_png(lib.track_dir(job_id) / "source.flac")}
     instrumental = next((a for a in audio_arts if a["variant"] == "instrumental"), audio_arts[0])
     pictures[instrumental["label"]] = analysis.waveform_png(out / instrumental["path"], color="0xe0602f")

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# a developer's own .env never leaks into the tests (tests/test_settings_file.py sets its own)
+os.environ["IMAKER_ENV_FILE"] = ""
+
 from imaker.devmodel import build_model_repo
 
 MODEL_NAME = "tiny_htdemucs"
@@ -81,10 +84,11 @@ def write_bundle(queue_dir: Path, job_id: str, media: Path | None, *, folder: st
     name = folder or f"job_{job_id}"
     tmp = queue_dir / f"{name}.tmp"
     tmp.mkdir(parents=True)
+    audio_name = "audio" + (Path(media).suffix if media is not None else ".m4a")
     data = {"schema_version": 1, "job_id": job_id, "source_type": "youtube",
-            "title": "Test Song", "artist": "AC/DC", "album": "YTDL", "audio": "audio.m4a"}
+            "title": "Test Song", "artist": "AC/DC", "album": "YTDL", "audio": audio_name}
     if media is not None:
-        shutil.copy(media, tmp / "audio.m4a")  # fields below may point "audio" elsewhere
+        shutil.copy(media, tmp / audio_name)  # fields below may point "audio" elsewhere
     if cover is not None:
         shutil.copy(cover, tmp / "cover.jpg")
         data["cover"] = "cover.jpg"

@@ -141,7 +141,7 @@ def test_encoder_chunks_equal_encode_and_are_tagged(tmp_path, cover_jpg):
 @pytest.mark.parametrize("writes", [0, 1, 10])  # fails at the end, or while writing
 def test_encoder_leaves_nothing_when_ffmpeg_fails(tmp_path, writes):
     chunk = _stems(1.0, loud=False)["bass"][:, :1000 if writes == 1 else None]
-    with pytest.raises(audio.AudioError, match="cannot encode x.m4a: .*bit"):
+    with pytest.raises(audio.AudioError, match="cannot encode .*x.m4a: .*bit"):
         with audio.Encoder(tmp_path / "x.m4a", RATE, 2, "m4a", bitrate="not-a-bitrate") as enc:
             for _ in range(writes):
                 enc.write(chunk)
@@ -212,7 +212,7 @@ def test_stream_mix_publishes_nothing_when_one_variant_fails(tmp_path, seconds, 
     good = (VARIANTS["instrumental"], audio.Encoder(out / "i.flac", RATE, 2, "flac"))
     bad = (VARIANTS["drums_only"], audio.Encoder(out / "d.m4a", RATE, 2, "m4a", "not-a-bitrate"))
     outs = dict([bad, good] if bad_first else [good, bad])
-    with pytest.raises(audio.AudioError, match="cannot encode d.m4a"):
+    with pytest.raises(audio.AudioError, match="cannot encode .*d.m4a"):
         stream_mix(paths, outs, samplerate=RATE, channels=2, scale=0.8, chunk_frames=4096)
     assert list(out.iterdir()) == []
     assert not _ffmpeg_children()
@@ -261,7 +261,7 @@ def test_make_variants_pipeline_streams_the_same_records_and_audio(tmp_path):
         got = audio.decode(lib.output_dir("mixjob") / art["path"], RATE, 2)
         np.testing.assert_allclose(got, audio.decode(old, RATE, 2), rtol=0, atol=1e-4)
         assert MutagenFile(lib.output_dir("mixjob") / art["path"], easy=True)["title"] == [
-            f"Song{spec.suffix}"]
+            spec.tagged_title("Song")] == [art["title_tag"]]
     assert meta["artifacts"][0]["gain_db"] < 0 and meta["artifacts"][2]["gain_db"] == 0.0
     assert not [p for p in lib.output_dir("mixjob").rglob("*") if ".part" in p.name]
 

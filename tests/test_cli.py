@@ -12,11 +12,11 @@ from imaker.settings import load_settings
 ROOT = Path(__file__).parents[1]
 
 
-def _imaker(*args):
+def _imaker(*args, env=None):
     exe = Path(sys.executable).with_name("imaker")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "imaker.cli"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT,
-                          env=os.environ.copy(), timeout=600)
+                          env={**os.environ, **(env or {})}, timeout=600)
 
 
 def test_ingest_once_processes_good_and_fails_hostile_without_losing_anything(
@@ -36,8 +36,18 @@ def test_ingest_once_processes_good_and_fails_hostile_without_losing_anything(
     os.symlink("/etc/hostname", link / "x.m4a")
     (s.queue_other / "job_still_writing.tmp").mkdir()
     (s.queue_other / "job_bad id!").mkdir()
+    silent = tmp_path / "silent.m4a"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
+                    "anullsrc=r=44100:cl=stereo", "-t", "3", str(silent)], check=True)
+    write_bundle(s.queue_other, "bad_silent", silent)
+    # a variant cut short inside the real run (tests/faults/sitecustomize.py): the blocking
+    # duration check fails the track
+    write_bundle(s.queue_other, "bad_truncated", source_m4a)
+    faults = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"),
+                                                           os.environ.get("PYTHONPATH")])),
+              "IMAKER_FAULT_TRUNCATE_JOB": "bad_truncated"}
 
-    proc = _imaker("ingest", "--once")
+    proc = _imaker("ingest", "--once", env=faults)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
     assert lines["good_1"] == str(s.outputs_dir / "good_1")
@@ -50,12 +60,17 @@ def test_ingest_once_processes_good_and_fails_hostile_without_losing_anything(
     assert "unknown schema_version 7" in lines["bad_version"]
     assert "artist" in lines["bad_huge"] and len(lines["bad_huge"]) < 1000
     assert "outside the bundle" in lines["bad_link"]
+    assert lines["bad_silent"].startswith("failed: source_audio: the source is silent: ")
+    assert lines["bad_truncated"].startswith("failed: checks: ")
+    assert "variants_match_source_duration" in lines["bad_truncated"]
+    assert "instrumental" in lines["bad_truncated"]
 
     done = sorted(p.name for p in (s.archive_dir / "done").iterdir())
     failed = sorted(p.name for p in (s.archive_dir / "failed").iterdir())
     assert done == ["job_good_1", "job_good_2"]
     assert failed == ["job_bad_audio", "job_bad_huge", "job_bad_id_", "job_bad_json", "job_bad_link",
-                      "job_bad_missing", "job_bad_path", "job_bad_version"]
+                      "job_bad_missing", "job_bad_path", "job_bad_silent", "job_bad_truncated",
+                      "job_bad_version"]
     for name in failed:
         error = json.loads((s.archive_dir / "failed" / name / "error.json").read_text())
         assert error["error"] and error["at"] and "stage" in error

@@ -394,7 +394,7 @@ def test_dockerfile_rules():
     assert "ffmpeg" in app and "--no-install-recommends" in app and "rm -rf /var/lib/apt/lists" in app
     assert "DEMUCS_MODEL_REPO=/models" in app and "HF_HUB_OFFLINE=1" in app
     assert "COPY --from=models /models /models" in app
-    assert "fetch_models.py" in stages["models"]
+    assert "python /tmp/models.py fetch --repo /models" in stages["models"]  # = imaker models fetch
     # --build-arg DEMUCS_MODELS= (empty) bakes no weights and runs no download
     assert 'if [ -n "${DEMUCS_MODELS}" ]' in stages["models"]
     # the image user comes from PUID/PGID (linuxserver.io convention)
@@ -410,35 +410,6 @@ def test_dockerfile_rules():
         assert entry in ignore, entry
     # the youtube watcher is a valid shell script
     subprocess.run(["bash", "-n", str(DOCKER / "youtube-watch.sh")], check=True)
-
-
-def test_fetch_models_writes_a_loadable_repo(tmp_path, monkeypatch, model_repo):
-    """The build-time fetcher with the download replaced by a copy of the tiny test model:
-    the folder it writes loads through demucs with repo=... (no network)."""
-    import importlib.util
-
-    import demucs.repo
-    import torch.hub
-
-    spec = importlib.util.spec_from_file_location("fetch_models", DOCKER / "fetch_models.py")
-    fetch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fetch)
-    [(name, _, files)] = fetch.plan(["htdemucs"])
-    assert name == "htdemucs" and files[0][1].startswith("https://dl.fbaipublicfiles.com/demucs/")
-
-    [tiny] = sorted(model_repo.glob("*.th"))
-    calls = []
-
-    def fake_download(url, dst, hash_prefix=None, progress=True):
-        calls.append((url, hash_prefix))
-        shutil.copy(tiny, dst)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    monkeypatch.setattr(demucs.repo, "check_checksum", lambda path, checksum: None)
-    out = tmp_path / "models"
-    assert fetch.main(["--out", str(out), "htdemucs"]) == 0
-    assert calls == [(files[0][1], files[0][0].rsplit("-", 1)[1][:-3])]
-    assert sorted(p.name for p in out.iterdir()) == sorted([files[0][0], "htdemucs.yaml"])
 
 
 def test_youtube_watcher_hands_each_inbox_file_to_imaker_once(tmp_path):

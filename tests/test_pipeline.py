@@ -54,7 +54,7 @@ def test_track_materializes_with_contract_names_tags_and_manifest(imaker_env, so
         assert abs(audio.probe(path)["duration_s"] - source_duration) <= 0.05
         tags = MutagenFile(path, easy=True)
         assert tags["artist"] == ["AC/DC"] and tags["album"] == ["YTDL"]
-        assert tags["title"][0] == "Test Song" + VARIANTS[art["variant"]].suffix
+        assert tags["title"][0] == VARIANTS[art["variant"]].tagged_title("Test Song")
         raw = MutagenFile(path)
         assert bytes(raw.tags["----:com.apple.iTunes:IMAKER_JOB_ID"][0]) == b"yt_abc"
         assert bytes(raw.tags["covr"][0]) == cover_jpg.read_bytes()

@@ -154,18 +154,28 @@ def test_a_drop_whose_last_run_died_goes_to_failed_with_the_reason(imaker_env, s
 
 
 def test_a_failed_blocking_check_keeps_the_track_out_of_done_with_its_reason(
-        imaker_env, tmp_path):
-    """A silent result: the blocking check on `variants` fails, `manifest` never runs, and
-    the sensor archives the bundle to failed/ with the check's description."""
-    import subprocess
+        imaker_env, source_m4a, monkeypatch):
+    """A silent result (the variants step leaves a silent instrumental of the right length):
+    the blocking check on `variants` fails, `manifest` never runs, and the sensor archives
+    the bundle to failed/ with the check's description."""
+    import numpy as np
 
+    from imaker import audio, pipeline
+
+    real_variants = pipeline.make_variants
+
+    def silencing_variants(options, lib, job_id):
+        meta = real_variants(options, lib, job_id)
+        path = lib.output_dir(job_id) / meta["artifacts"][0]["path"]
+        frames = audio.decode(path, 44100, 2).shape[1]
+        audio.encode(np.zeros((2, frames), np.float32), 44100, path, "m4a")
+        return meta
+
+    monkeypatch.setattr(pipeline, "make_variants", silencing_variants)
     settings = load_settings()
     defs = build_defs(settings)
     instance = DagsterInstance.get()
-    silent = tmp_path / "silent.m4a"
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
-                    "anullsrc=r=44100:cl=stereo", "-t", "3", str(silent)], check=True)
-    write_bundle(settings.queue_other, "quiet", silent)
+    write_bundle(settings.queue_other, "quiet", source_m4a)
     result = _tick(instance, defs)
     _apply(instance, result)
     run = _execute(instance, defs, result.run_requests[0])
