@@ -241,3 +241,29 @@ def test_ingest_once_notifies_each_outcome_once_and_a_dead_receiver_does_not_mat
     msgs = receiver.messages("/hook")
     assert len(msgs) == 3, msgs
     assert msgs[2]["title"] == "Instrumental failed: AC/DC - Bad Again"
+
+
+def test_readme_rescan_urls_make_the_documented_requests(receiver):
+    """Every media-server URL in the README's Notifications table, pointed at the local
+    receiver, makes the request its row names (method, path, token header or parameter)."""
+    import re
+    from urllib.parse import parse_qs, urlsplit
+
+    text = (ROOT / "README.md").read_text().split("## Notifications", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\w+)[^|]*\| `(jsons?://[^`]+)` \|$", text, re.M)
+    assert {name for name, _ in rows} >= {"Jellyfin", "Plex", "Navidrome"}
+    outcome = notify.TrackOutcome("j1", "done", title="T", variants=("instrumental",))
+    for name, url in rows:
+        local = re.sub(r"^json://[^/]+", f"json://127.0.0.1:{receiver.port}", url)
+        assert notify.send((local,), outcome).ok, name
+        req = receiver.requests[-1]
+        parts = urlsplit(url.replace("json://", "http://"))
+        query = {k: v for k, v in parse_qs(parts.query).items()}
+        got = urlsplit(req["path"])
+        assert got.path == parts.path, name
+        assert req["method"] == query.get("method", ["POST"])[0], name
+        for key, [value] in query.items():
+            if key.startswith("+"):
+                assert req["headers"][key[1:]] == value, name
+            elif key.startswith("-"):
+                assert parse_qs(got.query)[key[1:]] == [value], name
