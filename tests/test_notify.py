@@ -187,6 +187,20 @@ def test_failed_run_notifies_only_when_dagster_will_not_retry_it(
     assert msg["title"] == "Instrumental failed: AC/DC - Dead Song" and msg["type"] == "failure"
     assert "exit code -9" in msg["message"] and "after 2 attempts" in msg["message"]
 
+    # a run canceled from the UI: "failed", through `notify_canceled`
+    from sensors.notify_sensor import notify_canceled
+
+    run = instance.create_run_for_job(job, tags={**req.tags, "dagster/partition": "dies"})
+    instance.report_run_canceled(run)
+    run = instance.get_run_by_id(run.run_id)
+    [event] = instance.get_records_for_run(
+        run.run_id, of_type=DagsterEventType.RUN_CANCELED).records
+    notify_canceled(build_run_status_sensor_context(
+        sensor_name="notify_canceled", dagster_event=event.event_log_entry.dagster_event,
+        dagster_instance=instance, dagster_run=run))
+    assert len(receiver.messages("/hook")) == 2
+    assert f"run {run.run_id} was canceled" in receiver.messages("/hook")[1]["message"]
+
 
 def _imaker(*args, env=None):
     exe = Path(sys.executable).with_name("imaker")
