@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import BundleError, read_json_file
@@ -56,7 +56,6 @@ class TrackOutcome:
     folder: str | None = None         # done: outputs/<job_id>
     stage: str | None = None          # failed: the step that failed (source_audio, run, ...)
     reason: str | None = None         # failed: why
-    extra: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:

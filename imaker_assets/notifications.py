@@ -15,9 +15,10 @@ and outcomes that happened while no daemon ran are handled when one starts again
 from __future__ import annotations
 
 from dagster import (AssetKey, DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus,
-                     RunsFilter)
+                     RunsFilter, RunStatusChangeRecordsFilter)
+# not exported by Dagster (pinned 1.13.27): the run status sensors' stored cursor, read by
+# `unhandled_outcomes` for `imaker ingest` (tests/test_notify.py fails if they change)
 from dagster._core.definitions.run_status_sensor_definition import RunStatusSensorCursor
-from dagster._core.event_api import RunStatusChangeRecordsFilter
 from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 
 from imaker import notify
