@@ -13,6 +13,7 @@ The settings file: a ``.env`` (python-dotenv syntax) is read by every entry poin
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
@@ -206,6 +207,10 @@ class Settings:
     ytdl_audio_format: str
     ytdl_duration_tol_sec: float
     ytdl_duration_tol_pct: float
+    # notifications (imaker/notify.py); defaults so that code building Settings by hand
+    # needs no change
+    notify_urls: tuple[str, ...] = ()   # NOTIFY_URLS: Apprise URLs; () = no notifications
+    notify_on: tuple[str, ...] = ("done", "failed")  # NOTIFY_ON: which outcomes are sent
 
     @property
     def queues(self) -> dict[str, Path]:
@@ -305,4 +310,30 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("SEPARATOR_CONCURRENCY must be auto or >= 1")
     if not 0 < settings.separator_port < 65536:
         raise SettingsError("SEPARATOR_PORT must be a TCP port (1-65535)")
+    settings = _with_notifications(env, settings)
     return settings
+
+
+def _with_notifications(env: Mapping[str, str], settings: Settings) -> Settings:
+    """NOTIFY_URLS (Apprise URLs, separated by commas, spaces or newlines) and NOTIFY_ON
+    (done, failed or both: the default). Each URL is checked by Apprise here, so a typo
+    fails at start-up rather than silently when the first track is done."""
+    from dataclasses import replace
+
+    from .notify import EVENTS, invalid_urls, split_urls
+
+    urls = split_urls(_clean(env, "NOTIFY_URLS"))
+    bad = invalid_urls(urls) if urls else []
+    if bad:
+        shown = ", ".join(u.split("://", 1)[0] + "://…" if "://" in u else repr(u[:20])
+                          for u in bad)
+        raise SettingsError(f"NOTIFY_URLS: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'}"
+                            f" not a valid Apprise URL ({shown}); see "
+                            "https://github.com/caronc/apprise/wiki for the URL of each service")
+    on = tuple(e for e in re.split(r"[,\s]+", (_clean(env, "NOTIFY_ON") or "done,failed").lower())
+               if e)
+    unknown = [e for e in on if e not in EVENTS]
+    if unknown or not on:
+        raise SettingsError(f"NOTIFY_ON={_clean(env, 'NOTIFY_ON')!r}: expected done, failed or "
+                            "done,failed")
+    return replace(settings, notify_urls=urls, notify_on=tuple(dict.fromkeys(on)))

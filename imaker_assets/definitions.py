@@ -7,7 +7,7 @@ from dagster import Definitions
 from imaker.fsutil import apply_umask
 from imaker.settings import Settings, load_settings
 from resources import build_resources
-from sensors import queue_sensor
+from sensors import notify_sensors, queue_sensor
 
 from .assets import track_assets
 from .catalog import catalog, catalog_automation
@@ -27,9 +27,9 @@ def build_defs(settings: Settings | None = None) -> Definitions:
         asset_checks=track_checks,
         jobs=[ingest_track, retrieve],
         # the daemon that `imaker ingest` starts only drives its claims (it refreshes the
-        # catalog itself when its jobs are done)
-        sensors=([queue_sensor] if os.environ.get("IMAKER_INGEST_ONLY") == "1"
-                 else [queue_sensor, catalog_automation]),
+        # catalog itself when its jobs are done) and notifies their outcomes (NOTIFY_URLS)
+        sensors=([queue_sensor, *notify_sensors] if os.environ.get("IMAKER_INGEST_ONLY") == "1"
+                 else [queue_sensor, *notify_sensors, catalog_automation]),
         resources=build_resources(settings),
     )
 

@@ -22,6 +22,7 @@ from .assets import manifest, stems, track_assets, variants
 from .catalog import catalog
 from .checks import track_checks
 from .lifecycle import WILL_RETRY_TAG, claim_ready, drop_runs, failure_reason
+from .notifications import unhandled_outcomes
 from .partitions import tracks
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -129,6 +130,35 @@ def outcome(instance: DagsterInstance, store: QueueStore, claim: Claim,
     return True, f"{claim.job_id}: {settings.outputs_dir / claim.job_id}"
 
 
+#: how long `imaker ingest` keeps its daemon up for the notification sensors (they tick
+#: every 5 s; a receiver that does not answer costs them at most a few seconds per URL)
+NOTIFY_WAIT_S = 120.0
+
+
+def wait_for_notifications(instance: DagsterInstance, guard: DaemonGuard,
+                           poll_s: float = 0.5, timeout_s: float = NOTIFY_WAIT_S) -> bool:
+    """Keep the daemon started by ``imaker ingest`` up until the notification sensors have
+    handled every finished `ingest_track` run (their cursors passed its status event).
+
+    Why wait here rather than send from the CLI: the run status sensors are the one place
+    that decides and sends (under ``dagster dev`` too), and their cursors make each outcome
+    notified once. But this short-lived daemon is stopped as soon as the drops settle,
+    usually before the sensors' next tick; the cursor is durable, so the outcome would only
+    be notified whenever a daemon next runs. Waiting for the cursors costs a few seconds
+    and keeps one mechanism. Returns False if it gave up (the daemon died, or timeout):
+    those outcomes are then notified the next time a daemon runs, not lost."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pending = unhandled_outcomes(instance)
+        if not pending:
+            return True
+        if time.monotonic() > deadline or guard.proc is None or guard.proc.poll() is not None:
+            print(f"imaker: {len(pending)} track outcome(s) not notified yet; they will be "
+                  "when a Dagster daemon runs next", file=sys.stderr, flush=True)
+            return False
+        time.sleep(max(poll_s, 1.0))
+
+
 def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | None = None,
                 poll_s: float = 0.5) -> int:
     """Claim every ready bundle, let Dagster process each drop as its own `ingest_track`
@@ -174,6 +204,8 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
         while guard.proc is not None and any(
                 c.by.startswith("imaker-ingest:") for c in store.claims()):
             time.sleep(poll_s)
+        if guard.proc is not None and settings.notify_urls:
+            wait_for_notifications(instance, guard, poll_s)
     finally:
         guard.close()
     refresh_catalog(instance, settings)

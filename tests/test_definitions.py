@@ -27,10 +27,30 @@ def test_definitions_contents(imaker_env):
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"source_audio", "stems", "variants", "manifest", "nas_copy", "catalog"}
     sensors = {s.name for s in defs.sensors}
-    assert sensors == {"queue_sensor", "catalog_automation"}
+    assert sensors == {"queue_sensor", "notify_done", "notify_failed", "notify_canceled",
+                       "catalog_automation"}
     from imaker_assets.assets import stems
 
     assert stems.op.pool == "gpu"
     assert {j.name for j in defs.resolve_sensor_def("queue_sensor").jobs} == {"ingest_track"}
     assert {j.name for j in defs.resolve_all_job_defs()} >= {"ingest_track", "retrieve"}
     assert "ingest_batch" not in {j.name for j in defs.resolve_all_job_defs()}
+
+
+def test_ingest_only_daemon_has_the_queue_and_notification_sensors(imaker_env, monkeypatch):
+    """The daemon `imaker ingest --once` starts (IMAKER_INGEST_ONLY=1) notifies too."""
+    from dagster import DagsterRunStatus, DefaultSensorStatus
+
+    from imaker_assets.definitions import build_defs
+
+    monkeypatch.setenv("IMAKER_INGEST_ONLY", "1")
+    defs = build_defs()
+    assert {s.name for s in defs.sensors} == {"queue_sensor", "notify_done", "notify_failed",
+                                             "notify_canceled"}
+    for name, status in (("notify_done", DagsterRunStatus.SUCCESS),
+                         ("notify_failed", DagsterRunStatus.FAILURE),
+                         ("notify_canceled", DagsterRunStatus.CANCELED)):
+        sensor = defs.resolve_sensor_def(name)
+        assert sensor.default_status == DefaultSensorStatus.RUNNING
+        assert sensor._run_status == status   # no public accessor in Dagster 1.13
+        assert [j.name for j in sensor._monitored_jobs] == ["ingest_track"]
