@@ -83,8 +83,13 @@ def _print_settings(settings, args) -> int:
             if name in os.environ:
                 print(f"export {name}={shlex.quote(os.environ[name])}")
         return 0
+    # Apprise URLs carry tokens and passwords: shown as their schemes only
+    hidden = {"NOTIFY_URLS": ", ".join(u.split("://", 1)[0] + "://…" for u in
+                                       settings.notify_urls)}
     if args.json:
-        print(json.dumps(settings.as_dict(), indent=2))
+        data = settings.as_dict()
+        data["notify_urls"] = hidden["NOTIFY_URLS"]
+        print(json.dumps(data, indent=2))
         return 0
     path, rows = explain()
     print(f"# settings file: {path or 'none'} (IMAKER_ENV_FILE, else ./.env, else the "
@@ -95,6 +100,8 @@ def _print_settings(settings, args) -> int:
     for name, raw, where in rows:
         value = effective.get(aliases.get(name, name.lower()), raw)
         shown = raw if raw is not None and value is None else value
+        if name in hidden:
+            shown = hidden[name]
         print(f"{name:<{width}} = {'' if shown is None else shown}  # {where}")
     return 0
 
