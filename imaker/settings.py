@@ -7,7 +7,7 @@ data lives under ``IMAKER_DATA`` (default ``./data``) unless a path variable say
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -105,6 +105,10 @@ class Settings:
     ytdl_audio_format: str
     ytdl_duration_tol_sec: float
     ytdl_duration_tol_pct: float
+    # --- media server (listen from the UI; imaker/media.py) ---
+    media_host: str = "127.0.0.1"  # MEDIA_HOST: address `imaker media serve` listens on
+    media_port: int = 8766  # MEDIA_PORT
+    media_base_url: str = "http://127.0.0.1:8766"  # MEDIA_BASE_URL: links in the UI and page
 
     @property
     def queues(self) -> dict[str, Path]:
@@ -202,4 +206,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("SEPARATOR_CONCURRENCY must be auto or >= 1")
     if not 0 < settings.separator_port < 65536:
         raise SettingsError("SEPARATOR_PORT must be a TCP port (1-65535)")
-    return settings
+    # --- media server: MEDIA_HOST, MEDIA_PORT, MEDIA_BASE_URL (default: this host's port,
+    # loopback when listening on every address) ---
+    media_host = _clean(env, "MEDIA_HOST") or "127.0.0.1"
+    media_port = _num(env, "MEDIA_PORT", 8766, int)
+    if not 0 < media_port < 65536:
+        raise SettingsError("MEDIA_PORT must be a TCP port (1-65535)")
+    link_host = "127.0.0.1" if media_host in ("0.0.0.0", "::", "*") else media_host
+    link_host = f"[{link_host}]" if ":" in link_host else link_host
+    media_base_url = (_clean(env, "MEDIA_BASE_URL") or f"http://{link_host}:{media_port}").rstrip("/")
+    if not media_base_url.startswith(("http://", "https://")):
+        raise SettingsError(f"MEDIA_BASE_URL={media_base_url!r}: expected http(s)://host[:port][/path]")
+    return replace(settings, media_host=media_host, media_port=media_port,
+                   media_base_url=media_base_url)
