@@ -146,7 +146,7 @@ def render_library_page(entries: list[dict], title: str = "instrumental-maker li
     esc = html.escape
     cards = []
     for e in entries:
-        cover = (f'<img class="cover" src="{esc(e["cover"])}" alt="cover">' if e["cover"]
+        cover = (f'<img class="cover" src="{esc(e["cover"])}" alt="">' if e["cover"]
                  else '<div class="cover"></div>')
         meta = " · ".join(esc(x) for x in (e["artist"], e["album"], e["duration"]) if x)
         rows = []
@@ -166,7 +166,8 @@ def render_library_page(entries: list[dict], title: str = "instrumental-maker li
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f'<title>{esc(title)}</title><style>{_STYLE}</style></head>\n'
-            f'<body><header><h1>{esc(title)}</h1><p>{len(entries)} tracks, newest first</p>'
+            f'<body><header><h1>{esc(title)}</h1>'
+            f'<p>{len(entries)} track{"" if len(entries) == 1 else "s"}, newest first</p>'
             f'</header>\n<main>\n{body}\n</main></body></html>\n')
 
 
@@ -184,7 +185,6 @@ def write_library_page(outputs_dir: Path, library_dir: Path,
 def create_app(outputs_dir: Path, library_dir: Path):
     """The Starlette app serving the page, OUTPUTS_DIR and LIBRARY_DIR (see the module doc)."""
     from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
     from starlette.responses import FileResponse, HTMLResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
@@ -213,8 +213,6 @@ def create_app(outputs_dir: Path, library_dir: Path):
 
     async def page(request) -> Response:
         path = outputs_dir / PAGE_FILE
-        if request.method not in ("GET", "HEAD"):
-            raise HTTPException(status_code=405)
         if path.is_file():
             return FileResponse(path, media_type=MEDIA_TYPES[".html"],
                                 headers={"cache-control": "no-cache"})

@@ -169,7 +169,6 @@ def test_media_types_and_quoted_links(server, roots):
     "/outputs/%2fetc%2fpasswd",
 ])
 def test_nothing_outside_the_roots_is_served(server, roots, path):
-    _, _, secret = roots
     status, _, body = _request(server, path)
     assert status == 404, (path, status, body[:200])
     assert b"do not serve" not in body and b"root:" not in body
