@@ -11,6 +11,8 @@
     imaker nas-sync [--once|--watch]   copy finished jobs to their NAS routes
     imaker separator serve [--host H] [--port P]
                              the separation service (holds the model for every run)
+    imaker media serve [--host H] [--port P]
+                             the media server: library page, variants, sources (HTTP Range)
     imaker settings [--json | --get NAME]
                              the effective settings and where each comes from (.env,
                              environment, default)
@@ -150,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="exit after this many idle seconds (the auto-started service)")
     serve.add_argument("--preload", action="store_true",
                        help="load DEMUCS_MODEL before answering (a health check then means ready)")
+    med = sub.add_parser("media", help="listen from the UI: the static media server for "
+                                       "OUTPUTS_DIR and LIBRARY_DIR (HTTP Range)")
+    med_sub = med.add_subparsers(dest="media_command", required=True)
+    mserve = med_sub.add_parser("serve", help="serve the library page (/), /outputs/ and /library/")
+    mserve.add_argument("--host", default=None, help="address (default MEDIA_HOST, 127.0.0.1; "
+                                                     "compose: 0.0.0.0)")
+    mserve.add_argument("--port", type=int, default=None, help="port (default MEDIA_PORT, 8766)")
     sch = sub.add_parser("schema", help="print a published JSON Schema")
     sch.add_argument("name", choices=["job", "manifest"])
     mdl = sub.add_parser("models", help="demucs weights in DEMUCS_MODEL_REPO "
@@ -223,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         serve_separator(args.host, args.port or settings.separator_port,
                         concurrency=args.concurrency or settings.separator_concurrency,
                         idle_exit_s=args.idle_exit, preload=preload)
+        return 0
+    if args.command == "media":
+        from . import media
+
+        media.serve(args.host or settings.media_host, args.port or settings.media_port,
+                    settings.outputs_dir, settings.library_dir)
         return 0
     if args.command == "schema":
         print(schema_path(args.name).read_text(), end="")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -211,6 +211,10 @@ class Settings:
     # needs no change
     notify_urls: tuple[str, ...] = ()   # NOTIFY_URLS: Apprise URLs; () = no notifications
     notify_on: tuple[str, ...] = ("done", "failed")  # NOTIFY_ON: which outcomes are sent
+    # --- media server (listen from the UI; imaker/media.py) ---
+    media_host: str = "127.0.0.1"  # MEDIA_HOST: address `imaker media serve` listens on
+    media_port: int = 8766  # MEDIA_PORT
+    media_base_url: str = "http://127.0.0.1:8766"  # MEDIA_BASE_URL: links in the UI and page
 
     @property
     def queues(self) -> dict[str, Path]:
@@ -311,7 +315,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not 0 < settings.separator_port < 65536:
         raise SettingsError("SEPARATOR_PORT must be a TCP port (1-65535)")
     settings = _with_notifications(env, settings)
-    return settings
+    return _with_media(env, settings)
 
 
 def _with_notifications(env: Mapping[str, str], settings: Settings) -> Settings:
@@ -337,3 +341,19 @@ def _with_notifications(env: Mapping[str, str], settings: Settings) -> Settings:
         raise SettingsError(f"NOTIFY_ON={_clean(env, 'NOTIFY_ON')!r}: expected done, failed or "
                             "done,failed")
     return replace(settings, notify_urls=urls, notify_on=tuple(dict.fromkeys(on)))
+
+
+def _with_media(env: Mapping[str, str], settings: Settings) -> Settings:
+    # --- media server: MEDIA_HOST, MEDIA_PORT, MEDIA_BASE_URL (default: this host's port,
+    # loopback when listening on every address) ---
+    media_host = _clean(env, "MEDIA_HOST") or "127.0.0.1"
+    media_port = _num(env, "MEDIA_PORT", 8766, int)
+    if not 0 < media_port < 65536:
+        raise SettingsError("MEDIA_PORT must be a TCP port (1-65535)")
+    link_host = "127.0.0.1" if media_host in ("0.0.0.0", "::", "*") else media_host
+    link_host = f"[{link_host}]" if ":" in link_host else link_host
+    media_base_url = (_clean(env, "MEDIA_BASE_URL") or f"http://{link_host}:{media_port}").rstrip("/")
+    if not media_base_url.startswith(("http://", "https://")):
+        raise SettingsError(f"MEDIA_BASE_URL={media_base_url!r}: expected http(s)://host[:port][/path]")
+    return replace(settings, media_host=media_host, media_port=media_port,
+                   media_base_url=media_base_url)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dagster import (AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue,
                      RetryRequested, asset)
 
-from imaker import analysis, pipeline
+from imaker import analysis, media, pipeline
 from resources import LibraryResource, QueueResource, SeparatorResource
 
 from .partitions import tracks
@@ -60,6 +60,7 @@ def source_audio(context: AssetExecutionContext, queues: QueueResource,
             "input_peak_dbfs": meta["input_peak_dbfs"] if meta["input_peak_dbfs"] is not None
             else "silent",
             "source_url": MetadataValue.url(meta["source_url"]) if meta["source_url"] else "",
+            "play": MetadataValue.url(media.source_url(library.media_base_url, job_id)),
             "loudness_lufs": loud["integrated_lufs"], "true_peak_dbtp": loud["true_peak_dbtp"],
             "waveform": MetadataValue.md(analysis.markdown_images(
                 {"Source": analysis.waveform_png(source)})),
@@ -115,7 +116,13 @@ def variants(context: AssetExecutionContext, queues: QueueResource,
     pictures = {"Source": analysis.waveform_png(lib.track_dir(job_id) / "source.flac")}
     instrumental = next((a for a in audio_arts if a["variant"] == "instrumental"), audio_arts[0])
     pictures[instrumental["label"]] = analysis.waveform_png(out / instrumental["path"], color="0xe0602f")
+    # links that play each file in the browser (the media server, `imaker media serve`)
+    base = library.media_base_url
+    links = {"play_source": MetadataValue.url(media.source_url(base, job_id))}
+    links.update({f"play_{a['variant']}": MetadataValue.url(media.output_url(base, job_id, a["path"]))
+                  for a in audio_arts})
     return MaterializeResult(metadata={
+        **links,
         "variants": ", ".join(a["variant"] for a in audio_arts),
         "per_variant": MetadataValue.json(per_variant),
         "total_bytes": sum(v["bytes"] for v in per_variant.values()),

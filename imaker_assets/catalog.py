@@ -7,6 +7,7 @@ from dagster import (AssetExecutionContext, AssetSelection, AutomationCondition,
                      MetadataValue, TableColumn, TableRecord, TableSchema, asset)
 
 from imaker.catalog import COLUMNS, build_catalog, write_catalog
+from imaker.media import page_url, write_library_page
 from resources import LibraryResource
 
 from .assets import manifest
@@ -21,22 +22,27 @@ def _cell(value):
     return str(value)
 
 
-@asset(group_name="catalog", deps=[manifest], code_version="1", kinds={"pandas", "csv"},
+@asset(group_name="catalog", deps=[manifest], code_version="2", kinds={"pandas", "csv"},
        # refresh whenever any track's manifest changes; failed (missing) tracks do not block it
        automation_condition=AutomationCondition.eager().without(
            ~AutomationCondition.any_deps_missing()),
        description="Every processed track (artist, title, source, duration, variants, stems, "
-                   "NAS state, model) as OUTPUTS_DIR/catalog.csv. Built from manifests only.")
+                   "NAS state, model) as OUTPUTS_DIR/catalog.csv, and the library page "
+                   "OUTPUTS_DIR/index.html (cover, players for the original and each variant; "
+                   "served by `imaker media serve`). Built from manifests only.")
 def catalog(context: AssetExecutionContext, library: LibraryResource) -> MaterializeResult:
     lib = library.library()
     known = context.instance.get_dynamic_partitions(tracks.name)
     df = build_catalog(lib.outputs_dir, lib.stems_dir, known)
     path = write_catalog(df, lib.outputs_dir)
+    page = write_library_page(lib.outputs_dir, lib.library_dir, known)
     records = [TableRecord({c: _cell(v) for c, v in row.items()})
                for row in df.head(500).to_dict("records")]
     return MaterializeResult(metadata={
         "dagster/row_count": len(df),
         "path": MetadataValue.path(str(path)),
+        "library_page": MetadataValue.url(page_url(library.media_base_url)),
+        "library_page_file": MetadataValue.path(str(page)),
         "tracks": MetadataValue.table(records=records, schema=_SCHEMA),
     })
 

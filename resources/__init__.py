@@ -47,6 +47,7 @@ class LibraryResource(ConfigurableResource):
     extra_variants: list[str] = []
     ytdl_duration_tol_sec: float = 2.0
     ytdl_duration_tol_pct: float = 0.01
+    media_base_url: str = "http://127.0.0.1:8766"  # MEDIA_BASE_URL: links to the media server
 
     def library(self) -> Library:
         return Library(Path(self.library_dir), Path(self.stems_dir), Path(self.outputs_dir))
@@ -110,7 +111,8 @@ def build_resources(settings: Settings | None = None, *, extra_variants: list[st
             output_audio_bitrate=s.output_audio_bitrate,
             extra_variants=list(extra_variants or []),
             ytdl_duration_tol_sec=s.ytdl_duration_tol_sec,
-            ytdl_duration_tol_pct=s.ytdl_duration_tol_pct),
+            ytdl_duration_tol_pct=s.ytdl_duration_tol_pct,
+            media_base_url=s.media_base_url),
         "nas": build_nas_resource(s),
         "separator": SeparatorResource(
             url=s.separator_url, port=s.separator_port, concurrency=s.separator_concurrency,

@@ -76,6 +76,11 @@ def test_catalog_lists_every_track_from_manifests(two_tracks):
     meta = event.asset_materialization.metadata
     assert meta["dagster/row_count"].value == 2
     assert {r.data["job_id"] for r in meta["tracks"].value.records} == {"t1", "t2"}
+    # the library page beside catalog.csv, linked through the media server
+    assert meta["library_page"].value == f"{settings.media_base_url}/"
+    page = (settings.outputs_dir / "index.html").read_text()
+    assert 'id="t1"' in page and 'id="t2"' in page
+    assert "library/t1/source.flac" in page and "outputs/t1/files/audio/AC_DC%20-%20Test%20Song.m4a" in page
 
 
 def test_backfill_adds_a_variant_without_separating(two_tracks, separator_calls, monkeypatch, capsys):
@@ -115,6 +120,8 @@ def test_forget_removes_partition_and_stems_and_keeps_catalog_consistent(two_tra
     assert not (settings.library_dir / "t2").exists()
     assert (settings.outputs_dir / "t2" / "manifest.json").is_file()  # kept without --outputs
     assert list(_catalog(settings)["job_id"]) == ["t1"]
+    page = (settings.outputs_dir / "index.html").read_text()   # the page follows the catalog
+    assert 'id="t1"' in page and 'id="t2"' not in page
     assert cli.main(["forget", "t1", "--outputs"]) == 0
     assert not (settings.outputs_dir / "t1").exists()
     assert len(_catalog(settings)) == 0

@@ -18,7 +18,8 @@ ROOT = Path(__file__).parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"
 COMPOSE_GPU = DOCKER / "docker-compose.gpu.yml"
-SERVICES = {"postgres", "user_code", "separator", "webserver", "daemon", "youtube", "nas-sync"}
+SERVICES = {"postgres", "user_code", "separator", "webserver", "daemon", "youtube", "nas-sync",
+            "media"}
 
 PG_ENV = {"DAGSTER_POSTGRES_HOST": "postgres", "DAGSTER_POSTGRES_PORT": "5432",
           "DAGSTER_POSTGRES_USER": "dagster", "DAGSTER_POSTGRES_PASSWORD": "secret",
@@ -114,9 +115,9 @@ def test_docker_compose_config_parses(tmp_path, gpu):
     resolved = yaml.safe_load(proc.stdout)
     services = resolved["services"]
     assert SERVICES <= set(services)
-    ports = services["webserver"]["ports"]
-    text = yaml.safe_dump(ports)
-    assert "127.0.0.1" in text and "0.0.0.0" not in text
+    for published in ("webserver", "media"):
+        text = yaml.safe_dump(services[published]["ports"])
+        assert "127.0.0.1" in text and "0.0.0.0" not in text, published
     # the GPU: reserved for the separator only, and only with the override
     for name, spec in services.items():
         devices = (((spec.get("deploy") or {}).get("resources") or {}).get("reservations")
@@ -203,8 +204,23 @@ def test_compose_gpu_reservation_ports_healthchecks_and_commands():
     m = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):(\$\{[^}]*\}|\d+):(\d+)", port)
     assert m, port
     assert m.group(1) == "${IMAKER_UI_BIND:-127.0.0.1}" and m.group(3) == "3000"
+    # the media server too (listen from the UI), also on loopback by default
+    [port] = services["media"]["ports"]
+    m = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):(\$\{[^}]*\}|\d+):(\d+)", port)
+    assert m, port
+    assert m.group(1) == "${IMAKER_MEDIA_BIND:-127.0.0.1}" and m.group(3) == "8766"
+    media = services["media"]
+    assert media["command"][:3] == ["imaker", "media", "serve"]
+    assert media["command"][media["command"].index("--port") + 1] == "8766"
+    assert "8766/health" in " ".join(media["healthcheck"]["test"])
+    # it serves OUTPUTS_DIR and LIBRARY_DIR only, read-only
+    assert sorted(media["volumes"]) == ["imaker-library:/data/library:ro",
+                                        "imaker-outputs:/data/outputs:ro"]
+    env = _env_example()
+    assert env["IMAKER_MEDIA_BIND"] == "127.0.0.1"
+    assert env["MEDIA_BASE_URL"] == f"http://127.0.0.1:{env['IMAKER_MEDIA_PORT']}"
     for name, spec in services.items():
-        if name != "webserver":
+        if name not in ("webserver", "media"):
             assert "ports" not in spec, f"{name} publishes a port"
         assert "healthcheck" in spec or name == "nas-sync", name
 

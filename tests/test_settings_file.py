@@ -72,9 +72,9 @@ def _copy_checkout(dest: Path) -> None:
 def test_a_fresh_checkout_runs_from_dotenv_alone(tmp_path, model_repo, source_m4a):
     clone = tmp_path / "instrumental-maker"
     _copy_checkout(clone)
-    port, separator_port = free_port(), free_port()
+    port, separator_port, media_port = free_port(), free_port(), free_port()
     (clone / ".env").write_text(
-        f"DAGSTER_PORT={port}\nDEMUCS_MODEL={MODEL_NAME}\nDEMUCS_MODEL_REPO={model_repo}\n"
+        f"DAGSTER_PORT={port}\nMEDIA_PORT={media_port}\nDEMUCS_MODEL={MODEL_NAME}\nDEMUCS_MODEL_REPO={model_repo}\n"
         f"DEMUCS_DEVICE=cpu\nSEPARATOR_PORT={separator_port}\nGENERATE_NO_DRUMS_VARIANT=false\n")
     data = clone / "data"
     log = tmp_path / "serve.log"
@@ -101,6 +101,11 @@ def test_a_fresh_checkout_runs_from_dotenv_alone(tmp_path, model_repo, source_m4
             time.sleep(2)
         assert (data / "archive" / "done" / "job_dotenv_1").is_dir()
         assert (clone / "dagster_home" / "storage").is_dir()  # the checkout's instance
+        # the media server README command 1 starts serves this checkout's outputs
+        rel = "dotenv_1/files/audio/AC_DC%20-%20Test%20Song.m4a"
+        with urllib.request.urlopen(f"http://127.0.0.1:{media_port}/outputs/{rel}",
+                                    timeout=10) as resp:
+            assert resp.status == 200 and resp.read(4)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
