@@ -45,7 +45,9 @@ def separator_calls(two_tracks):
 
 
 @pytest.fixture(autouse=True)
-def _private_separator(monkeypatch):
+def _private_separator(imaker_env, monkeypatch):
+    """Each test its own separation service (after imaker_env, which clears SEPARATOR_PORT):
+    the count of separations is this test's alone, and stopping it disturbs no other test."""
     from dagster_server import free_port
 
     monkeypatch.setenv("SEPARATOR_PORT", str(free_port()))

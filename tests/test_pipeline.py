@@ -151,8 +151,13 @@ def test_separator_loads_through_demucs_repo_once_per_process(model_repo):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(separation.SeparationError, match="cannot load demucs model 'nope'"):
+    with pytest.raises(separation.SeparationError,
+                       match="demucs model 'nope' is not in the model repo .*: 'nope' is not "
+                             "one of demucs' models .*htdemucs"):
         separation.load_model("nope", tmp_path, "cpu")
+    # a demucs model: the command that fetches it
+    with pytest.raises(separation.SeparationError, match="run `imaker models fetch htdemucs`"):
+        separation.load_model("htdemucs", tmp_path, "cpu")
 
 
 def test_disk_error_in_outputs_fails_the_job_with_reason_and_keeps_the_stems(
