@@ -255,9 +255,16 @@ def test_outputs_are_readable_by_other_users_and_follow_umask(imaker_env, source
 
 def test_failed_run_re_executed_with_its_drop_moves_the_bundle_to_done(
         imaker_env, source_m4a, tmp_path, monkeypatch):
-    """What "Re-execute from failure" in the UI does: the failed steps run again with the
-    run's tags (its drop id); the bundle, already in failed/, moves to done/."""
-    from imaker_assets.assets import variants as variants_asset
+    """What "Re-execute from failure" in the UI does: the failed steps (and what follows:
+    the blocking checks, manifest, nas_copy) run again with the run's tags (its drop id);
+    the bundle, already in failed/, moves to done/, and the track is green in the UI:
+    every asset of the partition materialized, every check passed."""
+    from dagster import AssetKey, AssetSelection
+    from dagster._core.storage.partition_status_cache import AssetPartitionStatus
+
+    from imaker_assets.checks import track_checks
+    from imaker_assets.nas import nas_copy
+    from imaker_assets.partitions import tracks
 
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the outputs folder should be")
@@ -267,18 +274,29 @@ def test_failed_run_re_executed_with_its_drop_moves_the_bundle_to_done(
     tags = claim_tags("redo1")
     instance = DagsterInstance.get()
     instance.add_dynamic_partitions("tracks", ["redo1"])
-    first = materialize(track_assets, partition_key="redo1", instance=instance,
+    everything = [*track_assets, nas_copy, *track_checks]
+    first = materialize(everything, partition_key="redo1", instance=instance,
                         resources=build_resources(settings), raise_on_error=False, tags=tags)
     assert not first.success
     assert (settings.archive_dir / "failed" / "job_redo1" / "error.json").is_file()
+
+    def status(name):
+        return instance.get_status_by_partition(AssetKey(name), ["redo1"], tracks)["redo1"]
+
+    assert status("variants") == AssetPartitionStatus.FAILED
     blocker.unlink()
-    again = materialize(track_assets, selection=[variants_asset, manifest], partition_key="redo1",
-                        instance=instance, resources=build_resources(settings),
-                        raise_on_error=False, tags=tags)
+    again = materialize(everything, selection=AssetSelection.assets(variants, manifest, nas_copy),
+                        partition_key="redo1", instance=instance,
+                        resources=build_resources(settings), raise_on_error=False, tags=tags)
     assert again.success
     assert (settings.archive_dir / "done" / "job_redo1").is_dir()
     assert not (settings.archive_dir / "failed" / "job_redo1").exists()
     assert (settings.outputs_dir / "redo1" / "manifest.json").is_file()
+    for name in ("source_audio", "stems", "variants", "manifest", "nas_copy"):
+        assert status(name) == AssetPartitionStatus.MATERIALIZED, name
+    evaluations = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}
+    assert set(evaluations) == {key.name for checks in track_checks for key in checks.check_keys}
+    assert all(evaluations.values())
 
 
 def test_an_input_over_full_scale_is_stored_and_separated_unclipped(imaker_env, tmp_path):
