@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, TextIO
@@ -159,6 +160,17 @@ def wait_for_notifications(instance: DagsterInstance, guard: DaemonGuard,
         time.sleep(max(poll_s, 1.0))
 
 
+def _warm_separator(settings: Settings) -> None:
+    if settings.separator_url:
+        return
+    from imaker.separator.client import client_from_settings
+
+    try:
+        client_from_settings(settings).ensure_running(preload=True)
+    except Exception:  # noqa: BLE001 - only a warm-up: the `stems` step reports any failure
+        pass
+
+
 def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | None = None,
                 poll_s: float = 0.5) -> int:
     """Claim every ready bundle, let Dagster process each drop as its own `ingest_track`
@@ -183,6 +195,9 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
                   file=out, flush=True)
         return failures
     pending = {claim.drop_id: claim for claim, _ in claimed}
+    # the auto-started separation service boots and loads the model while the daemon
+    # starts and the first run reaches its `stems` step, instead of after
+    threading.Thread(target=_warm_separator, args=(settings,), daemon=True).start()
     guard = DaemonGuard(instance, Path(os.environ.get("DAGSTER_HOME") or "dagster_home").resolve())
     last_check = 0.0
     try:

@@ -63,9 +63,10 @@ class SeparatorClient:
         finally:
             conn.close()
 
-    def ensure_running(self) -> None:
+    def ensure_running(self, preload: bool = False) -> None:
         """Start the loopback service when none answers (only for ``url=None``); of several
-        processes starting at once, one starts it (a file lock) and all wait for it."""
+        processes starting at once, one starts it (a file lock) and all wait for it.
+        ``preload``: the service loads DEMUCS_MODEL before it answers (a warm-up)."""
         if self.url is not None or self.health() is not None:
             return
         from filelock import FileLock
@@ -80,6 +81,8 @@ class SeparatorClient:
                    "--idle-exit", str(int(AUTOSTART_IDLE_EXIT_S))]
             if self.concurrency:
                 cmd += ["--concurrency", str(self.concurrency)]
+            if preload:
+                cmd.append("--preload")
             with open(log, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                         start_new_session=True, close_fds=True)
