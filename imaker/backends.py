@@ -1,0 +1,346 @@
+"""CPU inference backends for HTDemucs windows (no Dagster).
+
+``DEMUCS_BACKEND`` picks what runs the network of each window in our segment loop
+(``imaker.fast_apply``): ``torch`` (PyTorch eager, the model itself), ``onnx`` (ONNX
+Runtime) or ``openvino`` (OpenVINO, the same ONNX file), or ``auto``. The STFT, masking and
+iSTFT stay in torch (``imaker.htcore.split_forward``); only the real-valued core network
+(``htcore.HTCore``) is converted, once per model, at the model's training segment length
+(our windows always have it), and cached beside the model repo:
+
+    <repo>/.imaker-cache/<key>-<samples>.onnx
+
+``<key>`` hashes the model's class, constructor arguments, weights and segment, so any
+change to the model (new weights under the same name, another segment) converts anew, and
+every model a repo holds (each member of a bag) gets its own file. Files are written to a
+temporary name and renamed, so a crash or a concurrent conversion never leaves a partial
+file under the final name. OpenVINO additionally keeps its compiled blobs in
+``<repo>/.imaker-cache/openvino/`` (its own ``CACHE_DIR`` mechanism).
+
+Threads: the calling thread's ``torch.get_num_threads()`` at the time of the call (the
+separation service sets it before every window) is the number of threads the backend
+uses for that window: one ONNX Runtime session / OpenVINO compiled model per thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+import typing as tp
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import htcore
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx", "openvino", "aoti")
+#: what ``auto`` picks on the CPU (fp32 path) when it is installed (benchmarks/RESULTS.md)
+AUTO_ORDER = ("openvino", "onnx")
+CACHE_DIRNAME = ".imaker-cache"
+#: bump when the exported graph changes for the same model (invalidates every cache file)
+EXPORT_VERSION = 1
+OPSET = 17
+
+conversions = 0  # models converted by this process (tests, logs)
+_LOCK = threading.Lock()
+_RUNNERS: dict[tuple[str, str, int], "CoreRunner"] = {}
+_KEYS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def available(backend: str) -> bool:
+    """Whether the package a backend needs is importable."""
+    import importlib.util
+
+    pkg = {"torch": "torch", "aoti": "torch", "onnx": "onnxruntime",
+           "openvino": "openvino"}.get(backend)
+    return pkg is not None and importlib.util.find_spec(pkg) is not None
+
+
+def supported(model) -> bool:
+    """Whether every model of ``model`` (a bag or one model) can run on a converted core."""
+    members = getattr(model, "models", None) or [model]
+    try:
+        for sub in members:
+            htcore.check_supported(sub)
+    except ValueError:
+        return False
+    return True
+
+
+def choose(setting: str | None, device: str, model, autocast_dtype) -> str:
+    """The backend that will run: ``torch`` unless the setting (or ``auto``) names a
+    converted backend and it applies — the CPU, fp32 (no autocast), an HTDemucs (bag)."""
+    setting = (setting or "auto").lower()
+    if setting not in BACKENDS:
+        raise BackendError(f"DEMUCS_BACKEND={setting!r}: expected one of {', '.join(BACKENDS)}")
+    if setting == "torch":
+        return "torch"
+    applies = str(device) == "cpu" and autocast_dtype is None and supported(model)
+    if setting == "auto":
+        if not applies:
+            return "torch"
+        return next((b for b in AUTO_ORDER if available(b)), "torch")
+    if not available(setting):
+        raise BackendError(f"DEMUCS_BACKEND={setting} needs the "
+                           f"{'onnxruntime' if setting == 'onnx' else 'openvino'} package "
+                           "(pip install 'instrumental-maker[cpu-backends]')")
+    if not applies:
+        log.warning("DEMUCS_BACKEND=%s applies to fp32 HTDemucs on the CPU only; using torch "
+                    "(device %s, autocast %s)", setting, device, autocast_dtype)
+        return "torch"
+    return setting
+
+
+# ----- the converted core, cached on disk ------------------------------------------------
+def model_key(model) -> str:
+    """A digest of what determines the converted graph: class, constructor arguments,
+    segment, weights (and buffers), the exporter's version. Computed once per model object
+    (weights loaded for inference are not changed in place)."""
+    key = _KEYS.get(model)
+    if key is None:
+        key = _KEYS[model] = _model_key(model)
+    return key
+
+
+def _model_key(model) -> str:
+    digest = hashlib.sha256()
+    args, kwargs = getattr(model, "_init_args_kwargs", ((), {}))
+    digest.update(repr((type(model).__qualname__, args, sorted(kwargs.items()),
+                        str(model.segment), EXPORT_VERSION, OPSET,
+                        torch.__version__.split("+")[0])).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir(repo: Path | None) -> Path:
+    """``<repo>/.imaker-cache``; for hub models (no repo) beside torch hub's checkpoints."""
+    if repo is not None:
+        return Path(repo) / CACHE_DIRNAME
+    return Path(torch.hub.get_dir()) / "checkpoints" / CACHE_DIRNAME
+
+
+def onnx_path(model, repo: Path | None) -> Path:
+    return cache_dir(repo) / f"{model_key(model)}-{htcore.training_length(model)}.onnx"
+
+
+def export_onnx(model, path: Path) -> Path:
+    """Export ``HTCore(model)`` to ``path`` (atomically: temp file, then rename)."""
+    global conversions
+    htcore.check_supported(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    length = htcore.training_length(model)
+    mix = torch.zeros(1, model.audio_channels, length)
+    mix[..., ::7] = 1.0  # not silent: the exporter runs the graph once
+    padded, _, mag = htcore.core_inputs(model, mix)
+    core = htcore.HTCore(model).eval()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.close(fd)
+    start = time.perf_counter()
+    state = random.getstate()  # tracing runs the forward, which draws from `random`
+    try:
+        # grad enabled: nn.MultiheadAttention then avoids its fused inference kernel
+        # (aten::_native_multi_head_attention), which has no ONNX symbolic.
+        import warnings
+
+        with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(core, (padded, mag), tmp, input_names=["mix", "mag"],
+                              output_names=["x", "xt"], opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other users (a container) read it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        random.setstate(state)
+    conversions += 1
+    log.info("converted %s to %s in %.1f s", type(model).__name__, path,
+             time.perf_counter() - start)
+    return path
+
+
+def aoti_path(model, repo: Path | None) -> Path:
+    return cache_dir(repo) / f"{model_key(model)}-{htcore.training_length(model)}.pt2"
+
+
+def export_aoti(model, path: Path) -> Path:
+    """Compile ``HTCore(model)`` ahead of time (``torch.export`` + AOTInductor) into the
+    package ``path`` (atomically)."""
+    global conversions
+    htcore.check_supported(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mix = torch.zeros(1, model.audio_channels, htcore.training_length(model))
+    mix[..., ::7] = 1.0
+    padded, _, mag = htcore.core_inputs(model, mix)
+    core = htcore.HTCore(model).eval()
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.part.pt2")
+    start = time.perf_counter()
+    state = random.getstate()
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            program = torch.export.export(core, (padded, mag))
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        random.setstate(state)
+    conversions += 1
+    log.info("compiled %s to %s in %.1f s", type(model).__name__, path,
+             time.perf_counter() - start)
+    return path
+
+
+def artifact_path(model, repo: Path | None, backend: str) -> Path:
+    return aoti_path(model, repo) if backend == "aoti" else onnx_path(model, repo)
+
+
+def ensure_artifact(model, repo: Path | None, backend: str) -> Path:
+    """The cached conversion of ``model``'s core for ``backend``, converted if missing."""
+    path = artifact_path(model, repo, backend)
+    if not path.is_file():
+        (export_aoti if backend == "aoti" else export_onnx)(model, path)
+    return path
+
+
+# ----- engines: run the core for one window -----------------------------------------------
+class _OrtEngine:
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        self.ort, self.path = ort, path
+        self.sessions: dict[int, tp.Any] = {}
+        self.lock = threading.Lock()
+
+    def _session(self, threads: int):
+        with self.lock:
+            sess = self.sessions.get(threads)
+            if sess is None:
+                opts = self.ort.SessionOptions()
+                opts.intra_op_num_threads = threads
+                opts.inter_op_num_threads = 1
+                opts.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
+                sess = self.ort.InferenceSession(str(self.path), opts,
+                                                 providers=["CPUExecutionProvider"])
+                self.sessions[threads] = sess
+            return sess
+
+    def __call__(self, mix: np.ndarray, mag: np.ndarray, threads: int):
+        x, xt = self._session(threads).run(None, {"mix": mix, "mag": mag})
+        return x, xt
+
+
+class _OvEngine:
+    def __init__(self, path: Path, cache: Path):
+        import openvino as ov
+
+        self.core = ov.Core()
+        self.core.set_property({"CACHE_DIR": str(cache)})
+        self.model = self.core.read_model(str(path))
+        self.compiled: dict[int, tp.Any] = {}
+        self.local = threading.local()
+        self.lock = threading.Lock()
+
+    def _compiled(self, threads: int):
+        with self.lock:
+            cm = self.compiled.get(threads)
+            if cm is None:
+                # f32: on CPUs with native bf16 OpenVINO would otherwise pick bf16
+                cm = self.core.compile_model(self.model, "CPU", {
+                    "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
+                    "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
+                self.compiled[threads] = cm
+            return cm
+
+    def __call__(self, mix: np.ndarray, mag: np.ndarray, threads: int):
+        cm = self._compiled(threads)
+        requests = self.local.__dict__.setdefault("requests", {})
+        req = requests.get(threads)
+        if req is None:
+            req = requests[threads] = cm.create_infer_request()
+        res = req.infer({"mix": mix, "mag": mag})
+        return res[cm.output(0)].copy(), res[cm.output(1)].copy()
+
+
+class _AotiEngine:
+    def __init__(self, path: Path):
+        self.fn = torch._inductor.aoti_load_package(str(path))
+
+    def __call__(self, mix: np.ndarray, mag: np.ndarray, threads: int):
+        torch.set_num_threads(threads)  # the compiled kernels use torch's OpenMP pool
+        x, xt = self.fn(torch.from_numpy(mix), torch.from_numpy(mag))
+        return x.numpy(), xt.numpy()
+
+
+class CoreRunner:
+    """A stand-in for one HTDemucs in ``fast_apply``: ``runner(batch)`` == ``model(batch)``
+    (eval, fp32), with the core network run by ``backend``. It draws from ``random`` once
+    per call like the model's forward does (so the shift offsets stay demucs')."""
+
+    def __init__(self, model, backend: str, path: Path):
+        self.model, self.backend, self.path = model, backend, path
+        if backend == "onnx":
+            self.engine = _OrtEngine(path)
+        elif backend == "openvino":
+            self.engine = _OvEngine(path, path.parent / "openvino")
+        elif backend == "aoti":
+            self.engine = _AotiEngine(path)
+        else:
+            raise BackendError(f"no converted engine for backend {backend!r}")
+
+    def warm_up(self, threads: int | None = None) -> None:
+        """Create the session / compile for ``threads`` now (first-use cost)."""
+        n = self.model.audio_channels
+        self(torch.zeros(1, n, htcore.training_length(self.model)), threads=threads,
+             draw=False)
+
+    def __call__(self, batch: torch.Tensor, *, threads: int | None = None,
+                 draw: bool = True) -> torch.Tensor:
+        threads = threads or torch.get_num_threads()
+        outs = []
+        for i in range(batch.shape[0]):
+            def core(mix, mag):
+                x, xt = self.engine(mix.detach().contiguous().numpy(),
+                                    mag.detach().contiguous().numpy(), threads)
+                return torch.from_numpy(x), torch.from_numpy(xt)
+
+            outs.append(htcore.split_forward(self.model, batch[i:i + 1].float(), core,
+                                             draw=draw and i == 0))
+        return torch.cat(outs, 0)
+
+
+def runner(model, backend: str, repo: Path | None) -> CoreRunner:
+    """The (cached per process) runner of one HTDemucs on ``backend``; converts on the
+    first use of a model whose converted core is not in the cache folder yet."""
+    path = artifact_path(model, repo, backend)
+    key = (str(path), backend, id(model))
+    with _LOCK:
+        run = _RUNNERS.get(key)
+        if run is None or run.model is not model:
+            ensure_artifact(model, repo, backend)
+            run = _RUNNERS[key] = CoreRunner(model, backend, path)
+        return run
+
+
+def runner_factory(backend: str, repo: Path | None) -> tp.Callable[[tp.Any], CoreRunner] | None:
+    """For ``fast_apply.apply_model_batched(runner_for=...)``: None for torch."""
+    if backend == "torch":
+        return None
+    return lambda sub: runner(sub, backend, repo)
