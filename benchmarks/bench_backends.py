@@ -113,14 +113,17 @@ def child(args) -> None:
             first["prepare_s"] += time.perf_counter() - tp_
             runners[id(sub)] = run
         kwargs["backend"] = backend
-        backends.runner_factory = lambda b, repo: (lambda sub: runners[id(sub)])
+        backends.prepare = lambda *a, **k: (lambda sub: runners[id(sub)])
     first["total_s"] = time.perf_counter() - t
     separation.separate(loaded, signal(8.0), **kwargs)  # warm-up: one window
     wav = signal(args.seconds)
     random.seed(0)
     t = time.perf_counter()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     out = separation.separate(loaded, wav, **kwargs)
     wall = time.perf_counter() - t
+    ru2 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = ru2.ru_utime + ru2.ru_stime - ru.ru_utime - ru.ru_stime
     stems = np.stack([out[k] for k in loaded.sources])
     ref = Path(args.work) / "reference.npy"
     snr = None
@@ -131,7 +134,7 @@ def child(args) -> None:
         snr = [float(10 * np.log10((r[i] ** 2).sum() / max(((r[i] - stems[i]) ** 2).sum(),
                                                               1e-30)))
                for i in range(len(r))]
-    print(json.dumps({"candidate": cand, "wall_s": wall, "peak_rss_mb": _peak_mb(),
+    print(json.dumps({"candidate": cand, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": _peak_mb(),
                       "load_s": load_s, "first_use": first, "snr_db": snr,
                       "threads": torch.get_num_threads(),
                       "load1": os.getloadavg()[0]}))
@@ -180,6 +183,41 @@ def layout(args) -> None:
     print(json.dumps({"backend": backend, "summary": results}))
 
 
+def windows(args) -> None:
+    """One process, one window of the model, each engine's forward timed in turn
+    (A, B, C, A, B, C ...): the relative cost per window with the least drift of the
+    machine's load between candidates."""
+    import torch
+
+    from imaker import backends, htcore, separation
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = separation.load_model(args.model, Path(args.repo), "cpu")
+    sub = loaded.model.models[0]
+    torch.manual_seed(0)
+    mix = torch.randn(1, sub.audio_channels, htcore.training_length(sub))
+    engines = {"torch": sub}
+    for b in args.candidates.split(","):
+        if b in ("onnx", "openvino", "aoti"):
+            engines[b] = backends.runner(sub, b, loaded.repo)
+    with torch.inference_mode():
+        for f in engines.values():
+            f(mix)  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in engines}
+        for _ in range(args.rounds):
+            for k, f in engines.items():
+                t = time.perf_counter()
+                f(mix)
+                times[k].append(time.perf_counter() - t)
+            print(json.dumps({k: round(v[-1], 3) for k, v in times.items()}
+                             | {"load1": os.getloadavg()[0]}), flush=True)
+    base = min(times["torch"])
+    for k, v in times.items():
+        print(f"  {k:9s} per window min {min(v):6.3f} s  median {sorted(v)[len(v) // 2]:6.3f}"
+              f" s  x{base / min(v):.2f} vs torch eager (threads {torch.get_num_threads()})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +230,9 @@ def main() -> int:
     p.add_argument("--work", default=None, help="work folder (kept; reused: cached conversions)")
     p.add_argument("--candidates", default=DEFAULT)
     p.add_argument("--layout", default=None, metavar="BACKEND")
+    p.add_argument("--windows", action="store_true",
+                   help="per-window forward times of the engines in one process, interleaved")
+    p.add_argument("--threads", type=int, default=None, help="torch/engine threads (--windows)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -211,6 +252,9 @@ def main() -> int:
     args.model = args.model or "htdemucs"
     if args.layout:
         layout(args)
+        return 0
+    if args.windows:
+        windows(args)
         return 0
     model_name = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines()
@@ -234,7 +278,8 @@ def main() -> int:
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[cand].append(res)
             snr = res["snr_db"]
-            print(f"round {rnd + 1} {cand:10s} wall {res['wall_s']:7.2f} s  peak RSS "
+            print(f"round {rnd + 1} {cand:10s} wall {res['wall_s']:7.2f} s  CPU {res['cpu_s']:7.2f} s"
+                  f"  peak RSS "
                   f"{res['peak_rss_mb']:6.0f} MiB  first use {res['first_use']['total_s']:6.1f} s"
                   f" (convert {res['first_use']['convert_s']:.1f} s, cached before: "
                   f"{res['first_use']['cached']})  SNR "
@@ -247,7 +292,10 @@ def main() -> int:
             continue
         best = min(r["wall_s"] for r in rs)
         walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
-        print(f"  {cand:10s} min {best:7.2f} s (all {walls})"
+        cpu = min(r["cpu_s"] for r in rs)
+        base_cpu = min((r["cpu_s"] for r in results.get("apply", [])), default=float("nan"))
+        print(f"  {cand:10s} min {best:7.2f} s (all {walls}) CPU min {cpu:.1f} s "
+              f"(x{base_cpu / cpu:.2f})"
               f"  x{(base / best) if base else float('nan'):.2f}  peak RSS "
               f"{max(r['peak_rss_mb'] for r in rs):.0f} MiB  loads "
               + ", ".join(f"{r['load1']:.1f}" for r in rs))

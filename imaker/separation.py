@@ -211,12 +211,13 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
         if batch:
             from imaker import backends, fast_apply
 
-            chosen = backends.choose(backend, loaded.device, loaded.model, autocast_dtype)
+            runner_for = backends.prepare(backend, loaded.device, loaded.model,
+                                          autocast_dtype, loaded.repo)
             out = fast_apply.apply_model_batched(
                 loaded.model, mix[None], shifts=shifts, overlap=overlap, segment=segment,
                 batch_size=batch, device=loaded.device, autocast_dtype=autocast_dtype,
                 on_batch=(lambda: _set_threads(threads())) if threads else None,
-                batcher=batcher, runner_for=backends.runner_factory(chosen, loaded.repo),
+                batcher=batcher, runner_for=runner_for,
                 sink=(lambda start, chunk: denormalised(start, chunk[0])) if sink else None)
             if sink is not None:
                 return None

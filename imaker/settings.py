@@ -7,7 +7,7 @@ data lives under ``IMAKER_DATA`` (default ``./data``) unless a path variable say
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -105,6 +105,9 @@ class Settings:
     ytdl_audio_format: str
     ytdl_duration_tol_sec: float
     ytdl_duration_tol_pct: float
+    # DEMUCS_BACKEND: what runs the network on the CPU (fp32): auto, torch, onnx, openvino,
+    # aoti (imaker.backends; auto picks the fastest installed converted backend)
+    demucs_backend: str = "auto"
 
     @property
     def queues(self) -> dict[str, Path]:
@@ -202,4 +205,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("SEPARATOR_CONCURRENCY must be auto or >= 1")
     if not 0 < settings.separator_port < 65536:
         raise SettingsError("SEPARATOR_PORT must be a TCP port (1-65535)")
+    # DEMUCS_BACKEND (imaker.backends.BACKENDS; kept in sync there)
+    backend = (_clean(env, "DEMUCS_BACKEND") or "auto").lower()
+    if backend not in ("auto", "torch", "onnx", "openvino", "aoti"):
+        raise SettingsError(f"DEMUCS_BACKEND={backend!r}: expected auto, torch, onnx, "
+                            "openvino or aoti")
+    settings = replace(settings, demucs_backend=backend)
     return settings

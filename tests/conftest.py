@@ -62,7 +62,7 @@ def imaker_env(tmp_path, monkeypatch, model_repo):
                 "OUTPUT_AUDIO_FORMAT", "DEMUCS_SEGMENT", "DEMUCS_SHIFTS", "DEMUCS_BATCH_SIZE",
                 "DEMUCS_AUTOCAST", "DEMUCS_CPU_AUTOCAST", "NAS_SYNC_ENABLED",
                 "NAS_SYNC_CONFIG_PATH", "SEPARATOR_URL", "SEPARATOR_PORT", "SEPARATOR_CONCURRENCY",
-                "UMASK"):
+                "UMASK", "DEMUCS_BACKEND"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("IMAKER_DATA", str(data))
     monkeypatch.setenv("DAGSTER_HOME", str(home))

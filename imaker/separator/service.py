@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -60,6 +60,7 @@ class Options(BaseModel):
     batch_size: int | None = Field(None, ge=0)
     autocast: bool = True
     cpu_autocast: bool | None = None
+    backend: Literal["auto", "torch", "onnx", "openvino", "aoti"] = "auto"
 
 
 class SeparateRequest(BaseModel):
@@ -100,7 +101,8 @@ class _Separator:
                                    shifts=o.shifts, batch_size=o.batch_size,
                                    autocast=o.autocast, sink=sink, inplace=inplace,
                                    threads=self.threads, cpu_autocast=o.cpu_autocast,
-                                   batcher=self.service.batcher_for(loaded))
+                                   batcher=self.service.batcher_for(loaded),
+                                   backend=o.backend)
 
 
 class Service:
