@@ -60,12 +60,12 @@ class BackendError(RuntimeError):
 
 
 def available(backend: str) -> bool:
-    """Whether the package a backend needs is importable."""
+    """Whether the packages a backend needs are importable (``onnx`` converts the model)."""
     import importlib.util
 
-    pkg = {"torch": "torch", "aoti": "torch", "onnx": "onnxruntime",
-           "openvino": "openvino"}.get(backend)
-    return pkg is not None and importlib.util.find_spec(pkg) is not None
+    pkgs = {"torch": ("torch",), "aoti": ("torch",), "onnx": ("onnxruntime", "onnx"),
+            "openvino": ("openvino", "onnx")}.get(backend)
+    return pkgs is not None and all(importlib.util.find_spec(p) is not None for p in pkgs)
 
 
 def supported(model) -> bool:
@@ -95,7 +95,8 @@ def choose(setting: str | None, device: str, model, autocast_dtype) -> str:
     if not available(setting):
         raise BackendError(f"DEMUCS_BACKEND={setting} needs the "
                            f"{'onnxruntime' if setting == 'onnx' else 'openvino'} package "
-                           "(pip install 'instrumental-maker[cpu-backends]')")
+                           "(pip install 'instrumental-maker[cpu-backends]', plus "
+                           "onnxruntime for onnx)")
     if not applies:
         log.warning("DEMUCS_BACKEND=%s applies to fp32 HTDemucs on the CPU only; using torch "
                     "(device %s, autocast %s)", setting, device, autocast_dtype)
@@ -128,15 +129,20 @@ def _model_key(model) -> str:
 
 def cache_dir(repo: Path | None) -> Path:
     """``<repo>/.imaker-cache``; for hub models (no repo) beside torch hub's checkpoints.
-    Where that folder cannot be written (a read-only model repo baked into an image), the
-    user's cache: ``$XDG_CACHE_HOME/imaker/<digest of the repo path>``."""
+    Where that folder cannot be written (a read-only model volume), the first writable of
+    ``$XDG_CACHE_HOME`` (or ``~/.cache``) and the temp folder, under
+    ``imaker/<repo folder name>-<digest of its path>``."""
     base = Path(repo) if repo is not None else Path(torch.hub.get_dir()) / "checkpoints"
     preferred = base / CACHE_DIRNAME
     if _writable(preferred):
         return preferred
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:12]
-    return home / "imaker" / f"{base.name}-{digest}"
+    for root in (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"),
+                 Path(tempfile.gettempdir())):
+        folder = root / "imaker" / f"{base.name}-{digest}"
+        if _writable(folder):
+            return folder
+    return preferred
 
 
 def _writable(folder: Path) -> bool:
