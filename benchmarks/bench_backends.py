@@ -17,7 +17,9 @@ same model repo and ``random`` seed (same shift offset), ``shifts=1, overlap=0.2
 * ``onnx-int8``: ONNX Runtime on the ONNX file dynamically quantized to int8
   (``onnxruntime.quantization.quantize_dynamic``: MatMul/Conv weights int8);
 * ``torch-int8``: PyTorch eager with ``torch.ao.quantization.quantize_dynamic`` (Linear);
-* ``torch-bf16``: PyTorch eager under bf16 autocast (only meaningful with native bf16).
+* ``torch-bf16``: PyTorch eager under bf16 autocast (only meaningful with native bf16);
+* ``openvino-bf16``: OpenVINO with ``INFERENCE_PRECISION_HINT=bf16`` (native bf16 CPUs:
+  what ``DEMUCS_BACKEND=auto`` runs where ``DEMUCS_CPU_AUTOCAST=auto`` picks bf16).
 
 Per candidate: first use (conversion when the cache is cold, then session creation /
 compilation for the thread count — round 1 shows the cold cost, later rounds the cached
@@ -44,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT = "apply,torch,onnx,openvino,aoti,onnx-int8,torch-int8,torch-bf16"
+DEFAULT = "apply,torch,onnx,openvino,aoti,onnx-int8,torch-int8,torch-bf16,openvino-bf16"
 
 
 def signal(seconds: float, samplerate: int = 44100):
@@ -96,8 +98,9 @@ def child(args) -> None:
                                                        dtype=torch.qint8)
             loaded.model.models[i] = q
         first["cached"] = False  # quantizing takes ~a second: redone at every start
-    elif cand in ("onnx", "openvino", "aoti", "onnx-int8"):
-        backend = "onnx" if cand == "onnx-int8" else cand
+    elif cand in ("onnx", "openvino", "aoti", "onnx-int8", "openvino-bf16"):
+        backend = {"onnx-int8": "onnx", "openvino-bf16": "openvino"}.get(cand, cand)
+        precision = "bf16" if cand == "openvino-bf16" else "f32"
         runners = {}
         for sub in subs:
             path = backends.artifact_path(sub, loaded.repo, backend)
@@ -107,12 +110,13 @@ def child(args) -> None:
             if cand == "onnx-int8":
                 path = _quantized_onnx(path)
             first["convert_s"] += time.perf_counter() - tc
-            run = backends.CoreRunner(sub, backend, path)
+            run = backends.CoreRunner(sub, backend, path, precision)
             tp_ = time.perf_counter()
             run.warm_up(torch.get_num_threads())
             first["prepare_s"] += time.perf_counter() - tp_
             runners[id(sub)] = run
         kwargs["backend"] = backend
+        kwargs["cpu_autocast"] = precision == "bf16"
         backends.prepare = lambda *a, **k: (lambda sub: runners[id(sub)])
     first["total_s"] = time.perf_counter() - t
     separation.separate(loaded, signal(8.0), **kwargs)  # warm-up: one window

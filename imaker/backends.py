@@ -16,6 +16,11 @@ temporary name and renamed, so a crash or a concurrent conversion never leaves a
 file under the final name. OpenVINO additionally keeps its compiled blobs in
 ``<repo>/.imaker-cache/openvino/`` (its own ``CACHE_DIR`` mechanism).
 
+Precision: fp32 everywhere (``INFERENCE_PRECISION_HINT=f32`` for OpenVINO, which would
+otherwise pick bf16 on CPUs that have it), except where our settings ask for bf16 on the
+CPU (``DEMUCS_CPU_AUTOCAST``, auto = the CPU has native bf16): OpenVINO then computes in
+bf16 itself (AMX), the other converted backends do not apply and torch autocast runs.
+
 Threads: the calling thread's ``torch.get_num_threads()`` at the time of the call (the
 separation service sets it before every window) is the number of threads the backend
 uses for that window: one ONNX Runtime session / OpenVINO compiled model per thread count.
@@ -79,27 +84,36 @@ def supported(model) -> bool:
     return True
 
 
+def _is_bf16(autocast_dtype) -> bool:
+    return autocast_dtype is not None and str(autocast_dtype).lower() in (
+        "bf16", "bfloat16", "torch.bfloat16")
+
+
 def choose(setting: str | None, device: str, model, autocast_dtype) -> str:
     """The backend that will run: ``torch`` unless the setting (or ``auto``) names a
-    converted backend and it applies — the CPU, fp32 (no autocast), an HTDemucs (bag)."""
+    converted backend and it applies — the CPU, an HTDemucs (bag), fp32; or bf16 autocast
+    (the CPU has native bf16) for OpenVINO, which then computes in bf16 itself."""
     setting = (setting or "auto").lower()
     if setting not in BACKENDS:
         raise BackendError(f"DEMUCS_BACKEND={setting!r}: expected one of {', '.join(BACKENDS)}")
     if setting == "torch":
         return "torch"
-    applies = str(device) == "cpu" and autocast_dtype is None and supported(model)
+
+    def applies(backend: str) -> bool:
+        precision_ok = autocast_dtype is None or (backend == "openvino"
+                                                  and _is_bf16(autocast_dtype))
+        return str(device) == "cpu" and precision_ok and supported(model)
+
     if setting == "auto":
-        if not applies:
-            return "torch"
-        return next((b for b in AUTO_ORDER if available(b)), "torch")
+        return next((b for b in AUTO_ORDER if applies(b) and available(b)), "torch")
     if not available(setting):
         raise BackendError(f"DEMUCS_BACKEND={setting} needs the "
                            f"{'onnxruntime' if setting == 'onnx' else 'openvino'} package "
                            "(pip install 'instrumental-maker[cpu-backends]', plus "
                            "onnxruntime for onnx)")
-    if not applies:
-        log.warning("DEMUCS_BACKEND=%s applies to fp32 HTDemucs on the CPU only; using torch "
-                    "(device %s, autocast %s)", setting, device, autocast_dtype)
+    if not applies(setting):
+        log.warning("DEMUCS_BACKEND=%s does not apply here (device %s, autocast %s, model "
+                    "%s); using torch", setting, device, autocast_dtype, type(model).__name__)
         return "torch"
     return setting
 
@@ -279,14 +293,17 @@ class _OrtEngine:
 
 
 class _OvEngine:
-    def __init__(self, path: Path, cache: Path):
+    def __init__(self, path: Path, cache: Path, precision: str = "f32"):
         import openvino as ov
 
         self.core = ov.Core()
         # compiled blobs cached: a later start imports the blob instead of converting the
         # ONNX graph and compiling again (compile_model from the path, so OV can skip both)
         self.core.set_property({"CACHE_DIR": str(cache)})
-        self.path = path
+        if precision == "bf16" and "BF16" not in self.core.get_property(
+                "CPU", "OPTIMIZATION_CAPABILITIES"):
+            precision = "f32"  # no native bf16 on this CPU: never emulate it
+        self.path, self.precision = path, precision
         self.compiled: dict[int, tp.Any] = {}
         self.local = threading.local()
         self.lock = threading.Lock()
@@ -295,9 +312,10 @@ class _OvEngine:
         with self.lock:
             cm = self.compiled.get(threads)
             if cm is None:
-                # f32: on CPUs with native bf16 OpenVINO would otherwise pick bf16
+                # explicit: on CPUs with native bf16 OpenVINO would pick bf16 by itself
                 cm = self.core.compile_model(str(self.path), "CPU", {
-                    "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
+                    "INFERENCE_PRECISION_HINT": self.precision,
+                    "INFERENCE_NUM_THREADS": threads,
                     "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
                 self.compiled[threads] = cm
             return cm
@@ -327,12 +345,15 @@ class CoreRunner:
     (eval, fp32), with the core network run by ``backend``. It draws from ``random`` once
     per call like the model's forward does (so the shift offsets stay demucs')."""
 
-    def __init__(self, model, backend: str, path: Path):
+    def __init__(self, model, backend: str, path: Path, precision: str = "f32"):
         self.model, self.backend, self.path = model, backend, path
+        self.precision = precision
+        if precision != "f32" and backend != "openvino":
+            raise BackendError(f"{backend} runs in f32 only")
         if backend == "onnx":
             self.engine = _OrtEngine(path)
         elif backend == "openvino":
-            self.engine = _OvEngine(path, path.parent / "openvino")
+            self.engine = _OvEngine(path, path.parent / "openvino", precision)
         elif backend == "aoti":
             self.engine = _AotiEngine(path)
         else:
@@ -359,42 +380,37 @@ class CoreRunner:
         return torch.cat(outs, 0)
 
 
-def runner(model, backend: str, repo: Path | None) -> CoreRunner:
+def runner(model, backend: str, repo: Path | None, precision: str = "f32") -> CoreRunner:
     """The (cached per process) runner of one HTDemucs on ``backend``; converts on the
     first use of a model whose converted core is not in the cache folder yet."""
     path = artifact_path(model, repo, backend)
-    key = (str(path), backend, id(model))
+    key = (str(path), backend, precision, id(model))
     with _LOCK:
         run = _RUNNERS.get(key)
         if run is None or run.model is not model:
             ensure_artifact(model, repo, backend)
-            run = _RUNNERS[key] = CoreRunner(model, backend, path)
+            run = _RUNNERS[key] = CoreRunner(model, backend, path, precision)
         return run
-
-
-def runner_factory(backend: str, repo: Path | None) -> tp.Callable[[tp.Any], CoreRunner] | None:
-    """For ``fast_apply.apply_model_batched(runner_for=...)``: None for torch."""
-    if backend == "torch":
-        return None
-    return lambda sub: runner(sub, backend, repo)
 
 
 def prepare(setting: str | None, device: str, model, autocast_dtype,
             repo: Path | None) -> tp.Callable[[tp.Any], CoreRunner] | None:
     """``choose`` the backend and make its runners for every model of ``model`` now
-    (converting what the cache lacks); returns ``runner_for`` for ``fast_apply`` (None:
-    torch). With ``auto``, a conversion or engine that fails falls back to torch (logged);
-    a backend named explicitly raises."""
+    (converting what the cache lacks); returns ``runner_for`` for
+    ``fast_apply.apply_model_batched`` (None: torch itself). With ``auto``, a conversion or
+    engine that fails falls back to torch (logged); a backend named explicitly raises.
+    The caller then runs without autocast (a converted backend handles precision)."""
     backend = choose(setting, device, model, autocast_dtype)
     if backend == "torch":
         return None
+    precision = "bf16" if _is_bf16(autocast_dtype) else "f32"
     try:
-        for sub in getattr(model, "models", None) or [model]:
-            runner(sub, backend, repo)
+        runners = {id(sub): runner(sub, backend, repo, precision)
+                   for sub in getattr(model, "models", None) or [model]}
     except Exception as exc:  # noqa: BLE001 - auto must never make a separation fail
         if (setting or "auto").lower() != "auto":
             raise BackendError(f"DEMUCS_BACKEND={backend}: {exc}") from exc
         log.warning("DEMUCS_BACKEND=auto: %s failed (%s: %s); using torch", backend,
                     type(exc).__name__, exc)
         return None
-    return runner_factory(backend, repo)
+    return lambda sub: runners[id(sub)]

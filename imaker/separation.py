@@ -213,6 +213,8 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
 
             runner_for = backends.prepare(backend, loaded.device, loaded.model,
                                           autocast_dtype, loaded.repo)
+            if runner_for is not None:
+                autocast_dtype = None  # the converted backend computes in its own precision
             out = fast_apply.apply_model_batched(
                 loaded.model, mix[None], shifts=shifts, overlap=overlap, segment=segment,
                 batch_size=batch, device=loaded.device, autocast_dtype=autocast_dtype,

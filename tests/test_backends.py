@@ -72,6 +72,23 @@ def test_backend_stems_match_fp32_apply_model_to_40_db(repo, reference, backend)
     assert any(r.backend == backend and r.model is sub for r in backends._RUNNERS.values())
 
 
+@pytest.mark.skipif(not backends.available("openvino"), reason="needs openvino")
+def test_openvino_bf16_matches_fp32_apply_model_to_40_db(repo, reference):
+    """What auto runs where DEMUCS_CPU_AUTOCAST picks bf16 (the same 40 dB bar as torch's
+    bf16 autocast). On a CPU without native bf16 the engine stays f32."""
+    loaded = separation.load_model("tiny_htdemucs", repo, "cpu")
+    random.seed(7)
+    out = separation.separate(loaded, _wav(), batch_size=1, shifts=1, backend="openvino",
+                              cpu_autocast=True)
+    snrs = {k: _snr_db(reference[k], out[k]) for k in loaded.sources}
+    assert all(s >= 40 for s in snrs.values()), snrs
+    runs = [r for r in backends._RUNNERS.values()
+            if r.backend == "openvino" and r.precision == "bf16"]
+    assert runs
+    native = separation.cpu_has_native_bf16()
+    assert all(r.engine.precision == ("bf16" if native else "f32") for r in runs)
+
+
 def test_split_forward_is_the_model_forward_and_keeps_random_draws(repo):
     model = separation.load_model("tiny_htdemucs", repo, "cpu").model.models[0]
     mix = torch.randn(1, 2, 5 * 44100)  # shorter than the segment: padded, cut back
@@ -129,7 +146,10 @@ def test_cache_key_changes_with_the_weights_and_every_model_of_a_bag_gets_its_ow
 def test_auto_picks_a_converted_backend_only_for_fp32_htdemucs_on_the_cpu(repo):
     model = separation.load_model("tiny_htdemucs", repo, "cpu").model
     assert backends.choose("auto", "cpu", model, None) == WINNER
-    assert backends.choose("auto", "cpu", model, torch.bfloat16) == "torch"
+    # bf16 on the CPU (native bf16): only OpenVINO computes in bf16 itself
+    assert backends.choose("auto", "cpu", model, "bf16") == \
+        ("openvino" if WINNER == "openvino" else "torch")
+    assert backends.choose("onnx", "cpu", model, "bf16") == "torch"
     assert backends.choose("auto", "cuda", model, None) == "torch"
     assert backends.choose("torch", "cpu", model, None) == "torch"
     assert backends.choose("onnx", "cuda", model, None) == "torch"  # warned, not applied
