@@ -81,6 +81,8 @@ def child(args) -> None:
     from imaker import backends, separation
 
     cand = args.child
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     loaded = separation.load_model(args.model, Path(args.repo), "cpu")
     load_s = time.perf_counter() - t0
@@ -236,7 +238,8 @@ def main() -> int:
     p.add_argument("--layout", default=None, metavar="BACKEND")
     p.add_argument("--windows", action="store_true",
                    help="per-window forward times of the engines in one process, interleaved")
-    p.add_argument("--threads", type=int, default=None, help="torch/engine threads (--windows)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/engine threads (default: torch's, = the cores)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -275,6 +278,8 @@ def main() -> int:
         for cand in cands:
             cmd = [sys.executable, __file__, "--child", cand, "--model", args.model,
                    "--repo", args.repo, "--work", str(work), "--seconds", str(args.seconds)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             if out.returncode != 0:
                 print(f"round {rnd + 1} {cand}: FAILED\n{out.stderr[-2000:]}", flush=True)
