@@ -84,6 +84,15 @@ def supported(model) -> bool:
     return True
 
 
+def cpu_runs_one_at_a_time(setting: str | None) -> bool:
+    """Whether CPU separations should run one at a time with all cores (the separation
+    service's default concurrency): yes where OpenVINO will run them — measured on 2 cores,
+    one separation with 2 threads did 1.7x the work of two with 1 thread each, while
+    PyTorch eager is the other way round (+20 % for 2 x 1)."""
+    setting = (setting or "auto").lower()
+    return setting in ("auto", "openvino") and available("openvino")
+
+
 def _is_bf16(autocast_dtype) -> bool:
     return autocast_dtype is not None and str(autocast_dtype).lower() in (
         "bf16", "bfloat16", "torch.bfloat16")
@@ -329,8 +338,10 @@ class _OvEngine:
         req = requests.get(threads)
         if req is None:
             req = requests[threads] = cm.create_infer_request()
-        res = req.infer({"mix": mix, "mag": mag})
-        return res[cm.output(0)].copy(), res[cm.output(1)].copy()
+        # start_async + wait: the GIL is released while it runs (concurrent separations)
+        req.start_async({"mix": mix, "mag": mag}, share_inputs=True)
+        req.wait()
+        return (req.get_output_tensor(0).data.copy(), req.get_output_tensor(1).data.copy())
 
 
 class _AotiEngine:

@@ -175,3 +175,14 @@ def test_demucs_backend_setting_reaches_the_service_request(tmp_path):
     assert Options(backend="openvino").backend == "openvino"
     with pytest.raises(SettingsError):
         load_settings({"IMAKER_DATA": str(tmp_path), "DEMUCS_BACKEND": "tensorrt"})
+
+
+def test_service_runs_one_separation_at_a_time_where_openvino_runs(monkeypatch):
+    from imaker.separator.service import Service
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("DEMUCS_BACKEND", "torch")
+    assert Service().concurrency == Service().cores  # eager: the cores split
+    monkeypatch.setenv("DEMUCS_BACKEND", "auto")
+    assert Service().concurrency == (1 if backends.available("openvino") else Service().cores)
+    assert Service(concurrency=3).concurrency == 3  # SEPARATOR_CONCURRENCY still wins
