@@ -281,6 +281,7 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     env = dict(os.environ, IMAKER_DATA=str(data), DAGSTER_HOME=str(home), DEMUCS_MODEL=name,
                DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE=args.device, HF_HUB_OFFLINE="1",
                SEPARATOR_PORT=str(port), DEMUCS_CPU_AUTOCAST=args.cpu_autocast,
+               DEMUCS_BACKEND=args.backend,
                DAGSTER_DISABLE_TELEMETRY="1")
     env.pop("SEPARATOR_URL", None)
     ours = run_measured([str(Path(sys.executable).with_name("imaker")), "ingest", "--once"],
@@ -307,7 +308,8 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
         stages["checks" if "_" in key and key not in ("source_audio", "nas_copy") else key] += seconds
     print(f"\n== {label}; model {name}; device {args.device}; cores {os.cpu_count()}; "
           f"CPU {_cpu_model()}; "
-          f"ours {_precision(args)} (DEMUCS_CPU_AUTOCAST={args.cpu_autocast}), CLI fp32")
+          f"ours {_precision(args)} (DEMUCS_CPU_AUTOCAST={args.cpu_autocast}, "
+          f"DEMUCS_BACKEND={args.backend}), CLI fp32")
     print(f"demucs CLI (one process, 4 wav stems per file): {demucs['wall']:8.1f} s   "
           f"peak RSS {demucs['tree_rss']:5.2f} GiB (largest process {demucs['max_rss']:.2f})")
     print(f"imaker ingest --once (full pipeline):           {ours['wall']:8.1f} s   "
@@ -340,6 +342,8 @@ def main() -> int:
     p.add_argument("--cpu-autocast", choices=["auto", "true", "false"], default="auto",
                    help="DEMUCS_CPU_AUTOCAST for our side (auto: bf16 when the CPU has it "
                         "natively; false: fp32 like the CLI)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "aoti"],
+                   default="auto", help="DEMUCS_BACKEND for our side (imaker.backends)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()

@@ -220,7 +220,8 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
                         transition_power: float = 1.0,
                         on_batch: tp.Callable[[], None] | None = None,
                         sink: tp.Callable[[int, torch.Tensor], None] | None = None,
-                        batcher: "WindowBatcher | None" = None
+                        batcher: "WindowBatcher | None" = None,
+                        runner_for: tp.Callable[[torch.nn.Module], tp.Callable] | None = None
                         ) -> torch.Tensor | None:
     """Separate ``mix`` (``(batch, channels, samples)`` or ``(channels, samples)``).
 
@@ -234,7 +235,9 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
     model; the last batch is padded to ``batch_size`` so shapes stay static). ``on_batch``
     is called before every forward pass (``imaker.separation`` re-balances CPU threads
     between processes there). ``batcher``: a ``WindowBatcher`` shared by concurrent
-    separations, which runs their windows in common forward passes.
+    separations, which runs their windows in common forward passes. ``runner_for(model)``:
+    what computes ``model(batch)`` for each model (default the model itself): another
+    inference backend (``imaker.backends``); the windows, overlap-add and shifts are ours.
 
     ``sink(start, chunk)`` streams the output instead of returning it: ``chunk`` is
     ``(batch, sources, channels, n)`` (without the batch dimension for a 2-D ``mix``) for
@@ -286,7 +289,7 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
         sub.eval()
         if dtype is not None:
             keep_spectral_fp32(sub)
-        runner = _runner(sub, compile_model)
+        runner = runner_for(sub) if runner_for is not None else _runner(sub, compile_model)
         try:
             if shifts:
                 max_shift = int(0.5 * sub.samplerate)

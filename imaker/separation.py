@@ -30,6 +30,7 @@ class LoadedModel:
     channels: int = 2
     sources: tuple[str, ...] = ()
     load_seconds: float = 0.0
+    repo: Path | None = None  # the local model repo (converted backends cache there)
 
 
 def resolve_device(spec: str) -> str:
@@ -93,7 +94,8 @@ def load_model(name: str, repo: Path | None = None, device: str = "auto") -> Loa
         loaded = LoadedModel(name=name, signature=_signature(name, repo, model), device=device,
                              model=model, samplerate=int(model.samplerate),
                              channels=int(model.audio_channels), sources=tuple(model.sources),
-                             load_seconds=time.perf_counter() - start)
+                             load_seconds=time.perf_counter() - start,
+                             repo=Path(repo) if repo else None)
         _CACHE[key] = loaded
         return loaded
 
@@ -168,7 +170,7 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
              overlap: float = 0.25, shifts: int = 1, batch_size: int | None = None,
              autocast: bool = True, sink=None, inplace: bool = False,
              threads: Callable[[], int] | None = None, cpu_autocast: bool | None = False,
-             batcher=None
+             batcher=None, backend: str | None = "torch"
              ) -> dict[str, np.ndarray] | None:
     """Separate ``wav`` (channels, samples at the model's rate) into ``{source: array}``.
 
@@ -185,7 +187,10 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
     memory. ``inplace=True`` lets the normalisation overwrite ``wav`` (float32, C-contiguous)
     instead of copying it. ``threads``: called before each forward pass on the CPU, the
     number of torch threads for the calling thread (the separation service splits the
-    cores between the separations it runs at once)."""
+    cores between the separations it runs at once). ``backend`` (``DEMUCS_BACKEND``:
+    auto, torch, onnx, openvino) runs the network of our segment loop on a converted
+    graph on the CPU in fp32 (``imaker.backends.choose``; converted once, cached beside
+    the model repo); it does not apply to demucs' ``apply_model`` (batch 0)."""
     import torch
 
     if wav.ndim != 2 or wav.shape[0] != loaded.channels:
@@ -210,13 +215,17 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
     threads = threads if batch and str(loaded.device) == "cpu" else None
     with torch.inference_mode():
         if batch:
-            from imaker import fast_apply
+            from imaker import backends, fast_apply
 
+            runner_for = backends.prepare(backend, loaded.device, loaded.model,
+                                          autocast_dtype, loaded.repo)
+            if runner_for is not None:
+                autocast_dtype = None  # the converted backend computes in its own precision
             out = fast_apply.apply_model_batched(
                 loaded.model, mix[None], shifts=shifts, overlap=overlap, segment=segment,
                 batch_size=batch, device=loaded.device, autocast_dtype=autocast_dtype,
                 on_batch=(lambda: _set_threads(threads())) if threads else None,
-                batcher=batcher,
+                batcher=batcher, runner_for=runner_for,
                 sink=(lambda start, chunk: denormalised(start, chunk[0])) if sink else None)
             if sink is not None:
                 return None

@@ -215,6 +215,9 @@ class Settings:
     media_host: str = "127.0.0.1"  # MEDIA_HOST: address `imaker media serve` listens on
     media_port: int = 8766  # MEDIA_PORT
     media_base_url: str = "http://127.0.0.1:8766"  # MEDIA_BASE_URL: links in the UI and page
+    # DEMUCS_BACKEND: what runs the network on the CPU (fp32): auto, torch, onnx, openvino,
+    # aoti (imaker.backends; auto picks the fastest installed converted backend)
+    demucs_backend: str = "auto"
 
     @property
     def queues(self) -> dict[str, Path]:
@@ -357,3 +360,10 @@ def _with_media(env: Mapping[str, str], settings: Settings) -> Settings:
         raise SettingsError(f"MEDIA_BASE_URL={media_base_url!r}: expected http(s)://host[:port][/path]")
     return replace(settings, media_host=media_host, media_port=media_port,
                    media_base_url=media_base_url)
+    # DEMUCS_BACKEND (imaker.backends.BACKENDS; kept in sync there)
+    backend = (_clean(env, "DEMUCS_BACKEND") or "auto").lower()
+    if backend not in ("auto", "torch", "onnx", "openvino", "aoti"):
+        raise SettingsError(f"DEMUCS_BACKEND={backend!r}: expected auto, torch, onnx, "
+                            "openvino or aoti")
+    settings = replace(settings, demucs_backend=backend)
+    return settings

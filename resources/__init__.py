@@ -79,6 +79,7 @@ class SeparatorResource(ConfigurableResource):
     autocast: bool = True  # bf16 autocast on CUDA (batched path only)
     cpu_autocast: bool | None = None  # bf16 on the CPU: None = when native (inference_plan)
     concurrency: int | None = None  # separations at once in an auto-started service
+    backend: str = "auto"  # DEMUCS_BACKEND: auto, torch, onnx, openvino, aoti
 
     def client(self) -> SeparatorClient:
         return SeparatorClient(
@@ -86,7 +87,7 @@ class SeparatorResource(ConfigurableResource):
             model={"name": self.model, "repo": self.model_repo, "device": self.device},
             options={"segment": self.segment, "overlap": self.overlap, "shifts": self.shifts,
                      "batch_size": self.batch_size, "autocast": self.autocast,
-                     "cpu_autocast": self.cpu_autocast},
+                     "cpu_autocast": self.cpu_autocast, "backend": self.backend},
             concurrency=self.concurrency)
 
 
@@ -120,5 +121,6 @@ def build_resources(settings: Settings | None = None, *, extra_variants: list[st
             model_repo=str(s.demucs_model_repo) if s.demucs_model_repo else None,
             device=s.demucs_device, segment=s.demucs_segment, overlap=s.demucs_overlap,
             shifts=s.demucs_shifts, batch_size=s.demucs_batch_size,
-            autocast=s.demucs_autocast, cpu_autocast=s.demucs_cpu_autocast),
+            autocast=s.demucs_autocast, cpu_autocast=s.demucs_cpu_autocast,
+            backend=s.demucs_backend),
     }

@@ -66,7 +66,7 @@ def imaker_env(tmp_path, monkeypatch, model_repo):
                 "DEMUCS_AUTOCAST", "DEMUCS_CPU_AUTOCAST", "NAS_SYNC_ENABLED",
                 "NAS_SYNC_CONFIG_PATH", "SEPARATOR_URL", "SEPARATOR_PORT", "SEPARATOR_CONCURRENCY",
                 "UMASK", "NOTIFY_URLS", "NOTIFY_ON", "MEDIA_HOST", "MEDIA_PORT",
-                "MEDIA_BASE_URL"):
+                "MEDIA_BASE_URL", "DEMUCS_BACKEND"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("IMAKER_DATA", str(data))
     monkeypatch.setenv("DAGSTER_HOME", str(home))

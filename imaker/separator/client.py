@@ -159,5 +159,6 @@ def client_from_settings(settings) -> SeparatorClient:
         options={"segment": settings.demucs_segment, "overlap": settings.demucs_overlap,
                  "shifts": settings.demucs_shifts, "batch_size": settings.demucs_batch_size,
                  "autocast": settings.demucs_autocast,
-                 "cpu_autocast": settings.demucs_cpu_autocast},
+                 "cpu_autocast": settings.demucs_cpu_autocast,
+                 "backend": settings.demucs_backend},
         concurrency=settings.separator_concurrency)

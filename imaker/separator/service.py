@@ -13,7 +13,9 @@ Models are loaded once per (name, repo, device) and kept. At most ``concurrency`
 separations run at once (an anyio ``CapacityLimiter``; the rest wait): on the CPU that is
 the number of cores, and each separation takes ``cores // running`` torch threads before
 every forward pass (two single-threaded separations do ~20 % more work per second on 2
-cores than one two-threaded one); on CUDA two, whose windows share forward passes
+cores than one two-threaded one) — except with the OpenVINO backend (``DEMUCS_BACKEND``),
+which runs one separation at a time on all cores (1 x 2 threads did 1.7x the work of 2 x 1
+on 2 cores: benchmarks/RESULTS.md); on CUDA two, whose windows share forward passes
 (``fast_apply.WindowBatcher``: up to 16 windows per pass).
 A client that goes away (its run was killed) stops its separation at the next window.
 """
@@ -27,7 +29,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -60,6 +62,7 @@ class Options(BaseModel):
     batch_size: int | None = Field(None, ge=0)
     autocast: bool = True
     cpu_autocast: bool | None = None
+    backend: Literal["auto", "torch", "onnx", "openvino", "aoti"] = "auto"
 
 
 class SeparateRequest(BaseModel):
@@ -100,7 +103,8 @@ class _Separator:
                                    shifts=o.shifts, batch_size=o.batch_size,
                                    autocast=o.autocast, sink=sink, inplace=inplace,
                                    threads=self.threads, cpu_autocast=o.cpu_autocast,
-                                   batcher=self.service.batcher_for(loaded))
+                                   batcher=self.service.batcher_for(loaded),
+                                   backend=o.backend)
 
 
 class Service:
@@ -129,6 +133,15 @@ class Service:
                 return CUDA_CONCURRENCY
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+        from .. import backends
+        from ..settings import SettingsError, load_settings
+
+        try:
+            setting = load_settings().demucs_backend
+        except SettingsError:
+            setting = "auto"
+        if backends.cpu_runs_one_at_a_time(setting):
+            return 1
         return self.cores
 
     def batcher_for(self, loaded: separation.LoadedModel):
