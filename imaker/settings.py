@@ -318,15 +318,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not 0 < settings.separator_port < 65536:
         raise SettingsError("SEPARATOR_PORT must be a TCP port (1-65535)")
     settings = _with_notifications(env, settings)
-    return _with_media(env, settings)
+    settings = _with_media(env, settings)
+    # DEMUCS_BACKEND (imaker.backends.BACKENDS; kept in sync there)
+    backend = (_clean(env, "DEMUCS_BACKEND") or "auto").lower()
+    if backend not in ("auto", "torch", "onnx", "openvino", "aoti"):
+        raise SettingsError(f"DEMUCS_BACKEND={backend!r}: expected auto, torch, onnx, "
+                            "openvino or aoti")
+    settings = replace(settings, demucs_backend=backend)
+    return settings
 
 
 def _with_notifications(env: Mapping[str, str], settings: Settings) -> Settings:
     """NOTIFY_URLS (Apprise URLs, separated by commas, spaces or newlines) and NOTIFY_ON
     (done, failed or both: the default). Each URL is checked by Apprise here, so a typo
     fails at start-up rather than silently when the first track is done."""
-    from dataclasses import replace
-
     from .notify import EVENTS, invalid_urls, split_urls
 
     urls = split_urls(_clean(env, "NOTIFY_URLS"))
@@ -360,10 +365,3 @@ def _with_media(env: Mapping[str, str], settings: Settings) -> Settings:
         raise SettingsError(f"MEDIA_BASE_URL={media_base_url!r}: expected http(s)://host[:port][/path]")
     return replace(settings, media_host=media_host, media_port=media_port,
                    media_base_url=media_base_url)
-    # DEMUCS_BACKEND (imaker.backends.BACKENDS; kept in sync there)
-    backend = (_clean(env, "DEMUCS_BACKEND") or "auto").lower()
-    if backend not in ("auto", "torch", "onnx", "openvino", "aoti"):
-        raise SettingsError(f"DEMUCS_BACKEND={backend!r}: expected auto, torch, onnx, "
-                            "openvino or aoti")
-    settings = replace(settings, demucs_backend=backend)
-    return settings
