@@ -10,16 +10,15 @@ import subprocess
 import sys
 
 import pytest
-from dagster import DagsterInstance, materialize
 from mutagen import File as MutagenFile
 
-from conftest import claim_tags, make_audio, write_bundle
+from conftest import make_audio, write_bundle
 from imaker import audio
 from imaker.catalog import build_catalog
 from imaker.settings import load_settings
 from imaker.variants import VARIANTS
-from imaker_assets.assets import source_audio, stems, track_assets
-from resources import build_resources
+from test_pipeline import _materialize  # one way to run a track in-process
+from imaker_assets.assets import source_audio, stems
 
 MBID = {"musicbrainz_trackid": "1f0e3dad-9990-4e1b-8a1c-6f3bd2a1e0aa",
         "musicbrainz_albumid": "2f0e3dad-9990-4e1b-8a1c-6f3bd2a1e0bb",
@@ -51,17 +50,6 @@ def _tagged_input(path, fmt):
         raw["LYRICS"] = "secret lyrics"
     raw.save()
     return path
-
-
-def _materialize(job_id, selection=None):
-    settings = load_settings()
-    instance = DagsterInstance.get()
-    if not instance.has_dynamic_partition("tracks", job_id):
-        instance.add_dynamic_partitions("tracks", [job_id])
-    result = materialize(track_assets, selection=selection, partition_key=job_id,
-                         instance=instance, resources=build_resources(settings),
-                         raise_on_error=False, tags=claim_tags(job_id))
-    return result, settings
 
 
 def _replaygain(path, fmt):
