@@ -10,22 +10,28 @@
 #
 # Where: any Linux host with an NVIDIA GPU and a Python 3.11/3.12 that has a CUDA torch.
 #   PYTHON=/path/to/python bash benchmarks/gpu.sh          (default: .venv/bin/python)
-# The packages besides torch (dagster, demucs, ...) must be importable: `pip install -e .`
-# on a connected host, or, on an offline GPU machine, wheels downloaded beforehand into
-# .whl/ (benchmarks/gpu_wheels.sh, run where PyPI is reachable) and installed here first.
+# The packages besides torch (dagster, demucs, ...) and ffmpeg/ffprobe must be there:
+# `pip install -e .` + apt's ffmpeg on a connected host, or, on an offline GPU machine
+# (the workplace's device image: Python 3.12 with torch, numpy, pandas, ...), the folder
+# .gpu/ made beforehand where PyPI is reachable by benchmarks/gpu_wheels.sh: its wheels are
+# installed here into /tmp/imaker-site, its ffmpeg + ffprobe unpacked into /tmp/imaker-ffbin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/imaker-site .whl/*.whl
-    export PYTHONPATH=/tmp/imaker-site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-    ln -sf /tmp/imaker-site/bin/* /usr/local/bin/ 2>/dev/null || true
-fi
+source benchmarks/gpu_env.sh
 export HF_HUB_OFFLINE=1 DAGSTER_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
 "$PY" - <<'PY'
+import importlib.metadata as md
+
 import torch
 assert torch.cuda.is_available(), "no CUDA device visible to torch"
 print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
+# fail here, not minutes into the run, when a package is missing or of a wrong version
+import dagster, dagster_webserver, demucs.api, imaker.cli, imaker_assets.definitions  # noqa
+import grpc_health.v1.health_pb2_grpc  # noqa: refuses grpcio/protobuf older than its own
+print("versions:", ", ".join(f"{d} {md.version(d)}" for d in (
+    "instrumental-maker", "dagster", "demucs", "numpy", "torchaudio", "pandas", "click",
+    "grpcio", "protobuf", "pydantic", "typing_extensions", "huggingface_hub")))
 PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 OUT=${OUT:-/tmp/imaker-gpu}
