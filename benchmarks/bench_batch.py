@@ -144,6 +144,13 @@ def _precision(args) -> str:
     return inference_plan(args.device, None, True, cpu)[1] or "fp32"
 
 
+def _script(name: str) -> str:
+    """A console script of this interpreter's environment (beside sys.executable), else the
+    one on PATH (benchmarks/gpu.sh on a machine whose interpreter's folder is read-only)."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else (shutil.which(name) or str(beside))
+
+
 def _free_port() -> int:
     import socket
 
@@ -207,7 +214,7 @@ def sensor_path(work: Path, inputs: list[Path], env: dict, port: int) -> dict:
     tmps = _bundles(queue, inputs, "_s")
     ui = _free_port()
     log = open(work / "dagster_dev.log", "wb")
-    dev = subprocess.Popen([str(Path(sys.executable).with_name("dagster")), "dev", "-w",
+    dev = subprocess.Popen([_script("dagster"), "dev", "-w",
                             str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(ui)],
                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                            start_new_session=True)
@@ -293,7 +300,7 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
             "separation.separate(m, np.zeros((2, 44100 * 2), np.float32), "
             "cpu_autocast=s.demucs_cpu_autocast, backend=s.demucs_backend)")
     subprocess.run([sys.executable, "-c", warm], env=env, check=True)
-    ours = run_measured([str(Path(sys.executable).with_name("imaker")), "ingest", "--once"],
+    ours = run_measured([_script("imaker"), "ingest", "--once"],
                         work / "imaker.log", service_port=port, env=env, cwd=ROOT)
     if ours["rc"] != 0:
         raise SystemExit((work / "imaker.log").read_text()[-3000:])
