@@ -66,6 +66,7 @@ class DaemonGuard:
         self.instance, self.home = instance, home
         self.proc: subprocess.Popen | None = None
         self.lock = None
+        self.started_at = 0.0
 
     def check(self) -> None:
         if self.proc is not None:
@@ -91,19 +92,35 @@ class DaemonGuard:
         exe = Path(sys.executable).with_name("dagster-daemon")
         cmd = [str(exe) if exe.exists() else "dagster-daemon", "run", "-w", str(workspace)]
         env = {**os.environ, INGEST_ONLY_ENV: "1", "DAGSTER_HOME": str(self.home)}
+        self.started_at = time.time()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
 
+    def _own_daemon_ids(self) -> set[str]:
+        """The daemon ids heartbeating since our daemon started: ours (we started it because
+        no daemon served the instance, and hold the lock that makes it the only one)."""
+        return {beat.daemon_id for beat in self.instance.get_daemon_heartbeats().values()
+                if beat.timestamp >= self.started_at and beat.daemon_id}
+
     def close(self) -> None:
+        ours: set[str] = set()
         if self.proc is not None and self.proc.poll() is None:
+            ours = self._own_daemon_ids()
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        # Dagster keeps a stopped daemon's last heartbeats: for HEARTBEAT_FRESH_S they would
+        # say "a daemon serves this instance" and the next `imaker ingest` would wait for one
+        # that is gone. Forget them when every heartbeat is our stopped daemon's (a daemon
+        # started since, e.g. `dagster dev`, keeps its own and everyone's).
+        beats = self.instance.get_daemon_heartbeats()
+        if len(ours) == 1 and beats and {b.daemon_id for b in beats.values()} <= ours:
+            self.instance.wipe_daemon_heartbeats()
         if self.lock is not None:
             self.lock.release()
 

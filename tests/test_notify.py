@@ -243,12 +243,7 @@ def test_ingest_once_notifies_each_outcome_once_and_a_dead_receiver_does_not_mat
     reason = json.loads((s.archive_dir / "failed" / "job_bad" / "error.json").read_text())["error"]
     assert f"Reason: {reason}" in failed[0]["message"] and "cannot read audio.m4a" in reason
 
-    # the next daemon starts from the sensors' stored cursors: only the new outcome.
-    # (The stopped daemon's heartbeats look fresh for HEARTBEAT_FRESH_S, during which
-    # `imaker ingest` would wait for it instead of starting one: forget them, as time would.)
-    from dagster import DagsterInstance
-
-    DagsterInstance.get().wipe_daemon_heartbeats()
+    # the next daemon starts from the sensors' stored cursors: only the new outcome
     write_bundle(s.queue_other, "bad2", junk, title="Bad Again")
     again = _imaker("ingest", "--once")
     assert again.returncode == 1, again.stdout + again.stderr
