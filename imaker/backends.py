@@ -55,6 +55,7 @@ EXPORT_VERSION = 1
 OPSET = 17
 
 conversions = 0  # models converted by this process (tests, logs)
+compiles = 0  # engines made ready (ORT sessions, OpenVINO compiles, AOTI loads) by this process
 _LOCK = threading.Lock()
 _RUNNERS: dict[tuple[str, str, int], "CoreRunner"] = {}
 _KEYS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -270,6 +271,15 @@ def ensure_artifact(model, repo: Path | None, backend: str) -> Path:
 
 
 # ----- engines: run the core for one window -----------------------------------------------
+_COUNT_LOCK = threading.Lock()
+
+
+def _count_compile() -> None:
+    global compiles
+    with _COUNT_LOCK:  # not _LOCK: `runner` holds it while an AOTI engine loads
+        compiles += 1
+
+
 class _OrtEngine:
     def __init__(self, path: Path):
         import onnxruntime as ort
@@ -293,6 +303,7 @@ class _OrtEngine:
                 opts.enable_cpu_mem_arena = False
                 sess = self.ort.InferenceSession(str(self.path), opts,
                                                  providers=["CPUExecutionProvider"])
+                _count_compile()
                 self.sessions[threads] = sess
             return sess
 
@@ -329,6 +340,7 @@ class _OvEngine:
                     # unpinned: pinned, two 1-thread compiled models (two separations of
                     # the service) shared one core (2 x 20 s: 21.0 s instead of ~12 s)
                     "ENABLE_CPU_PINNING": False})
+                _count_compile()
                 self.compiled[threads] = cm
             return cm
 
@@ -347,6 +359,7 @@ class _OvEngine:
 class _AotiEngine:
     def __init__(self, path: Path):
         self.fn = torch._inductor.aoti_load_package(str(path))
+        _count_compile()
 
     def __call__(self, mix: np.ndarray, mag: np.ndarray, threads: int):
         torch.set_num_threads(threads)  # the compiled kernels use torch's OpenMP pool

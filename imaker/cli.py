@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--idle-exit", type=float, default=None,
                        help="exit after this many idle seconds (the auto-started service)")
     serve.add_argument("--preload", action="store_true",
-                       help="load DEMUCS_MODEL before answering (a health check then means ready)")
+                       help="load DEMUCS_MODEL and compile its backend (one short separation) "
+                            "before answering: a health check then means ready")
     med = sub.add_parser("media", help="listen from the UI: the static media server for "
                                        "OUTPUTS_DIR and LIBRARY_DIR (HTTP Range)")
     med_sub = med.add_subparsers(dest="media_command", required=True)
@@ -224,11 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                 bad += 1
         return 1 if bad else 0
     if args.command == "separator":
-        from .separator.service import ModelSpec, serve as serve_separator
+        from .separator.client import client_from_settings
+        from .separator.service import Preload, serve as serve_separator
 
-        preload = (ModelSpec(name=settings.demucs_model, device=settings.demucs_device,
-                             repo=str(settings.demucs_model_repo) if settings.demucs_model_repo
-                             else None) if args.preload else None)
+        client = client_from_settings(settings)
+        preload = (Preload(model=client.model, options=client.options) if args.preload
+                   else None)
         serve_separator(args.host, args.port or settings.separator_port,
                         concurrency=args.concurrency or settings.separator_concurrency,
                         idle_exit_s=args.idle_exit, preload=preload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,29 @@ def test_service_runs_one_separation_at_a_time_where_openvino_runs(monkeypatch):
     monkeypatch.setenv("DEMUCS_BACKEND", "auto")
     assert Service().concurrency == (1 if backends.available("openvino") else Service().cores)
     assert Service(concurrency=3).concurrency == 3  # SEPARATOR_CONCURRENCY still wins
+
+
+def test_a_preloaded_service_compiles_before_it_answers(repo, source_m4a, tmp_path, monkeypatch):
+    """`imaker separator serve --preload` (what `imaker ingest` starts) converts and compiles
+    the backend with one short separation before /health answers: the first track's
+    separation then compiles nothing."""
+    from dagster_server import free_port
+    from imaker.separator.client import client_from_settings
+
+    monkeypatch.setenv("IMAKER_ENV_FILE", "")
+    for key, value in {"DEMUCS_MODEL": "tiny_htdemucs", "DEMUCS_MODEL_REPO": str(repo),
+                       "DEMUCS_DEVICE": "cpu", "DEMUCS_BACKEND": WINNER,
+                       "SEPARATOR_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    client = client_from_settings(load_settings())
+    client.ensure_running(preload=True)
+    try:
+        ready = client.health()
+        assert ready["compiles"] >= 1 and ready["completed"] == 0, ready
+        meta = client.separate("first", source_m4a, tmp_path / "stems")
+        assert meta["job_id"] == "first" and len(meta["sources"]) == 4, meta
+        assert (tmp_path / "stems" / "stems.json").is_file()
+        after = client.health()
+        assert after["completed"] == 1 and after["compiles"] == ready["compiles"], after
+    finally:
+        os.kill(client.health()["pid"], signal.SIGTERM)

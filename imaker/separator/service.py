@@ -25,13 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,6 +42,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .. import pipeline, separation
+
+log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 5.0
 #: separations at once on CUDA: their windows share forward passes (``WindowBatcher``)
@@ -70,6 +75,14 @@ class SeparateRequest(BaseModel):
     job_id: str = Field(min_length=1, max_length=128)
     source: str
     stems_dir: str
+    model: ModelSpec = ModelSpec()
+    options: Options = Options()
+
+
+class Preload(BaseModel):
+    """What ``serve --preload`` readies before the service answers: the model, and the
+    settings' options, with which one short separation converts and compiles the backend."""
+    model_config = ConfigDict(extra="forbid")
     model: ModelSpec = ModelSpec()
     options: Options = Options()
 
@@ -109,7 +122,7 @@ class _Separator:
 
 class Service:
     def __init__(self, concurrency: int | None = None, idle_exit_s: float | None = None,
-                 preload: ModelSpec | None = None, cross_batch: bool = False):
+                 preload: Preload | None = None, cross_batch: bool = False):
         self.cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else (os.cpu_count() or 1))
         self.concurrency = concurrency or self._auto_concurrency()
@@ -168,7 +181,10 @@ class Service:
             "concurrency": self.concurrency, "cores": self.cores,
             "models": [{"name": m.name, "device": str(m.device), "signature": m.signature}
                        for m in separation._CACHE.values()],
-            "shared_passes": sum(b.merged for b in self.batchers.values())})
+            "shared_passes": sum(b.merged for b in self.batchers.values()),
+            # converted-backend engines compiled so far (a preloaded service compiles
+            # before it answers, not in the first track)
+            "compiles": getattr(sys.modules.get("imaker.backends"), "compiles", 0)})
 
     async def separate(self, request: Request):
         try:
@@ -246,11 +262,26 @@ class Service:
 
     async def _startup(self) -> None:
         if self.preload is not None:
-            spec = self.preload
-            await anyio.to_thread.run_sync(lambda: separation.load_model(
-                spec.name, Path(spec.repo) if spec.repo else None, spec.device))
+            await anyio.to_thread.run_sync(self._warm_up, self.preload)
         if self.idle_exit_s:
             asyncio.get_running_loop().create_task(self._idle_watch())
+
+    def _warm_up(self, preload: Preload) -> None:
+        spec, o = preload.model, preload.options
+        loaded = separation.load_model(spec.name, Path(spec.repo) if spec.repo else None,
+                                       spec.device)
+        # one second of noise through the path the first track takes: a converted backend
+        # is compiled now (OpenVINO: ~10 s per process, its blob cache does not save that
+        # on the CPU) instead of in that track's `stems` step
+        noise = np.random.default_rng(0).standard_normal((loaded.channels, loaded.samplerate))
+        try:
+            separation.separate(loaded, (0.1 * noise).astype(np.float32), segment=o.segment,
+                                overlap=o.overlap, shifts=0, batch_size=o.batch_size,
+                                autocast=o.autocast, cpu_autocast=o.cpu_autocast,
+                                threads=lambda: self.cores,  # as a track alone: cores // active
+                                batcher=None, backend=o.backend)
+        except Exception as exc:  # noqa: BLE001 - a warm-up: the first separation reports it
+            log.warning("warm-up separation failed: %s: %s", type(exc).__name__, exc)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
@@ -268,7 +299,7 @@ def _line(event: dict[str, Any]) -> bytes:
 
 
 def serve(host: str, port: int, *, concurrency: int | None = None,
-          idle_exit_s: float | None = None, preload: ModelSpec | None = None) -> None:
+          idle_exit_s: float | None = None, preload: Preload | None = None) -> None:
     import uvicorn
 
     service = Service(concurrency, idle_exit_s, preload)
