@@ -55,9 +55,14 @@ def cover_jpg(tmp_path_factory) -> Path:
 @pytest.fixture
 def imaker_env(tmp_path, monkeypatch, model_repo):
     """A private data root + DAGSTER_HOME, and the tiny model on the CPU."""
-    data = tmp_path / "data"
-    home = tmp_path / "dagster_home"
-    home.mkdir()
+    return imaker_env_at(monkeypatch, tmp_path, model_repo)
+
+
+def imaker_env_at(monkeypatch, root: Path, model_repo: Path) -> Path:
+    """``imaker_env`` under ``root`` with any MonkeyPatch (a module-scoped one too)."""
+    data = root / "data"
+    home = root / "dagster_home"
+    home.mkdir(exist_ok=True)
     shutil.copy(Path(__file__).parents[1] / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     for key in ("QUEUE_YOUTUBE_AUDIO", "QUEUE_YOUTUBE_VIDEO", "QUEUE_OTHER", "OUTPUTS_DIR",
                 "ARCHIVE_DIR", "WORKING_DIR", "LIBRARY_DIR", "STEMS_DIR",

@@ -1,29 +1,61 @@
 """Catalog contents, variant backfill without separation, and forgetting a track."""
 
 import os
+import shutil
 import signal
 
 import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from conftest import write_bundle
+from conftest import imaker_env_at, write_bundle
 from imaker import cli
 from imaker.bundle import JobManifest
 from imaker.settings import load_settings
 from imaker_assets import operations
 
 
+def _stop_separator(settings) -> None:
+    from imaker.separator.client import client_from_settings
+
+    health = client_from_settings(settings).health()
+    if health:
+        os.kill(health["pid"], signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def _ingested(tmp_path_factory, model_repo, source_m4a, cover_jpg):
+    """Two tracks ingested once for the module (a real `ingest_once`), then kept pristine:
+    each test gets its own copy at the same paths (``two_tracks``)."""
+    from dagster_server import free_port
+
+    root = tmp_path_factory.mktemp("two_tracks")
+    with pytest.MonkeyPatch.context() as mp:
+        imaker_env_at(mp, root, model_repo)
+        mp.setenv("SEPARATOR_PORT", str(free_port()))
+        settings = load_settings()
+        write_bundle(settings.queue_youtube_audio, "t1", source_m4a, cover=cover_jpg,
+                     youtube={"video_id": "v1", "url": "https://www.youtube.com/watch?v=v1"})
+        write_bundle(settings.queue_other, "t2", source_m4a, artist="Other", title="Second",
+                     source_type="local")
+        assert operations.ingest_once(DagsterInstance.get(), settings) == 0
+        _stop_separator(settings)
+    pristine = root.with_name(root.name + "-pristine")
+    shutil.copytree(root, pristine, symlinks=True)
+    return root, pristine
+
+
 @pytest.fixture
-def two_tracks(imaker_env, source_m4a, cover_jpg):
-    settings = load_settings()
-    write_bundle(settings.queue_youtube_audio, "t1", source_m4a, cover=cover_jpg,
-                 youtube={"video_id": "v1", "url": "https://www.youtube.com/watch?v=v1"})
-    write_bundle(settings.queue_other, "t2", source_m4a, artist="Other", title="Second",
-                 source_type="local")
-    instance = DagsterInstance.get()
-    assert operations.ingest_once(instance, settings) == 0
-    return settings, instance
+def two_tracks(_ingested, _private_separator, monkeypatch, model_repo):
+    """The module's two ingested tracks, restored to their state after the ingest (the
+    Dagster instance, outputs, library, stems and archive: every path as it was)."""
+    root, pristine = _ingested
+    shutil.rmtree(root)
+    shutil.copytree(pristine, root, symlinks=True)
+    port = os.environ["SEPARATOR_PORT"]  # this test's private service
+    imaker_env_at(monkeypatch, root, model_repo)
+    monkeypatch.setenv("SEPARATOR_PORT", port)
+    return load_settings(), DagsterInstance.get()
 
 
 class _Separations:
@@ -41,7 +73,9 @@ class _Separations:
 def separator_calls(two_tracks):
     from imaker.separator.client import client_from_settings
 
-    return _Separations(client_from_settings(load_settings()))
+    client = client_from_settings(load_settings())
+    client.ensure_running()  # this test's private service (the ingest's was stopped)
+    return _Separations(client)
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +86,7 @@ def _private_separator(imaker_env, monkeypatch):
 
     monkeypatch.setenv("SEPARATOR_PORT", str(free_port()))
     yield
-    from imaker.separator.client import client_from_settings
-
-    health = client_from_settings(load_settings()).health()
-    if health:
-        os.kill(health["pid"], signal.SIGTERM)
+    _stop_separator(load_settings())
 
 
 def _catalog(settings):
@@ -98,8 +128,6 @@ def test_backfill_adds_a_variant_without_separating(two_tracks, separator_calls,
 
 def test_backfill_after_stems_were_purged_separates_first_visibly(two_tracks, separator_calls, capsys):
     settings, _ = two_tracks
-    import shutil
-
     shutil.rmtree(settings.stems_dir / "t2")
     capsys.readouterr()
     assert cli.main(["backfill", "--variants", "drums_only"]) == 0
