@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from conftest import write_bundle
+from conftest import imaker_env_at, write_bundle
 from dagster_server import dagster_server, free_port
 from imaker.audio import probe
 from imaker.settings import load_settings
@@ -28,20 +28,34 @@ pytestmark = pytest.mark.skipif(
     reason="Debian chromium + chromium-driver not installed")
 
 
-@pytest.fixture
-def processed(imaker_env, source_m4a, cover_jpg, monkeypatch):
-    """Two real tracks through `imaker ingest --once`'s code path; the media links in their
-    metadata point at MEDIA_PORT, a free loopback port (the `media_server` fixture)."""
+@pytest.fixture(scope="module")
+def _processed_once(tmp_path_factory, model_repo, source_m4a, cover_jpg):
+    """Two real tracks through `imaker ingest --once`'s code path, once for the module (the
+    tests only look at them)."""
     from dagster import DagsterInstance
 
     from imaker_assets import operations
 
-    monkeypatch.setenv("MEDIA_PORT", str(free_port()))
-    settings = load_settings()
-    write_bundle(settings.queue_youtube_audio, "track_one", source_m4a, cover=cover_jpg)
-    write_bundle(settings.queue_other, "track_two", source_m4a, title="Second")
-    assert operations.ingest_once(DagsterInstance.get(), settings) == 0
-    return settings
+    root = tmp_path_factory.mktemp("browser_tracks")
+    media_port = str(free_port())
+    with pytest.MonkeyPatch.context() as mp:
+        imaker_env_at(mp, root, model_repo)
+        mp.setenv("MEDIA_PORT", media_port)
+        settings = load_settings()
+        write_bundle(settings.queue_youtube_audio, "track_one", source_m4a, cover=cover_jpg)
+        write_bundle(settings.queue_other, "track_two", source_m4a, title="Second")
+        assert operations.ingest_once(DagsterInstance.get(), settings) == 0
+    return root, media_port
+
+
+@pytest.fixture
+def processed(_processed_once, monkeypatch, model_repo):
+    """The module's two tracks, with their settings in the environment; the media links in
+    their metadata point at MEDIA_PORT, a free loopback port (the `media_server` fixture)."""
+    root, media_port = _processed_once
+    imaker_env_at(monkeypatch, root, model_repo)
+    monkeypatch.setenv("MEDIA_PORT", media_port)
+    return load_settings()
 
 
 @pytest.fixture
