@@ -20,6 +20,7 @@ from conftest import claim_tags, make_audio, write_bundle
 from dagster_server import dagster_server, free_port
 from imaker.separator.client import SeparatorClient
 from imaker.settings import load_settings
+from imaker_assets.operations import daemon_serving
 from resources import build_resources
 
 ROOT = Path(__file__).parents[1]
@@ -90,6 +91,9 @@ def test_fifo_job_json_fails_at_once_in_ingest_once(imaker_env, source_m4a):
     assert proc.returncode == 1, out + err
     assert "fifo_cli: failed: source_audio: job.json is not a regular file" in out, out + err
     assert time.monotonic() - start < 120
+    # the daemon it started is stopped and forgotten: the next `imaker ingest` starts its
+    # own at once instead of waiting for the stale heartbeats to age
+    assert not daemon_serving(DagsterInstance.get())
     failed = settings.archive_dir / "failed" / "job_fifo_cli"
     error = json.loads((failed / "error.json").read_text())
     assert "not a regular file" in error["error"]
@@ -161,6 +165,7 @@ def test_dagster_dev_killed_run_worker_is_retried_by_dagster_once(imaker_env, tm
         assert cli.returncode == 0 and f"beside: {settings.outputs_dir / 'beside'}" in out, out + err
         home = Path(os.environ["DAGSTER_HOME"])
         assert not (home / "logs" / "imaker-ingest-daemon.log").exists()
+        assert daemon_serving(instance)  # dagster dev's heartbeats are not ours to forget
         _assert_exactly_once(instance, settings, ["killed", "beside"])
 
 
