@@ -272,6 +272,17 @@ def sensor_path(work: Path, inputs: list[Path], env: dict, port: int) -> dict:
     return {"wall": wall, "tree_rss": peak[0] / 2**30, "max_rss": 0.0, "rc": 0}
 
 
+def _instance_yaml(home: Path, max_runs: int | None) -> None:
+    """The project's dagster.yaml; ``max_runs``: its run limit and `gpu` pool set to that
+    (e.g. the cores of a GPU host, where 4 runs at once leave most of the CPU idle)."""
+    text = (ROOT / "dagster_home" / "dagster.yaml").read_text()
+    if max_runs:
+        for key in ("max_concurrent_runs", "default_limit"):
+            assert f"    {key}: 4\n" in text, key
+            text = text.replace(f"    {key}: 4\n", f"    {key}: {max_runs}\n")
+    (home / "dagster.yaml").write_text(text)
+
+
 def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: str) -> dict:
     demucs = run_measured([sys.executable, "-m", "demucs", "-n", name, "--repo", str(repo),
                            "-d", args.device, "-o", str(work / "demucs_out"), *map(str, inputs)],
@@ -280,7 +291,7 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
         raise SystemExit((work / "demucs.log").read_text()[-2000:])
     data, home = work / "data", work / "dagster_home"
     home.mkdir()
-    shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    _instance_yaml(home, args.max_runs)
     queue = data / "queues" / "other"
     for tmp in _bundles(queue, inputs):
         tmp.rename(tmp.with_name(tmp.name.removesuffix(".tmp")))
@@ -311,7 +322,7 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
         port2 = _free_port()
         shome, sdata = work / "sensor_home", work / "sensor_data"
         shome.mkdir()
-        shutil.copy(ROOT / "dagster_home" / "dagster.yaml", shome / "dagster.yaml")
+        _instance_yaml(shome, args.max_runs)
         senv = dict(env, IMAKER_DATA=str(sdata), DAGSTER_HOME=str(shome), SEPARATOR_PORT=str(port2))
         sensor = sensor_path(work, inputs, senv, port2)
         sensor["overheads"] = overheads(shome, sdata)
@@ -323,7 +334,7 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     for key, seconds in steps.items():
         stages["checks" if "_" in key and key not in ("source_audio", "nas_copy") else key] += seconds
     print(f"\n== {label}; model {name}; device {args.device}; cores {os.cpu_count()}; "
-          f"CPU {_cpu_model()}; "
+          f"CPU {_cpu_model()}; runs at once {args.max_runs or 4}; "
           f"ours {_precision(args)} (DEMUCS_CPU_AUTOCAST={args.cpu_autocast}, "
           f"DEMUCS_BACKEND={args.backend}), CLI fp32")
     print(f"demucs CLI (one process, 4 wav stems per file): {demucs['wall']:8.1f} s   "
@@ -355,6 +366,8 @@ def main() -> int:
     p.add_argument("--full-size", action="store_true", help="real HTDemucs architecture, random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-sensor", action="store_true", help="skip the sensor path")
+    p.add_argument("--max-runs", type=int, default=None,
+                   help="runs at once (and `gpu` pool) instead of dagster.yaml's 4")
     p.add_argument("--cpu-autocast", choices=["auto", "true", "false"], default="auto",
                    help="DEMUCS_CPU_AUTOCAST for our side (auto: bf16 when the CPU has it "
                         "natively; false: fp32 like the CLI)")
