@@ -304,11 +304,13 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     env.pop("SEPARATOR_URL", None)
     # the converted network (DEMUCS_BACKEND) is made once per model and cached beside the
     # weights: done here, outside the timing, as on any install after its first track
-    # (its cost is in bench_backends.py); each service start still compiles it (timed)
+    # (its cost is in bench_backends.py); each service start still compiles it (timed).
+    # Noise, not silence: a silent input returns zeros before the network runs
     warm = ("import numpy as np; from imaker import separation; "
             "from imaker.settings import load_settings; s = load_settings(); "
             "m = separation.load_model(s.demucs_model, s.demucs_model_repo, s.demucs_device); "
-            "separation.separate(m, np.zeros((2, 44100 * 2), np.float32), "
+            "w = (0.1 * np.random.default_rng(0).standard_normal((2, 44100 * 2))).astype(np.float32); "
+            "separation.separate(m, w, "
             "cpu_autocast=s.demucs_cpu_autocast, backend=s.demucs_backend)")
     subprocess.run([sys.executable, "-c", warm], env=env, check=True)
     ours = run_measured([_script("imaker"), "ingest", "--once"],
