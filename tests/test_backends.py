@@ -1,7 +1,7 @@
 """Converted CPU backends (imaker.backends, DEMUCS_BACKEND) against fp32 ``apply_model``.
 
-The test model (``tiny_htdemucs``, 10 s segment; a 13 s input spans two overlapping windows
-plus the short last one) runs through our segment loop with the core network on each
+The test model (``tiny_htdemucs``, 7.8 s segment like the released htdemucs; a 13 s input
+spans two overlapping windows plus the short last one) runs through our segment loop with the core network on each
 installed converted backend; the conversion is cached beside the model repo and reused."""
 
 from __future__ import annotations

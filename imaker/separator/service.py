@@ -271,8 +271,9 @@ class Service:
         loaded = separation.load_model(spec.name, Path(spec.repo) if spec.repo else None,
                                        spec.device)
         # one second of noise through the path the first track takes: a converted backend
-        # is compiled now (OpenVINO: ~10 s per process, its blob cache does not save that
-        # on the CPU) instead of in that track's `stems` step
+        # is compiled now (OpenVINO on 2 cores: 1.2 s for htdemucs' 7.8 s segment, 9-10 s for a
+        # 10 s one; its blob cache does not save that on the CPU) instead of in that
+        # track's `stems` step
         noise = np.random.default_rng(0).standard_normal((loaded.channels, loaded.samplerate))
         try:
             separation.separate(loaded, (0.1 * noise).astype(np.float32), segment=o.segment,
