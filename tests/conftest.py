@@ -25,6 +25,34 @@ from imaker.devmodel import build_model_repo
 MODEL_NAME = "tiny_htdemucs"
 
 
+def pytest_configure(config):
+    """The test session's own auto-started separation service: a free port chosen once (by
+    the xdist controller, before it starts the workers, which share it, as a deployment's
+    runs share one), stopped when the session ends. Without it the tests shared the default
+    port's service with earlier test runs (it lives 15 idle minutes): code edited since
+    was not the code that separated."""
+    if hasattr(config, "workerinput") or os.environ.get("IMAKER_TEST_SEPARATOR_PORT"):
+        return
+    from dagster_server import free_port
+
+    os.environ["IMAKER_TEST_SEPARATOR_PORT"] = str(free_port())
+    config._imaker_separator_port = int(os.environ["IMAKER_TEST_SEPARATOR_PORT"])
+
+
+def pytest_unconfigure(config):
+    port = getattr(config, "_imaker_separator_port", None)
+    if port is None:
+        return
+    from imaker.separator.client import SeparatorClient
+
+    health = SeparatorClient(url=None, port=port).health()
+    if health and health.get("pid"):
+        try:
+            os.kill(int(health["pid"]), 15)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory) -> Path:
     return build_model_repo(tmp_path_factory.mktemp("models"), MODEL_NAME)
@@ -84,7 +112,8 @@ def imaker_env_at(monkeypatch, root: Path, model_repo: Path) -> Path:
     monkeypatch.setenv("DEMUCS_MODEL", MODEL_NAME)
     monkeypatch.setenv("DEMUCS_MODEL_REPO", str(model_repo))
     monkeypatch.setenv("DEMUCS_DEVICE", "cpu")
-    # Several checkouts testing on one machine each get their own auto-started service.
+    # the session's own auto-started service (pytest_configure); several checkouts testing
+    # on one machine each get theirs
     if os.environ.get("IMAKER_TEST_SEPARATOR_PORT"):
         monkeypatch.setenv("SEPARATOR_PORT", os.environ["IMAKER_TEST_SEPARATOR_PORT"])
     return data
