@@ -42,8 +42,19 @@ def _instance():
         else:
             raise SystemExit("imaker: set DAGSTER_HOME to a folder with a dagster.yaml "
                              "(the repository's dagster_home/ works)")
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
-    return DagsterInstance.get()
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    # Dagster creates (and stamps) a new sqlite instance's databases in the first process
+    # that opens it; two at once can stamp one twice, which breaks the instance for good
+    # ("alembic_version has more than one head", dagster-io/dagster#27390). imaker
+    # processes open it one at a time; the daemon `imaker ingest` starts comes after.
+    # (A read-only DAGSTER_HOME, as in the compose images, holds a Postgres instance.)
+    if not os.access(home, os.W_OK):
+        return DagsterInstance.get()
+    with FileLock(str(home / ".imaker-instance.lock")):
+        return DagsterInstance.get()
 
 
 def _models(settings, args) -> int:

@@ -88,3 +88,25 @@ def test_ingest_once_processes_good_and_fails_hostile_without_losing_anything(
 
     again = _imaker("ingest", "--once")
     assert again.returncode == 0 and "no bundles waiting" in again.stdout
+
+
+def test_commands_started_together_on_a_new_instance_all_work(imaker_env):
+    """Dagster creates a new sqlite instance's databases in the first process that opens
+    it; two at once could stamp its schedule storage twice and break the instance for good
+    ("alembic_version has more than one head", dagster-io/dagster#27390). Six `imaker`
+    commands started together on a new DAGSTER_HOME all work, and so does the next one."""
+    exe = Path(sys.executable).with_name("imaker")
+    procs = [subprocess.Popen([str(exe), "ingest", "--once"], cwd=ROOT, env=os.environ.copy(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    outs = [(p.communicate(timeout=300), p.returncode) for p in procs]
+    assert all(rc == 0 for _, rc in outs), outs
+    assert all(out.startswith("no bundles waiting") for (out, _), _ in outs), outs
+    home = Path(os.environ["DAGSTER_HOME"])
+    import sqlite3
+
+    for name in ("schedules/schedules.db", "history/runs.db", "history/runs/index.db"):
+        with sqlite3.connect(home / name) as db:
+            assert len(db.execute("select * from alembic_version").fetchall()) == 1, name
+    proc = _imaker("ingest", "--once")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
