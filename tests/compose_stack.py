@@ -224,11 +224,16 @@ class Stack:
         self.wait_healthy(timeout)
 
     def wait_healthy(self, timeout: float = 300, services=("postgres", "user_code", "webserver",
-                                                               "daemon", "separator")):
+                                                               "daemon", "separator"),
+                     starting_ok=()):
+        """Every service healthy (those in ``starting_ok``: healthy or still starting, i.e.
+        running but not probed yet: the daemon's probe runs every 30 s) and the queue
+        sensor running (through the webserver's GraphQL)."""
         deadline = time.time() + timeout
         while True:
             states = self.service_states()
-            bad = {s: states.get(s) for s in services if states.get(s) != "healthy"}
+            bad = {s: states.get(s) for s in services if states.get(s) != "healthy"
+                   and not (s in starting_ok and states.get(s) == "starting")}
             if not bad:
                 try:
                     sensors = self.sensors()
