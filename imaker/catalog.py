@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Iterable
 
 from .fsutil import atomic_path
+
+if TYPE_CHECKING:  # imported where used: every run process imports this module (170 ms)
+    import pandas as pd
 
 CATALOG_FILE = "catalog.csv"
 COLUMNS = ["job_id", "artist", "album", "title", "source_type", "source_url", "duration_s",
@@ -67,6 +68,8 @@ def build_catalog(outputs_dir: Path, stems_dir: Path, job_ids: Iterable[str] | N
             "model": sep.get("model"), "signature": sep.get("signature"),
             "device": sep.get("device"),
         })
+    import pandas as pd
+
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
