@@ -131,7 +131,7 @@ def test_dagster_dev_killed_run_worker_is_retried_by_dagster_once(imaker_env, tm
     marks the run failed, frees its pool slot and retries it; the bundle is processed by
     exactly one successful run, and no slot stays claimed."""
     settings = load_settings()
-    audio = make_audio(tmp_path / "long.m4a", 150.0)
+    audio = make_audio(tmp_path / "long.m4a", 60.0)
     with dagster_server(["dagster", "dev"], tmp_path / "dagster_dev.log") as (proc, url):
         instance = DagsterInstance.get()
         write_bundle(settings.queue_other, "killed", audio)
