@@ -44,6 +44,8 @@ def _instance():
                              "(the repository's dagster_home/ works)")
     home = Path(os.environ["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
+    from contextlib import nullcontext
+
     from filelock import FileLock
 
     # Dagster creates (and stamps) a new sqlite instance's databases in the first process
@@ -51,9 +53,8 @@ def _instance():
     # ("alembic_version has more than one head", dagster-io/dagster#27390). imaker
     # processes open it one at a time; the daemon `imaker ingest` starts comes after.
     # (A read-only DAGSTER_HOME, as in the compose images, holds a Postgres instance.)
-    if not os.access(home, os.W_OK):
-        return DagsterInstance.get()
-    with FileLock(str(home / ".imaker-instance.lock")):
+    writable = os.access(home, os.W_OK)
+    with FileLock(str(home / ".imaker-instance.lock")) if writable else nullcontext():
         return DagsterInstance.get()
 
 

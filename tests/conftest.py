@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -39,18 +40,23 @@ def pytest_configure(config):
     config._imaker_separator_port = int(os.environ["IMAKER_TEST_SEPARATOR_PORT"])
 
 
-def pytest_unconfigure(config):
-    port = getattr(config, "_imaker_separator_port", None)
-    if port is None:
-        return
+def stop_separator(port: int) -> None:
+    """Stop the auto-started separation service on ``port`` (SIGTERM to the pid its /health
+    names), if one answers."""
     from imaker.separator.client import SeparatorClient
 
     health = SeparatorClient(url=None, port=port).health()
     if health and health.get("pid"):
         try:
-            os.kill(int(health["pid"]), 15)
+            os.kill(int(health["pid"]), signal.SIGTERM)
         except ProcessLookupError:
             pass
+
+
+def pytest_unconfigure(config):
+    port = getattr(config, "_imaker_separator_port", None)
+    if port is not None:
+        stop_separator(port)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import stop_separator
 from imaker import backends, htcore, separation
 from imaker.devmodel import build_model_repo
 from imaker.settings import SettingsError, load_settings
@@ -212,4 +212,4 @@ def test_a_preloaded_service_compiles_before_it_answers(repo, source_m4a, tmp_pa
         after = client.health()
         assert after["completed"] == 1 and after["compiles"] == ready["compiles"], after
     finally:
-        os.kill(client.health()["pid"], signal.SIGTERM)
+        stop_separator(client.port)

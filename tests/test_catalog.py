@@ -2,13 +2,12 @@
 
 import os
 import shutil
-import signal
 
 import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from conftest import imaker_env_at, write_bundle
+from conftest import imaker_env_at, stop_separator, write_bundle
 from imaker import cli
 from imaker.bundle import JobManifest
 from imaker.settings import load_settings
@@ -16,11 +15,7 @@ from imaker_assets import operations
 
 
 def _stop_separator(settings) -> None:
-    from imaker.separator.client import client_from_settings
-
-    health = client_from_settings(settings).health()
-    if health:
-        os.kill(health["pid"], signal.SIGTERM)
+    stop_separator(settings.separator_port)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter, materialize
 
-from conftest import claim_tags, make_audio, write_bundle
+from conftest import claim_tags, make_audio, stop_separator, write_bundle
 from dagster_server import dagster_server, free_port
 from imaker.separator.client import SeparatorClient
 from imaker.settings import load_settings
@@ -225,7 +225,7 @@ def test_separation_service_killed_mid_separation_is_retried(imaker_env, tmp_pat
             and e.dagster_event.event_type == DagsterEventType.STEP_UP_FOR_RETRY] == ["stems"]
     assert (settings.archive_dir / "done" / "job_sepkill").is_dir()
     assert (settings.stems_dir / "sepkill" / "stems.json").is_file()
-    os.kill(client.health()["pid"], signal.SIGTERM)
+    stop_separator(port)
 
 
 def test_unreachable_service_fails_the_track_with_its_address(imaker_env, source_m4a, monkeypatch):

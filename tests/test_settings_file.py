@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import MODEL_NAME, write_bundle
+from conftest import MODEL_NAME, stop_separator, write_bundle
 from dagster_server import free_port
 
 ROOT = Path(__file__).parents[1]
@@ -109,7 +109,7 @@ def test_a_fresh_checkout_runs_from_dotenv_alone(tmp_path, model_repo, source_m4
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        subprocess.run(["pkill", "-f", "--", f"--port {separator_port} "], check=False)
+        stop_separator(separator_port)
 
     # a new shell: `imaker backfill` finds the same data, model and instance from .env
     audio_dir = data / "outputs" / "dotenv_1" / "files" / "audio"
@@ -120,4 +120,4 @@ def test_a_fresh_checkout_runs_from_dotenv_alone(tmp_path, model_repo, source_m4
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.name for p in audio_dir.iterdir()) == [
         "AC_DC - Test Song (drums only).m4a", "AC_DC - Test Song.m4a"]
-    subprocess.run(["pkill", "-f", "--", f"--port {separator_port} "], check=False)
+    stop_separator(separator_port)
