@@ -17,6 +17,8 @@
                              the effective settings and where each comes from (.env,
                              environment, default)
     imaker schema job|manifest   print a published JSON Schema
+    imaker dev-song DIR [--seconds S] [--seed N] [--count K] [--queue Q]
+                             songs with known stems (MUSDB18-HQ layout) for tests/benchmarks
 """
 
 from __future__ import annotations
@@ -189,6 +191,21 @@ def main(argv: list[str] | None = None) -> int:
                                            "demos and tests; not musically useful)")
     dev.add_argument("path", type=Path)
     dev.add_argument("--name", default="tiny_htdemucs")
+    dsong = sub.add_parser("dev-song", help="compose songs from a seed and render each stem "
+                                            "with FluidSynth (MUSDB18-HQ layout: mixture.wav "
+                                            "+ drums/bass/other/vocals.wav; tests, benchmarks)")
+    dsong.add_argument("path", type=Path, help="folder for the song folders")
+    dsong.add_argument("--seconds", type=float, default=30.0, help="length of each song")
+    dsong.add_argument("--seed", type=int, default=0, help="seed of the first song")
+    dsong.add_argument("--count", type=int, default=1, help="songs, seeds SEED .. SEED+COUNT-1")
+    dsong.add_argument("--prefix", default="devsong", help="song folders are PREFIX_<seed>")
+    dsong.add_argument("--soundfont", type=Path, default=None,
+                       help="a General MIDI .sf2 (default: pretty-midi's TimGM6mb.sf2)")
+    dsong.add_argument("--workers", type=int, default=1, help="stems rendered at once (threads)")
+    dsong.add_argument("--queue", type=Path, default=None,
+                       help="also queue each song's mixture as a job bundle in this queue folder")
+    dsong.add_argument("--format", choices=["flac", "m4a", "wav"], default="flac",
+                       help="the queued bundle's audio (with --queue)")
     args = parser.parse_args(argv)
     try:
         load_env_file()  # before anything reads the environment (children inherit it)
@@ -215,6 +232,22 @@ def main(argv: list[str] | None = None) -> int:
 
         build_model_repo(args.path, args.name)
         print(f"DEMUCS_MODEL={args.name} DEMUCS_MODEL_REPO={args.path.resolve()}")
+        return 0
+    if args.command == "dev-song":
+        from . import devsong
+
+        try:
+            for seed in range(args.seed, args.seed + args.count):
+                folder = args.path / devsong.song_name(seed, args.prefix)
+                info = devsong.write_song(folder, seed, args.seconds, soundfont=args.soundfont,
+                                          workers=args.workers)
+                line = f"{folder}: {info['seconds']:g} s, {info['tempo_bpm']:g} bpm, {info['key']}"
+                if args.queue:
+                    line += f" -> {devsong.queue_song(folder, args.queue, fmt=args.format)}"
+                print(line)
+        except devsong.DevSongError as exc:
+            print(f"imaker: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "retry":
         from .bundle import job_id_from_folder

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # scripts/setup.sh [--test]: --test also installs what the tests run for real (Chromium
 # and its driver for the browser test, an sshd for the NAS tests, PostgreSQL for the
-# production-storage test).
+# production-storage test, FluidSynth's library for the generated songs).
 need_apt=()
 command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || need_apt+=(ffmpeg)
 command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
@@ -19,6 +19,8 @@ if [ "${1:-}" = "--test" ]; then
     command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
     [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)  # a real sshd for the SFTP/rsync tests
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)  # Postgres e2e
+    # FluidSynth's library for pyfluidsynth (imaker dev-song: songs with known stems)
+    ls /usr/lib/*/libfluidsynth.so.3 >/dev/null 2>&1 || need_apt+=(libfluidsynth3)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
