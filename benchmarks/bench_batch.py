@@ -3,6 +3,7 @@
 
     python benchmarks/bench_batch.py [--tracks 8] [--seconds 60] [--long-seconds 1200]
                                      [--full-size] [--device cpu] [--no-sensor]
+                                     [--inputs generated|noise]
 
 For each batch — ``--tracks`` x ``--seconds`` files, then (with ``--long-seconds``) one long
 file on its own — it runs, on the same inputs, model repo, device and segment:
@@ -157,6 +158,26 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def make_inputs(folder: Path, count: int, seconds: float, kind: str, *, seed: int = 0,
+                name: str = "track") -> list[Path]:
+    """``count`` m4a inputs in ``folder/in/``: generated songs (seeds ``seed``.., rendered in
+    parallel, not timed; their stems kept in ``folder/songs/``) or tone + noise."""
+    (folder / "in").mkdir(parents=True, exist_ok=True)
+    paths = [folder / "in" / f"{name}{i:02d}.m4a" for i in range(count)]
+    if kind == "noise":
+        return [make_input(p, seconds) for p in paths]
+    from imaker import devsong
+
+    t0 = time.perf_counter()
+    songs = devsong.generate(folder / "songs", count=count, seed=seed, seconds=seconds,
+                             processes=os.cpu_count() or 1)
+    for song, path in zip(songs, paths):
+        devsong.encode_mixture(song, path)
+    print(f"generated {count} x {seconds:.0f} s songs (seeds {seed}..{seed + count - 1}) in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return paths
 
 
 def _stop_service(port: int) -> None:
@@ -375,6 +396,10 @@ def main() -> int:
                         "natively; false: fp32 like the CLI)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "aoti"],
                    default="auto", help="DEMUCS_BACKEND for our side (imaker.backends)")
+    p.add_argument("--inputs", choices=["generated", "noise"], default="generated",
+                   help="generated: songs composed and rendered by `imaker dev-song` (seeds "
+                        "0..N-1; needs FluidSynth, setup.sh --test), as AAC 256k; noise: a "
+                        "tone + pink noise (the AAC encoder's worst case)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
@@ -389,15 +414,15 @@ def main() -> int:
     if args.tracks:
         batch = work / "batch"
         (batch / "in").mkdir(parents=True)
-        inputs = [make_input(batch / "in" / f"track{i:02d}.m4a", args.seconds)
-                  for i in range(args.tracks)]
+        inputs = make_inputs(batch, args.tracks, args.seconds, args.inputs)
         results.append(compare(batch, inputs, name, repo, args,
-                               f"{args.tracks} x {args.seconds:.0f} s"))
+                               f"{args.tracks} x {args.seconds:.0f} s {args.inputs}"))
     if args.long_seconds:
         long = work / "long"
         (long / "in").mkdir(parents=True)
-        results.append(compare(long, [make_input(long / "in" / "long.m4a", args.long_seconds)],
-                               name, repo, args, f"1 x {args.long_seconds:.0f} s"))
+        results.append(compare(long, make_inputs(long, 1, args.long_seconds, args.inputs,
+                                                 seed=100, name="long"),
+                               name, repo, args, f"1 x {args.long_seconds:.0f} s {args.inputs}"))
     if args.device.startswith("cuda"):
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_separation.py"),
                         "--compare-batch", "0,1,8,16", "--seconds", "60", "--device", args.device,

@@ -37,7 +37,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 OUT=${OUT:-/tmp/imaker-gpu}
 mkdir -p "$OUT"
 # demucs CLI vs our sensor path (and the CLI path), same inputs, model repo and GPU
+# (--inputs noise: the noise inputs of the figures so far; generated songs need FluidSynth,
+# which the offline GPU image may not have)
 timeout 420 "$PY" benchmarks/bench_batch.py --tracks 8 --seconds 240 --full-size --device cuda \
+    --inputs noise \
     --json "$OUT/gpu_batch.json" 2>&1 | tee "$OUT/gpu_batch.log"
 "$PY" - "$OUT/gpu_batch.json" <<'PY'
 import json, sys

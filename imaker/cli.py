@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     dsong.add_argument("--soundfont", type=Path, default=None,
                        help="a General MIDI .sf2 (default: pretty-midi's TimGM6mb.sf2)")
     dsong.add_argument("--workers", type=int, default=1, help="stems rendered at once (threads)")
+    dsong.add_argument("--processes", type=int, default=1, help="songs rendered at once")
     dsong.add_argument("--queue", type=Path, default=None,
                        help="also queue each song's mixture as a job bundle in this queue folder")
     dsong.add_argument("--format", choices=["flac", "m4a", "wav"], default="flac",
@@ -237,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         from . import devsong
 
         try:
-            for seed in range(args.seed, args.seed + args.count):
-                folder = args.path / devsong.song_name(seed, args.prefix)
-                info = devsong.write_song(folder, seed, args.seconds, soundfont=args.soundfont,
-                                          workers=args.workers)
+            folders = devsong.generate(args.path, count=args.count, seed=args.seed,
+                                       seconds=args.seconds, prefix=args.prefix,
+                                       soundfont=args.soundfont, workers=args.workers,
+                                       processes=args.processes)
+            for folder in folders:
+                info = json.loads((folder / "song.json").read_text())
                 line = f"{folder}: {info['seconds']:g} s, {info['tempo_bpm']:g} bpm, {info['key']}"
                 if args.queue:
                     line += f" -> {devsong.queue_song(folder, args.queue, fmt=args.format)}"

@@ -539,51 +539,74 @@ def song_name(seed: int, prefix: str = "devsong") -> str:
 
 
 def generate(out_dir: Path, *, count: int = 1, seed: int = 0, seconds: float = 30.0,
-             prefix: str = "devsong", soundfont: Path | None = None,
-             workers: int = 1) -> list[Path]:
+             prefix: str = "devsong", soundfont: Path | None = None, workers: int = 1,
+             processes: int = 1) -> list[Path]:
     """``count`` songs with seeds ``seed`` .. ``seed + count - 1`` as
-    ``out_dir/<prefix>_<seed>/`` (MUSDB18-HQ layout). Returns the song folders."""
-    out = []
-    for s in range(seed, seed + count):
-        folder = Path(out_dir) / song_name(s, prefix)
-        write_song(folder, s, seconds, soundfont=soundfont, workers=workers)
-        out.append(folder)
-    return out
+    ``out_dir/<prefix>_<seed>/`` (MUSDB18-HQ layout), ``processes`` songs at a time (each
+    rendering ``workers`` stems at a time). Returns the song folders."""
+    folders = [Path(out_dir) / song_name(s, prefix) for s in range(seed, seed + count)]
+    if processes > 1 and count > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawned, not forked: the caller may hold threads (a Dagster run, a test session)
+        with ProcessPoolExecutor(min(processes, count),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(write_song, f, s, seconds, soundfont=soundfont,
+                                   workers=workers)
+                       for f, s in zip(folders, range(seed, seed + count))]
+            for fut in futures:
+                fut.result()
+    else:
+        for f, s in zip(folders, range(seed, seed + count)):
+            write_song(f, s, seconds, soundfont=soundfont, workers=workers)
+    return folders
+
+
+_CODECS = {".flac": ["-c:a", "flac"], ".m4a": ["-c:a", "aac", "-b:a", "256k"],
+           ".wav": ["-c:a", "pcm_f32le"]}
+
+
+def encode_mixture(song_dir: Path, dest: Path) -> Path:
+    """Encode a generated song's mixture.wav with ffmpeg, the format from ``dest``'s suffix:
+    ``.flac`` (lossless, 24 bit), ``.m4a`` (AAC 256k) or ``.wav`` (float)."""
+    dest = Path(dest)
+    if dest.suffix not in _CODECS:
+        raise DevSongError(f"{dest.name}: the format must be one of {', '.join(_CODECS)}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i",
+                           str(Path(song_dir) / "mixture.wav"), *_CODECS[dest.suffix], str(dest)],
+                          capture_output=True)
+    if proc.returncode != 0:
+        raise DevSongError(f"ffmpeg could not encode {Path(song_dir) / 'mixture.wav'}: "
+                           f"{proc.stderr.decode(errors='replace').strip()[-500:]}")
+    return dest
 
 
 def queue_song(song_dir: Path, queue_dir: Path, *, job_id: str | None = None,
                fmt: str = "flac", title: str | None = None, artist: str = "imaker dev-song",
                **fields) -> Path:
     """Queue a generated song's mixture as a job bundle (through the retrievers' one
-    ``BundleWriter``): ``audio.flac`` (or ``audio.m4a``, AAC 256k) encoded by ffmpeg from
-    mixture.wav. Extra ``fields`` go into job.json. Returns the bundle folder."""
+    ``BundleWriter``): ``audio.<fmt>`` (``flac``, ``m4a`` or ``wav``; ``encode_mixture``). The
+    job.json names the song's folder and seed under ``devsong``; extra ``fields`` go into it
+    too. Returns the bundle folder."""
     from .retrievers.writer import BundleWriter
 
     song_dir = Path(song_dir)
     job_id = job_id or song_dir.name
-    codec = {"flac": ["-c:a", "flac"], "m4a": ["-c:a", "aac", "-b:a", "256k"],
-             "wav": ["-c:a", "pcm_f32le"]}
-    if fmt not in codec:
-        raise DevSongError(f"format {fmt!r}: one of {', '.join(codec)}")
     meta = json.loads((song_dir / "song.json").read_text())
     with tempfile.TemporaryDirectory(prefix="imaker-devsong-") as work:
-        tmp = Path(work) / f"audio.{fmt}"
-        proc = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i",
-                               str(song_dir / "mixture.wav"), *codec[fmt], str(tmp)],
-                              capture_output=True)
-        if proc.returncode != 0:
-            raise DevSongError(f"ffmpeg could not encode {song_dir / 'mixture.wav'}: "
-                               f"{proc.stderr.decode(errors='replace').strip()[-500:]}")
+        tmp = encode_mixture(song_dir, Path(work) / f"audio.{fmt}")
         # where the known stems are (an oracle separation or a quality check can find them)
         job = {"schema_version": 1, "job_id": job_id, "source_type": "local",
-               "title": title or song_dir.name, "artist": artist, "audio": f"audio.{fmt}",
+               "title": title or song_dir.name, "artist": artist, "audio": tmp.name,
                "devsong": {"folder": str(song_dir.resolve()), "seed": meta["seed"],
                            "seconds": meta["seconds"],
                            "generator_version": meta["generator_version"]},
                **fields}
-        return BundleWriter().write(queue_dir, job, {f"audio.{fmt}": tmp}, move=True)
+        return BundleWriter().write(queue_dir, job, {tmp.name: tmp}, move=True)
 
 
 __all__ = ["DevSongError", "Note", "Part", "SAMPLE_RATE", "SOURCES", "Song", "compose",
-           "generate", "queue_song", "read_wav", "render_stem", "soundfont_path", "song_name",
-           "write_song", "write_wav"]
+           "encode_mixture", "generate", "queue_song", "read_wav", "render_stem",
+           "soundfont_path", "song_name", "write_song", "write_wav"]

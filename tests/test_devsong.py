@@ -21,6 +21,11 @@ SR = devsong.SAMPLE_RATE
 FILES = ["mixture.wav", *(f"{s}.wav" for s in devsong.SOURCES), "song.mid", "song.json"]
 
 
+def _imaker() -> list[str]:
+    exe = Path(sys.executable).with_name("imaker")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "imaker.cli"]
+
+
 def _db(x: np.ndarray) -> float:
     return 20 * np.log10(np.sqrt(np.mean(np.square(x, dtype=np.float64))) + 1e-20)
 
@@ -96,7 +101,7 @@ def test_the_composition_follows_the_seed_and_fills_any_length():
 def test_the_same_seed_gives_the_same_bytes_another_seed_other_music(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     # in another process (the CLI) and here, with the stems rendered in threads
-    subprocess.run([str(Path(sys.executable).parent / "imaker"), "dev-song", str(tmp_path / "cli"),
+    subprocess.run([*_imaker(), "dev-song", str(tmp_path / "cli"),
                     "--seconds", "4", "--seed", "5"], check=True, env=env, capture_output=True)
     devsong.write_song(tmp_path / "here", seed=5, seconds=4.0, workers=4)
     devsong.write_song(tmp_path / "seed6", seed=6, seconds=4.0)
@@ -113,9 +118,10 @@ def test_the_same_seed_gives_the_same_bytes_another_seed_other_music(tmp_path):
 
 def test_cli_writes_songs_and_queues_them_as_bundles(tmp_path):
     queue = tmp_path / "queues" / "other"
-    proc = subprocess.run([str(Path(sys.executable).parent / "imaker"), "dev-song",
+    proc = subprocess.run([*_imaker(), "dev-song",
                            str(tmp_path / "songs"), "--seconds", "3", "--seed", "20", "--count",
-                           "2", "--prefix", "bench", "--queue", str(queue), "--format", "m4a"],
+                           "2", "--processes", "2", "--prefix", "bench", "--queue", str(queue),
+                           "--format", "m4a"],
                           capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "songs").iterdir()) == ["bench_0020", "bench_0021"]
@@ -132,7 +138,7 @@ def test_cli_writes_songs_and_queues_them_as_bundles(tmp_path):
         assert Path(data["devsong"]["folder"]) == folder.resolve()
         probe = audio.probe(queue / f"job_bench_{seed:04d}" / "audio.m4a")
         assert abs(probe["duration_s"] - 3.0) < 0.05
-    bad = subprocess.run([str(Path(sys.executable).parent / "imaker"), "dev-song",
+    bad = subprocess.run([*_imaker(), "dev-song",
                           str(tmp_path / "x"), "--seconds", "0"], capture_output=True, text=True)
     assert bad.returncode == 1 and "seconds must be positive" in bad.stderr
 
