@@ -33,6 +33,7 @@ import random
 import struct
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -311,7 +312,24 @@ def soundfont_path() -> Path:
     return path
 
 
+# FluidSynth initialises its global tables (conversion tables, default modulators) in the
+# first new_fluid_synth() of a process, behind a flag that is set *before* the tables are
+# filled: a synth created meanwhile in another thread renders with half-made tables (seen:
+# a stem twice as loud, now and then, with workers=4). Synths are therefore created and set
+# up under this lock; they render in parallel afterwards.
+_SETUP_LOCK = threading.Lock()
+_FLUID = None
+
+
 def _fluidsynth():
+    global _FLUID
+    with _SETUP_LOCK:
+        if _FLUID is None:
+            _FLUID = _load_fluidsynth()
+        return _FLUID
+
+
+def _load_fluidsynth():
     try:
         import fluidsynth
     except ImportError as exc:  # pragma: no cover - depends on the machine
@@ -336,20 +354,25 @@ def render_stem(parts: Sequence[Part], seconds: float, soundfont: Path | None = 
     fluidsynth, write_float = _fluidsynth()
     n = int(round(seconds * samplerate))
     out = np.zeros((n, 2), dtype=np.float32)
-    synth = fluidsynth.Synth(gain=0.2, samplerate=float(samplerate), channels=16,
-                             **{"synth.cpu-cores": 1, "synth.reverb.active": 1,
-                                "synth.chorus.active": 1, "synth.polyphony": 256})
-    try:
-        sfid = synth.sfload(str(soundfont or soundfont_path()))
-        if sfid < 0:
-            raise DevSongError(f"FluidSynth cannot load {soundfont or soundfont_path()}")
-        events: list[tuple[int, int, int, int, int, int]] = []  # sample, order, kind, ch, a, b
+    sf2 = str(soundfont or soundfont_path())
+    with _SETUP_LOCK:
+        synth = fluidsynth.Synth(gain=0.2, samplerate=float(samplerate), channels=16,
+                                 **{"synth.cpu-cores": 1, "synth.reverb.active": 1,
+                                    "synth.chorus.active": 1, "synth.polyphony": 256})
+        sfid = synth.sfload(sf2)
         for part in parts:
+            if sfid < 0:
+                break
             synth.program_select(part.channel, sfid, 128 if part.is_drum else 0,
                                  0 if part.is_drum else part.program)
             for cc, value in ((7, part.volume), (10, part.pan), (91, part.reverb),
                               (93, part.chorus)):
                 synth.cc(part.channel, cc, value)
+    try:
+        if sfid < 0:
+            raise DevSongError(f"FluidSynth cannot load {sf2}")
+        events: list[tuple[int, int, int, int, int, int]] = []  # sample, order, kind, ch, a, b
+        for part in parts:
             for note in part.notes:
                 on = int(round(note.start * samplerate))
                 off = max(on + 1, int(round(note.end * samplerate)))
