@@ -503,7 +503,10 @@ def write_song(folder: Path, seed: int = 0, seconds: float = 30.0, *,
     n = next(iter(rendered.values())).shape[0]
     k = min(n, int(min(2.0, seconds / 10) * samplerate))  # a fade-out, the same on every stem
     if k > 1:
-        ramp = (0.5 * (1 + np.cos(np.linspace(0, np.pi, k)))).astype(np.float32)[:, None]
+        # smoothstep, not a cosine: plain arithmetic rounds the same on every CPU (numpy's
+        # SIMD cos may differ in the last bit between machines)
+        t = np.linspace(1.0, 0.0, k)
+        ramp = (t * t * (3 - 2 * t)).astype(np.float32)[:, None]
         for a in rendered.values():
             a[n - k:] *= ramp
     peak = max([_peak_of_sum(list(rendered.values()))] +
