@@ -142,7 +142,7 @@ def _nearest(pc: int, target: float, low: int, high: int) -> int:
     return min(options, key=lambda p: (abs(p - target), p))
 
 
-def _section_material(rng: _Rng, kind: str, scale, key: int, mode: str) -> dict:
+def _section_material(rng: _Rng, kind: str) -> dict:
     """Everything a section of this kind plays, drawn once and reused on every repeat."""
     prog = rng.pick(PROGRESSIONS)
     busy = kind == "chorus"
@@ -192,9 +192,11 @@ def compose(seed: int = 0, seconds: float = 30.0) -> Song:
     scale = MAJOR if mode == "major" else MINOR
     step_s = 60.0 / tempo / 4  # one 16th
     bar_s = 16 * step_s
-    material = {kind: _section_material(_Rng(f"{seed}:{kind}:{rng.real()}"), kind, scale, key,
-                                         mode)
+    material = {kind: _section_material(_Rng(f"{seed}:{kind}:{rng.real()}"), kind)
                 for kind in SECTION_BARS}
+
+    def vel(base: int, spread: int = 10) -> int:  # a little human variation
+        return max(1, min(127, base + int((rng.real() - .5) * spread)))
 
     drums = Part("drums", "kit", 0, True, 9, 64, 110, 30, 0)
     cymbals = Part("drums", "cymbals", 0, True, 10, 88, 92, 45, 0)
@@ -222,7 +224,6 @@ def compose(seed: int = 0, seconds: float = 30.0) -> Song:
                 break
             degree = m["progression"][b % 4]
             triad = _chord(scale, key, degree)
-            vel = lambda base, spread=10: max(1, min(127, base + int((rng.real() - .5) * spread)))
             # drums: pattern, crash on a section's first bar, a fill on its last
             fill = b == n_bars - 1 and n_bars > 1
             for s in m["kicks"]:
@@ -259,9 +260,6 @@ def compose(seed: int = 0, seconds: float = 30.0) -> Song:
             # chords: a voicing near the previous one (smooth voice leading)
             center = sum(voicing) / 3
             voicing = sorted(_nearest(pc, center + d, 52, 76) for pc, d in zip(triad, (-4, 0, 4)))
-            if len(set(voicing)) < 3:
-                voicing = sorted({_nearest(triad[0], 57, 48, 62)} | {
-                    _nearest(pc, 64, 55, 76) for pc in triad[1:]})
             for s, length in m["comp"]:
                 for p in voicing:
                     chords.notes.append(Note(t0 + s * step_s, t0 + (s + length - 0.2) * step_s,
