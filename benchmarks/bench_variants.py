@@ -62,11 +62,11 @@ def child(args) -> None:
     import time
 
     from imaker.pipeline import Library, make_variants
-    from imaker.settings import OutputOptions
+    from imaker.settings import Output
 
     root = Path(args.root)
     lib = Library(root / "library", root / "stems", root / "outputs")
-    options = OutputOptions(no_drums=True, drums_only=True, audio_format=args.format)
+    options = Output(no_drums=True, drums_only=True, audio_format=args.format)
     def cpu() -> float:
         return sum(u.ru_utime + u.ru_stime for u in (
             resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))

@@ -259,8 +259,8 @@ def test_env_example_has_every_setting():
     from imaker.settings import load_settings
 
     settings = load_settings({**env, "DAGSTER_POSTGRES_PASSWORD": "x"})
-    assert str(settings.queue_other) == "/data/queues/other"
-    assert str(settings.demucs_model_repo) == "/models"
+    assert str(settings.paths.queue_other) == "/data/queues/other"
+    assert str(settings.separation.model_repo) == "/models"
 
 
 # ---------------------------------------------------------------------------------------
