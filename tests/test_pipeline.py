@@ -1,6 +1,7 @@
 """Full materialization of a track partition with real Dagster, demucs code and ffmpeg."""
 
 import json
+from pathlib import Path
 import subprocess
 
 import numpy as np
@@ -333,3 +334,46 @@ def test_an_input_over_full_scale_is_stored_and_separated_unclipped(imaker_env, 
     for art in man["artifacts"]:
         peak = np.abs(audio.decode(settings.paths.outputs_dir / "loud1" / art["path"], 44100, 2)).max()
         assert peak <= 10 ** (-1 / 20) + 0.02, (art["path"], peak)
+
+
+def test_launchpad_resource_config_overrides_a_setting_for_one_run(imaker_env, source_m4a,
+                                                                    monkeypatch):
+    """The `settings` resource's launchpad config (the run config the UI sends) changes one
+    setting for one run; every other setting keeps the value the code location loaded
+    (here GENERATE_NO_DRUMS_VARIANT=false from the environment, not the model's default)."""
+    from imaker_assets.definitions import build_defs
+
+    monkeypatch.setenv("GENERATE_NO_DRUMS_VARIANT", "false")
+    settings = load_settings()
+    instance = DagsterInstance.get()
+    job = build_defs(settings).resolve_job_def("ingest_track")
+    override = {"resources": {"settings": {"config": {"output": {"audio_format": "flac"}}}}}
+    for job_id, run_config in (("as_loaded", {}), ("overridden", override)):
+        write_bundle(settings.paths.queue_other, job_id, source_m4a)
+        instance.add_dynamic_partitions("tracks", [job_id])
+        result = job.execute_in_process(run_config=run_config, instance=instance,
+                                        partition_key=job_id, tags=claim_tags(job_id),
+                                        raise_on_error=False)
+        assert result.success, job_id
+    audio_dir = settings.paths.outputs_dir / "{}" / "files" / "audio"
+    assert sorted(p.name for p in Path(str(audio_dir).format("as_loaded")).iterdir()) == \
+        ["AC_DC - Test Song.m4a"]
+    assert sorted(p.name for p in Path(str(audio_dir).format("overridden")).iterdir()) == \
+        ["AC_DC - Test Song.flac"]
+    # a value the launchpad's types refuse (Dagster checks the allowed values) ...
+    from dagster import DagsterInvalidConfigError
+
+    write_bundle(settings.paths.queue_other, "bad_override", source_m4a)
+    instance.add_dynamic_partitions("tracks", ["bad_override"])
+    with pytest.raises(DagsterInvalidConfigError, match="audio_format"):
+        job.execute_in_process(
+            run_config={"resources": {"settings": {"config": {"output": {"audio_format": "wav"}}}}},
+            instance=instance, partition_key="bad_override", tags=claim_tags("bad_override"))
+    # ... and one only the settings model refuses: the run fails with its one-line error
+    bad = {"resources": {"settings": {"config": {"separation": {"overlap": 1.5}}}}}
+    result = job.execute_in_process(run_config=bad, instance=instance, partition_key="bad_override",
+                                    tags=claim_tags("bad_override"), raise_on_error=False)
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures and "DEMUCS_OVERLAP=1.5: Input should be less than 1" in \
+        failures[0].step_failure_data.error.to_string()
