@@ -177,7 +177,8 @@ def test_failed_run_notifies_only_when_dagster_will_not_retry_it(
             run.run_id, of_type=DagsterEventType.RUN_FAILURE).records
         notify_failed(build_run_status_sensor_context(
             sensor_name="notify_failed", dagster_event=event.event_log_entry.dagster_event,
-            dagster_instance=instance, dagster_run=run))
+            dagster_instance=instance, dagster_run=run,
+            resources=build_resources(settings)))
         return run
 
     assert dead_run(max_retries=2).tags["dagster/will_retry"] == "true"
@@ -197,7 +198,8 @@ def test_failed_run_notifies_only_when_dagster_will_not_retry_it(
         run.run_id, of_type=DagsterEventType.RUN_CANCELED).records
     notify_canceled(build_run_status_sensor_context(
         sensor_name="notify_canceled", dagster_event=event.event_log_entry.dagster_event,
-        dagster_instance=instance, dagster_run=run))
+        dagster_instance=instance, dagster_run=run,
+            resources=build_resources(settings)))
     assert len(receiver.messages("/hook")) == 2
     assert f"run {run.run_id} was canceled" in receiver.messages("/hook")[1]["message"]
 
