@@ -373,7 +373,9 @@ def main() -> int:
     p.add_argument("--cpu-autocast", choices=["auto", "true", "false"], default="auto",
                    help="DEMUCS_CPU_AUTOCAST for our side (auto: bf16 when the CPU has it "
                         "natively; false: fp32 like the CLI)")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "aoti"],
+    from imaker.settings import BACKENDS
+
+    p.add_argument("--backend", choices=list(BACKENDS),
                    default="auto", help="DEMUCS_BACKEND for our side (imaker.backends)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true")
