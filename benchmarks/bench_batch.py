@@ -329,10 +329,10 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     # Noise, not silence: a silent input returns zeros before the network runs
     warm = ("import numpy as np; from imaker import separation; "
             "from imaker.settings import load_settings; s = load_settings(); "
-            "m = separation.load_model(s.demucs_model, s.demucs_model_repo, s.demucs_device); "
+            "m = separation.load_model(s.separation.model, s.separation.model_repo, s.separation.device); "
             "w = (0.1 * np.random.default_rng(0).standard_normal((2, 44100 * 2))).astype(np.float32); "
             "separation.separate(m, w, "
-            "cpu_autocast=s.demucs_cpu_autocast, backend=s.demucs_backend)")
+            "cpu_autocast=s.separation.cpu_autocast, backend=s.separation.backend)")
     subprocess.run([sys.executable, "-c", warm], env=env, check=True)
     ours = run_measured([_script("imaker"), "ingest", "--once"],
                         work / "imaker.log", service_port=port, env=env, cwd=ROOT)
@@ -394,7 +394,9 @@ def main() -> int:
     p.add_argument("--cpu-autocast", choices=["auto", "true", "false"], default="auto",
                    help="DEMUCS_CPU_AUTOCAST for our side (auto: bf16 when the CPU has it "
                         "natively; false: fp32 like the CLI)")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "aoti"],
+    from imaker.settings import BACKENDS
+
+    p.add_argument("--backend", choices=list(BACKENDS),
                    default="auto", help="DEMUCS_BACKEND for our side (imaker.backends)")
     p.add_argument("--inputs", choices=["generated", "noise"], default="generated",
                    help="generated: songs composed and rendered by `imaker dev-song` (seeds "

@@ -54,7 +54,6 @@ def run_ours_child(args) -> None:
                                  write_manifest)
     from imaker.queues import QueueStore
     from imaker.settings import load_settings
-    from resources import build_resources
 
     class Local:  # what the separation service hands to separate_to_folder
         segment, overlap, shifts = args.segment, 0.25, 1
@@ -84,7 +83,7 @@ def run_ours_child(args) -> None:
     times["stems_total"] = time.perf_counter() - t
     times["separation"] = meta["separation_seconds"]
     t = time.perf_counter()
-    make_variants(build_resources(settings)["library"].output_options(), lib, "bench")
+    make_variants(settings.output, lib, "bench")
     times["variants"] = time.perf_counter() - t
     t = time.perf_counter()
     write_manifest(store, lib, "bench", drop)

@@ -62,11 +62,11 @@ def child(args) -> None:
     import time
 
     from imaker.pipeline import Library, make_variants
-    from imaker.settings import OutputOptions
+    from imaker.settings import Output
 
     root = Path(args.root)
     lib = Library(root / "library", root / "stems", root / "outputs")
-    options = OutputOptions(no_drums=True, drums_only=True, audio_format=args.format)
+    options = Output(no_drums=True, drums_only=True, audio_format=args.format)
     def cpu() -> float:
         return sum(u.ru_utime + u.ru_stime for u in (
             resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
@@ -86,7 +86,11 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1200.0)
-    parser.add_argument("--format", default="m4a", choices=["m4a", "mp3", "flac"])
+    from typing import get_args
+
+    from imaker.settings import AudioFormat
+
+    parser.add_argument("--format", default="m4a", choices=get_args(AudioFormat))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--root", help=argparse.SUPPRESS)  # set for the child process
     args = parser.parse_args()

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 
 from . import htcore
+from .settings import BACKENDS  # the one declaration: DEMUCS_BACKEND's type
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnx", "openvino", "aoti")
 #: what ``auto`` picks on the CPU (fp32 path) when it is installed (benchmarks/RESULTS.md)
 AUTO_ORDER = ("openvino", "onnx")
 CACHE_DIRNAME = ".imaker-cache"

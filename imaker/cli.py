@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from .bundle import schema_path
-from .settings import SettingsError, explain, load_env_file, load_settings, origin
+from .settings import (SettingsError, env_example, explain, load_env_file, load_settings,
+                       markdown_table, origin)
 
 
 def _instance():
@@ -63,19 +64,19 @@ def _instance():
 def _models(settings, args) -> int:
     from . import models
 
-    repo = settings.demucs_model_repo
+    repo = settings.separation.model_repo
     if args.models_command == "list":
         entries = models.installed(repo)
         if not entries:
             print(f"no models in {repo} (imaker models fetch [NAME] downloads "
-                  f"{settings.demucs_model}; known: {', '.join(models.known_names())})")
+                  f"{settings.separation.model}; known: {', '.join(models.known_names())})")
         for e in entries:
             state = "complete" if not e.missing else f"incomplete (missing {', '.join(e.missing)})"
-            mark = " (DEMUCS_MODEL)" if e.name == settings.demucs_model else ""
+            mark = " (DEMUCS_MODEL)" if e.name == settings.separation.model else ""
             print(f"{e.name}{mark}: {state}, {len(e.files)} file(s), "
                   f"{e.size_bytes / 1e6:.1f} MB in {repo}")
         return 0
-    names = args.names or [settings.demucs_model]
+    names = args.names or [settings.separation.model]
     if args.if_missing:
         names = [n for n in names if models.missing(n, repo) is not None]
         if not names:
@@ -99,26 +100,21 @@ def _print_settings(settings, args) -> int:
             if name in os.environ:
                 print(f"export {name}={shlex.quote(os.environ[name])}")
         return 0
-    # Apprise URLs carry tokens and passwords: shown as their schemes only
-    hidden = {"NOTIFY_URLS": ", ".join(u.split("://", 1)[0] + "://…" for u in
-                                       settings.notify_urls)}
+    if args.markdown:
+        print(markdown_table(), end="")
+        return 0
+    if args.env_example:
+        print(env_example(), end="")
+        return 0
     if args.json:
-        data = settings.as_dict()
-        data["notify_urls"] = hidden["NOTIFY_URLS"]
-        print(json.dumps(data, indent=2))
+        print(json.dumps(settings.env_values(), indent=2))
         return 0
     path, rows = explain()
     print(f"# settings file: {path or 'none'} (IMAKER_ENV_FILE, else ./.env, else the "
           "checkout's .env; the environment overrides it)")
-    effective = settings.as_dict()
-    aliases = {"IMAKER_DATA": "data_dir"}
     width = max(len(name) for name, _, _ in rows)
-    for name, raw, where in rows:
-        value = effective.get(aliases.get(name, name.lower()), raw)
-        shown = raw if raw is not None and value is None else value
-        if name in hidden:
-            shown = hidden[name]
-        print(f"{name:<{width}} = {'' if shown is None else shown}  # {where}")
+    for name, value, where in rows:
+        print(f"{name:<{width}} = {'' if value is None else value}  # {where}")
     return 0
 
 
@@ -142,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     rt.add_argument("--failed", action="store_true", help="every bundle in archive/failed/")
     st = sub.add_parser("settings", help="the effective settings and where each value comes "
                                          "from (environment, the .env file, default)")
-    st.add_argument("--json", action="store_true", help="the settings as JSON")
+    st.add_argument("--json", action="store_true", help="the settings as JSON (by variable)")
+    st.add_argument("--markdown", action="store_true",
+                    help="every setting as the README's table (made from imaker/settings.py)")
+    st.add_argument("--env-example", action="store_true",
+                    help="every setting as a commented .env template (.env.example)")
     st.add_argument("--get", metavar="NAME", help="print one variable's value (environment, "
                                                   "else the .env file; empty if unset)")
     st.add_argument("--export", nargs="+", metavar="NAME",
@@ -210,18 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         load_env_file()  # before anything reads the environment (children inherit it)
-        if args.command == "nas-sync":
-            return args.func(args)
         settings = load_settings()
     except SettingsError as exc:
-        name = str(exc).split("=", 1)[0]
-        where = origin(name) if name.isupper() else "default"
+        where = origin(exc.name) if exc.name else "default"
         print(f"imaker: {exc}" + (f" (set in {where})" if where not in ("default", "environment")
                                   else ""), file=sys.stderr)
         return 2
     from .fsutil import apply_umask
 
-    apply_umask(settings.umask)
+    apply_umask(settings.paths.umask)  # every command, nas-sync included
+    if args.command == "nas-sync":
+        return args.func(args, settings)
     if getattr(args, "func", None):  # retrievers
         return args.func(args, settings)
     if args.command == "settings":
@@ -273,21 +272,18 @@ def main(argv: list[str] | None = None) -> int:
                 bad += 1
         return 1 if bad else 0
     if args.command == "separator":
-        from .separator.client import client_from_settings
         from .separator.service import Preload, serve as serve_separator
 
-        client = client_from_settings(settings)
-        preload = (Preload(model=client.model, options=client.options) if args.preload
-                   else None)
-        serve_separator(args.host, args.port or settings.separator_port,
-                        concurrency=args.concurrency or settings.separator_concurrency,
+        preload = Preload(separation=settings.separation) if args.preload else None
+        serve_separator(args.host, args.port or settings.service.port,
+                        concurrency=args.concurrency or settings.service.concurrency,
                         idle_exit_s=args.idle_exit, preload=preload)
         return 0
     if args.command == "media":
         from . import media
 
-        media.serve(args.host or settings.media_host, args.port or settings.media_port,
-                    settings.outputs_dir, settings.library_dir)
+        media.serve(args.host or settings.media.host, args.port or settings.media.port,
+                    settings.paths.outputs_dir, settings.paths.library_dir)
         return 0
     if args.command == "schema":
         print(schema_path(args.name).read_text(), end="")

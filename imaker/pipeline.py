@@ -26,7 +26,7 @@ from .analysis import SILENCE_FLOOR_DBFS, levels
 from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
 from .fsutil import atomic_path, safe_filename, sha256_file, write_json_atomic
 from .queues import QueueStore, utcnow
-from .settings import OutputOptions, Settings
+from .settings import Output, Settings
 from .stemstore import RawStemWriter
 from .variants import VARIANTS, selected_variants, stream_mix
 from .video import mux_video
@@ -82,7 +82,7 @@ class Library:
 
     @classmethod
     def from_settings(cls, s: Settings) -> "Library":
-        return cls(s.library_dir, s.stems_dir, s.outputs_dir)
+        return cls(s.paths.library_dir, s.paths.stems_dir, s.paths.outputs_dir)
 
     def track_dir(self, job_id: str) -> Path:
         return self.library_dir / job_id
@@ -314,13 +314,15 @@ def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
 
 
 # ----- stage 3: variants ----------------------------------------------------------------
-def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
-    """Mix every selected variant from the stored stems, encode, tag, publish."""
+def make_variants(options: Output, lib: Library, job_id: str,
+                  extra_variants: tuple[str, ...] | list[str] = ()) -> dict:
+    """Mix every selected variant from the stored stems, encode, tag, publish (the
+    ``OUTPUT``/``GENERATE_*`` settings, plus ``extra_variants`` for this run: a backfill)."""
     bundle = lib.bundle(job_id)
     stems_meta = lib.read_json(job_id, "stems.json", stems=True)
     rate, channels = stems_meta["sample_rate"], stems_meta["channels"]
     stem_files = {name: lib.stem_dir(job_id) / f"{name}.flac" for name in stems_meta["sources"]}
-    names = selected_variants([*(bundle.variants or []), *options.extra_variants],
+    names = selected_variants([*(bundle.variants or []), *extra_variants],
                               no_drums=options.no_drums,
                               drums_only=options.drums_only)
     fmt = options.audio_format

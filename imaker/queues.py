@@ -89,17 +89,14 @@ class Claim:
 
 
 class QueueStore:
-    def __init__(self, queues: dict[str, Path], working_dir: Path, archive_dir: Path,
-                 max_attempts: int = 3):
+    def __init__(self, queues: dict[str, Path], working_dir: Path, archive_dir: Path):
         self.queues = {name: Path(p) for name, p in queues.items()}
         self.working_dir = Path(working_dir)
         self.archive_dir = Path(archive_dir)
-        self.max_attempts = max_attempts
 
     @classmethod
     def from_settings(cls, settings) -> "QueueStore":
-        return cls(settings.queues, settings.working_dir, settings.archive_dir,
-                   settings.max_claim_attempts)
+        return cls(settings.paths.queues, settings.paths.working_dir, settings.paths.archive_dir)
 
     @property
     def done_dir(self) -> Path:

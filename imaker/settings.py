@@ -1,7 +1,15 @@
-"""Every setting of instrumental-maker, read from the environment in this one place.
+"""Every setting of instrumental-maker, declared once: the pydantic models below.
 
-Names follow the original plan (``../shared/seeds``). Defaults work on a laptop: all
-data lives under ``IMAKER_DATA`` (default ``./data``) unless a path variable says otherwise.
+Each field is one environment variable (its ``alias``), with its type, default, allowed
+values and a one-line doc (its ``description``). Everything else derives from these models:
+``imaker settings`` (and its ``--markdown`` table in the README and ``--env-example``
+file), the Dagster resource whose launchpad config overrides a setting for one run
+(``resources.SettingsResource``), the separation service's request schema (the
+``separation`` group itself) and the tests that check the deployment files. Adding a
+setting is adding a field here.
+
+Names follow the original plan (``../shared/seeds``). Defaults work on a laptop: all data
+lives under ``IMAKER_DATA`` (default ``./data``) unless a path variable says otherwise.
 
 The settings file: a ``.env`` (python-dotenv syntax) is read by every entry point
 (``imaker``, README command 1, ``dagster dev``'s code server, the runs) through
@@ -14,26 +22,419 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Annotated, Any, Iterator, Literal, Mapping, get_args
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      SecretStr, ValidationError, field_validator, model_validator)
 
 
 class SettingsError(ValueError):
-    pass
+    """A bad setting, as one line naming the variable and the value (``name``: the
+    variable, for the caller to say where it was set)."""
+
+    def __init__(self, message: str, name: str | None = None):
+        super().__init__(message)
+        self.name = name
 
 
 #: the checkout (where pyproject.toml and the default .env live)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENV_FILE_VAR = "IMAKER_ENV_FILE"
+
+# --- value types ---------------------------------------------------------------------
+#: what runs the network on the CPU (``imaker.backends``)
+Backend = Literal["auto", "torch", "onnx", "openvino", "aoti"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+AudioFormat = Literal["m4a", "mp3", "flac"]
+NotifyEvent = Literal["done", "failed"]
+EVENTS: tuple[str, ...] = get_args(NotifyEvent)
+
+
+def _lower(value):
+    return value.lower() if isinstance(value, str) else value
+
+
+def _auto_none(value):
+    """``auto`` (any case) means None: the program decides."""
+    return None if isinstance(value, str) and value.lower() == "auto" else value
+
+
+def _octal(value):
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise ValueError("expected an octal mask such as 022") from None
+    if value is not None and not 0 <= value <= 0o777:
+        raise ValueError("expected an octal mask such as 022")
+    return value
+
+
+def _split(value):
+    """A list in one variable: items separated by commas, spaces or newlines."""
+    return tuple(u for u in re.split(r"[,\s]+", value) if u) if isinstance(value, str) else value
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError("expected http(s)://host[:port][/path]")
+    return value.rstrip("/") if value else value
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda|mps|cuda:\d+", value):
+        raise ValueError("expected auto, cpu, cuda or cuda:N")
+    return value
+
+
+AbsPath = Annotated[Path, AfterValidator(lambda p: p.expanduser().resolve())]
+Port = Annotated[int, Field(gt=0, lt=65536)]
+Lower = BeforeValidator(_lower)
+
+
+def setting(default: Any, doc: str, env: str, *, shown: str | None = None, **kw) -> Any:
+    """One setting: its default, one-line doc and environment variable. ``shown``: how the
+    docs write a default that is derived at load time (e.g. under ``IMAKER_DATA``)."""
+    extra = dict(kw.pop("json_schema_extra", None) or {})
+    if shown:
+        extra["shown"] = shown
+    return Field(default, description=doc, alias=env, json_schema_extra=extra or None, **kw)
+
+
+def under_data(env: str, sub: str, doc: str) -> Any:
+    """A folder whose default is ``$IMAKER_DATA/<sub>``."""
+    return setting(None, doc, env, shown=f"`$IMAKER_DATA/{sub}`",
+                   json_schema_extra={"under_data": sub})
+
+
+class Group(BaseModel):
+    """A group of settings; field names are the Python names, aliases the variables."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid",
+                              validate_default=True)
+
+
+# --- the groups ------------------------------------------------------------------------
+class Paths(Group):
+    """Where the data lives, and with which permissions it is written."""
+
+    data_dir: AbsPath = setting(Path("data"), "root of every default folder below", "IMAKER_DATA",
+                                shown="`./data`")
+    queue_youtube_audio: AbsPath | None = under_data(
+        "QUEUE_YOUTUBE_AUDIO", "queues/youtube_audio", "queue folder of the YouTube audio retriever")
+    queue_youtube_video: AbsPath | None = under_data(
+        "QUEUE_YOUTUBE_VIDEO", "queues/youtube_video", "queue folder of the YouTube video retriever")
+    queue_other: AbsPath | None = under_data(
+        "QUEUE_OTHER", "queues/other", "queue folder of every other retriever and of bundles "
+                                       "you drop by hand")
+    working_dir: AbsPath | None = under_data("WORKING_DIR", "working", "claimed bundles")
+    archive_dir: AbsPath | None = under_data("ARCHIVE_DIR", "archive", "`done/` and `failed/`")
+    outputs_dir: AbsPath | None = under_data(
+        "OUTPUTS_DIR", "outputs", "`<job_id>/manifest.json`, `<job_id>/files/…`")
+    library_dir: AbsPath | None = under_data(
+        "LIBRARY_DIR", "library", "per-track source FLAC, job.json, cover")
+    stems_dir: AbsPath | None = under_data("STEMS_DIR", "stems", "stored stems (the stems store)")
+    umask: Annotated[int | None, BeforeValidator(_octal)] = setting(
+        None, "permissions of everything written (outputs, library, stems, NAS copies): `022` "
+              "gives files `0644` and folders `0755`, readable by a media server running as "
+              "another user; `027` keeps them from others", "UMASK",
+        shown="inherited (usually `022`)")
+
+    @model_validator(mode="after")
+    def _under_data(self):
+        for name, info in type(self).model_fields.items():
+            sub = (info.json_schema_extra or {}).get("under_data")
+            if sub and getattr(self, name) is None:
+                object.__setattr__(self, name, self.data_dir / sub)
+        return self
+
+    @property
+    def queues(self) -> dict[str, Path]:
+        """Queue name -> folder, in the order they are scanned."""
+        return {"youtube_audio": self.queue_youtube_audio,
+                "youtube_video": self.queue_youtube_video, "other": self.queue_other}
+
+
+class Ingest(Group):
+    """How bundles are taken from the queues."""
+
+    max_claim_attempts: int = setting(
+        3, "runs per drop: a run that dies is retried by Dagster (tag `dagster/max_retries` = "
+           "this − 1), then the bundle goes to `failed/`", "MAX_CLAIM_ATTEMPTS", ge=1)
+    sensor_max_jobs_per_tick: int = setting(
+        20, "bundles claimed per sensor tick (bounded work per tick)", "SENSOR_MAX_JOBS_PER_TICK",
+        ge=1)
+
+
+class Output(Group):
+    """What the variants stage produces for every track."""
+
+    no_drums: bool = setting(True, "make `Artist - Track (no drum)`", "GENERATE_NO_DRUMS_VARIANT")
+    drums_only: bool = setting(False, "make `Artist - Track (drums only)`",
+                               "GENERATE_DRUMS_ONLY_VARIANT")
+    preserve_stems: bool = setting(
+        False, "also publish the stems under `outputs/<job_id>/files/stems/`", "PRESERVE_STEMS")
+    audio_format: Annotated[AudioFormat, Lower] = setting(
+        "m4a", "`m4a` (AAC), `mp3` or `flac`", "OUTPUT_AUDIO_FORMAT")
+    audio_bitrate: str = setting("256k", "for m4a/mp3", "OUTPUT_AUDIO_BITRATE")
+
+
+class Separation(Group):
+    """The model and how it runs: also the separation service's request schema (a run
+    sends its ``separation`` group with every request)."""
+
+    model: str = setting("htdemucs", "model (bag) name", "DEMUCS_MODEL", min_length=1)
+    model_repo: AbsPath | None = setting(
+        None, "the folder of weights (`<sig>-<hash>.th` + `<name>.yaml`, demucs' `--repo` "
+              "layout; `imaker models fetch` fills it). A model missing there fails the track "
+              "at once, naming the model, the folder and the command to fetch it",
+        "DEMUCS_MODEL_REPO", shown="`$IMAKER_DATA/models`")
+    device: Annotated[str, Lower, AfterValidator(_device)] = setting(
+        "auto", "`auto`, `cpu`, `cuda`, `cuda:N` (`mps` on a Mac)", "DEMUCS_DEVICE")
+    segment: float | None = setting(None, "window length in seconds (demucs `--segment`)",
+                                    "DEMUCS_SEGMENT", shown="the model's", gt=0)
+    overlap: float = setting(0.25, "overlap of the windows (demucs `--overlap`)",
+                             "DEMUCS_OVERLAP", ge=0, lt=1)
+    shifts: int = setting(1, "random shifts averaged (demucs `--shifts`)", "DEMUCS_SHIFTS", ge=0)
+    batch_size: Annotated[int | None, BeforeValidator(_auto_none)] = setting(
+        None, "segments per forward pass in our batched loop (`imaker/fast_apply.py`, same "
+              "output as `apply_model`): auto = 8 on CUDA, 1 on CPU (same speed as "
+              "`apply_model`, ~45 % less peak memory on long tracks); `0` = demucs' own "
+              "`apply_model`", "DEMUCS_BATCH_SIZE", shown="`auto`", ge=0)
+    autocast: bool = setting(True, "on CUDA, bf16 autocast with the STFT/iSTFT kept in fp32",
+                             "DEMUCS_AUTOCAST")
+    cpu_autocast: Annotated[bool | None, BeforeValidator(_auto_none)] = setting(
+        None, "bf16 autocast on the CPU: `auto` = on when the CPU computes bf16 natively (AMX / "
+              "AVX512-BF16; ≈ 1.4× faster separation there, 42–53 dB SNR against fp32 — the "
+              "same ≥ 40 dB bar as the GPU path, tested), off elsewhere (emulated bf16 is "
+              "slower); `false` = fp32, demucs' own numbers", "DEMUCS_CPU_AUTOCAST", shown="`auto`")
+    backend: Annotated[Backend, Lower] = setting(
+        "auto", "what runs the network on the CPU in our segment loop (`imaker/backends.py`): "
+                "`auto` = OpenVINO (a dependency, in the image too) for HTDemucs models, in fp32 "
+                "— or in bf16 where `DEMUCS_CPU_AUTOCAST` picks bf16 — else PyTorch; `torch`; "
+                "`openvino`; `onnx` (ONNX Runtime, needs `onnxruntime`); `aoti` (AOTInductor, "
+                "needs a C++ compiler, ~1–2 min to compile). The network is converted once per "
+                "model and cached in `<DEMUCS_MODEL_REPO>/.imaker-cache/` (or "
+                "`~/.cache/imaker/` when the repo is read-only); figures in "
+                "benchmarks/RESULTS.md", "DEMUCS_BACKEND")
+
+
+class Service(Group):
+    """Where the separation service is."""
+
+    url: Annotated[str | None, AfterValidator(_http_url)] = setting(
+        None, "the separation service, e.g. `http://separator:8765` (compose); unset: the one "
+              "on `127.0.0.1:SEPARATOR_PORT`, started on first use", "SEPARATOR_URL", shown="—")
+    port: Port = setting(8765, "port of that loopback service", "SEPARATOR_PORT")
+    concurrency: Annotated[int | None, BeforeValidator(_auto_none)] = setting(
+        None, "separations the service runs at once (the rest wait): auto = the CPU cores (they "
+              "split the cores) with PyTorch, 1 (all cores for one separation) where the "
+              "OpenVINO backend runs, 2 on CUDA (their windows share forward passes, up to 16 "
+              "windows per pass)", "SEPARATOR_CONCURRENCY", shown="`auto`", ge=1)
+
+
+class Notify(Group):
+    """Messages when a track is done or failed (``imaker/notify.py``)."""
+
+    urls: Annotated[tuple[str, ...], BeforeValidator(_split)] = setting(
+        (), "Apprise URLs told when a track is done or failed (see *Notifications*), separated "
+            "by commas or spaces; invalid ones stop imaker at start-up", "NOTIFY_URLS",
+        shown="—", json_schema_extra={"secret": True})
+    on: Annotated[tuple[Annotated[NotifyEvent, Lower], ...], BeforeValidator(_split)] = setting(
+        ("done", "failed"), "which outcomes are sent: `done`, `failed` or both", "NOTIFY_ON",
+        shown="`done,failed`", min_length=1)
+
+    @field_validator("urls")
+    @classmethod
+    def _apprise_knows_them(cls, urls):
+        """Each URL is checked by Apprise here, so a typo fails at start-up rather than
+        silently when the first track is done."""
+        if urls:
+            import apprise
+
+            bad = [u for u in urls if not apprise.Apprise().add(u)]
+            if bad:
+                shown = ", ".join(u.split("://", 1)[0] + "://…" if "://" in u else repr(u[:20])
+                                  for u in bad)
+                raise ValueError(
+                    f"{len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not a valid "
+                    f"Apprise URL ({shown}); see https://github.com/caronc/apprise/wiki for "
+                    "the URL of each service")
+        return urls
+
+    @field_validator("on")
+    @classmethod
+    def _once_each(cls, on):
+        return tuple(dict.fromkeys(on))
+
+
+class Media(Group):
+    """The media server (listen from the UI; ``imaker/media.py``)."""
+
+    host: str = setting("127.0.0.1", "where `imaker media serve` listens (see *Listening*)",
+                        "MEDIA_HOST")
+    port: Port = setting(8766, "its port", "MEDIA_PORT")
+    base_url: Annotated[str | None, AfterValidator(_http_url)] = setting(
+        None, "the media server's address as a browser reaches it: links in the Dagster "
+              "metadata and the catalog's `library_page`", "MEDIA_BASE_URL",
+        shown="`http://MEDIA_HOST:MEDIA_PORT` (`127.0.0.1` when the host is `0.0.0.0`)")
+
+    @model_validator(mode="after")
+    def _link(self):
+        if self.base_url is None:
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "*") else self.host
+            host = f"[{host}]" if ":" in host else host
+            object.__setattr__(self, "base_url", f"http://{host}:{self.port}")
+        return self
+
+
+class Nas(Group):
+    """Copies of finished jobs on a NAS (``docs/nas_sync.md``)."""
+
+    enabled: bool = setting(False, "NAS sync, see *NAS sync*", "NAS_SYNC_ENABLED")
+    config_path: AbsPath | None = setting(
+        None, "its YAML config", "NAS_SYNC_CONFIG_PATH",
+        shown="`$IMAKER_DATA/nas_sync_config.yaml`")
+
+
+class Retrievers(Group):
+    """What the retrievers download (``docs/retrievers.md``)."""
+
+    ytdl_mode: Annotated[Literal["audio", "video", "both"], Lower] = setting(
+        "audio", "YouTube retriever: audio, video or both", "YTDL_MODE")
+    ytdl_audio_format: str = setting("m4a", "YouTube retriever's audio format", "YTDL_AUDIO_FORMAT")
+    ytdl_duration_tol_sec: float = setting(
+        2.0, "the decoded audio must match a bundle's `youtube.duration_online_s` within this "
+             "many seconds …", "YTDL_DURATION_TOL_SEC", ge=0)
+    ytdl_duration_tol_pct: float = setting(
+        0.01, "… or this fraction of it, whichever is larger", "YTDL_DURATION_TOL_PCT", ge=0)
+    deezer_arl: SecretStr | None = setting(
+        None, "Deezer login cookie for the deezer retriever (never printed)", "DEEZER_ARL",
+        shown="—")
+
+
+class Settings(Group):
+    """All settings, by group (attribute = group)."""
+
+    paths: Paths = Field(default_factory=Paths)
+    ingest: Ingest = Field(default_factory=Ingest)
+    output: Output = Field(default_factory=Output)
+    separation: Separation = Field(default_factory=Separation)
+    service: Service = Field(default_factory=Service)
+    notify: Notify = Field(default_factory=Notify)
+    media: Media = Field(default_factory=Media)
+    nas: Nas = Field(default_factory=Nas)
+    retrievers: Retrievers = Field(default_factory=Retrievers)
+
+    @model_validator(mode="after")
+    def _under_data(self):
+        """Defaults of other groups that live under ``IMAKER_DATA``."""
+        data = self.paths.data_dir
+        if self.separation.model_repo is None:
+            object.__setattr__(self, "separation",
+                               self.separation.model_copy(update={"model_repo": data / "models"}))
+        if self.nas.config_path is None:
+            object.__setattr__(self, "nas", self.nas.model_copy(
+                update={"config_path": data / "nas_sync_config.yaml"}))
+        return self
+
+    # --- reading ------------------------------------------------------------------------
+    @classmethod
+    def groups(cls) -> dict[str, type[Group]]:
+        return {name: info.annotation for name, info in cls.model_fields.items()}
+
+    @classmethod
+    def variables(cls) -> Iterator[tuple[str, str, str, Any]]:
+        """(group, field, environment variable, FieldInfo) of every setting, in order."""
+        for gname, group in cls.groups().items():
+            for fname, info in group.model_fields.items():
+                yield gname, fname, info.alias, info
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        """Settings from environment variables; a value that is empty (or only quotes)
+        means the default. Raises ``SettingsError`` naming the first bad variable."""
+        raw: dict[str, dict[str, str]] = {g: {} for g in cls.groups()}
+        for gname, _, name, _ in cls.variables():
+            value = clean(env.get(name))
+            if value is not None:
+                raw[gname][name] = value
+        return cls.validated(raw)
+
+    @classmethod
+    def validated(cls, raw: Mapping[str, Mapping[str, Any]]) -> "Settings":
+        """Validate group dicts (keys: field names or variables) into Settings, any bad
+        value raised as a one-line ``SettingsError``."""
+        try:
+            return cls.model_validate({g: dict(v) for g, v in raw.items()})
+        except ValidationError as exc:
+            raise _one_line(exc, raw) from None
+
+    def replace(self, **groups: Mapping[str, Any]) -> "Settings":
+        """A copy with some fields changed, validated: ``s.replace(output={"no_drums": False})``."""
+        data = {g: getattr(self, g).model_dump() for g in self.groups()}
+        for g, changes in groups.items():
+            data[g].update(changes)
+        return self.validated(data)
+
+    def env_values(self) -> dict[str, str | None]:
+        """Each variable's effective value as text (secrets hidden), in order."""
+        out = {}
+        for gname, fname, name, info in self.variables():
+            value = getattr(getattr(self, gname), fname)
+            out[name] = _show(value, secret=(info.json_schema_extra or {}).get("secret", False))
+        return out
+
+
+def clean(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip().strip('"').strip("'").strip()
+    return value or None
+
+
+def _show(value, secret: bool = False) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, SecretStr):
+        return "…" if value.get_secret_value() else None
+    if isinstance(value, tuple):
+        if secret:  # Apprise URLs carry tokens and passwords: shown as their schemes only
+            return ", ".join(u.split("://", 1)[0] + "://…" for u in value)
+        return ",".join(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+_KINDS = {"int_parsing": "is not an integer", "int_from_float": "is not an integer",
+          "float_parsing": "is not a number", "bool_parsing": "is not a boolean (use true/false)"}
+
+
+def _one_line(exc: ValidationError, raw: Mapping[str, Mapping[str, Any]]) -> SettingsError:
+    err = exc.errors()[0]
+    loc = [str(part) for part in err["loc"]]
+    group = Settings.groups().get(loc[0]) if loc else None
+    name = loc[1] if len(loc) > 1 else (loc[0] if loc else "?")
+    if group is not None and name in group.model_fields:  # given by field name
+        name = group.model_fields[name].alias
+    value = (raw.get(loc[0]) or {}).get(name, err.get("input")) if loc else err.get("input")
+    shown = "…" if name in ("DEEZER_ARL",) else repr(value)
+    if err["type"] in _KINDS:
+        return SettingsError(f"{name}={shown} {_KINDS[err['type']]}", name)
+    if err["type"] == "literal_error":
+        allowed = err.get("ctx", {}).get("expected", "").replace("'", "")
+        return SettingsError(f"{name}={shown}: expected one of {allowed}", name)
+    message = err["msg"].removeprefix("Value error, ")
+    return SettingsError(f"{name}={shown}: {message}", name)
+
+
+# --- the settings file ---------------------------------------------------------------------
 #: variables holding paths: a relative one in the settings file is relative to the file's
 #: folder (as docker compose does), so every command finds the same data from any folder
-PATH_VARS = ("IMAKER_DATA", "QUEUE_YOUTUBE_AUDIO", "QUEUE_YOUTUBE_VIDEO", "QUEUE_OTHER",
-             "WORKING_DIR", "ARCHIVE_DIR", "OUTPUTS_DIR", "LIBRARY_DIR", "STEMS_DIR",
-             "DEMUCS_MODEL_REPO", "NAS_SYNC_CONFIG_PATH", "DAGSTER_HOME")
+PATH_VARS = tuple(name for _, _, name, info in Settings.variables()
+                  if "Path" in str(info.annotation)) + ("DAGSTER_HOME",)
 #: names read from the settings file, and the file, once ``load_env_file`` ran
 _FROM_FILE: dict[str, str] = {}
 _LOADED: list[Path | None] = []
@@ -60,7 +461,7 @@ def load_env_file() -> Path | None:
     path = env_file_path()
     if path is not None:
         if not path.is_file():
-            raise SettingsError(f"{ENV_FILE_VAR}={path}: no such file")
+            raise SettingsError(f"{ENV_FILE_VAR}={path}: no such file", ENV_FILE_VAR)
         from dotenv import dotenv_values
 
         try:
@@ -80,157 +481,11 @@ def load_env_file() -> Path | None:
     return path
 
 
-class _Recording(Mapping):
-    """``os.environ`` that remembers which names were read (for ``explain``)."""
-
-    def __init__(self, env: Mapping[str, str]):
-        self.env, self.read = env, []
-
-    def __getitem__(self, key):
-        if key not in self.read:
-            self.read.append(key)
-        return self.env[key]
-
-    def get(self, key, default=None):
-        if key not in self.read:
-            self.read.append(key)
-        return self.env.get(key, default)
-
-    def __iter__(self):
-        return iter(self.env)
-
-    def __len__(self):
-        return len(self.env)
-
-
-def explain() -> tuple[Path | None, list[tuple[str, str | None, str]]]:
-    """The settings file and, for every variable the settings read, (name, the value set
-    or None for the default, where it came from). Raises ``SettingsError`` like
-    ``load_settings``."""
-    path = load_env_file()
-    recording = _Recording(os.environ)
-    load_settings(recording)
-    return path, [(name, os.environ.get(name), origin(name)) for name in recording.read]
-
-
 def origin(name: str) -> str:
     """Where a variable's value comes from: "environment", the settings file, or "default"."""
     if name in _FROM_FILE:
         return _FROM_FILE[name]
-    return "environment" if name in os.environ else "default"
-
-
-def _clean(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name)
-    if value is None:
-        return None
-    value = value.strip().strip('"').strip("'").strip()
-    return value or None
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = _clean(env, name)
-    if raw is None:
-        return default
-    low = raw.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise SettingsError(f"{name}={raw!r} is not a boolean (use true/false)")
-
-
-def _num(env: Mapping[str, str], name: str, default, kind=float):
-    raw = _clean(env, name)
-    if raw is None:
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        what = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
-        raise SettingsError(f"{name}={raw!r} is not {what}") from None
-
-
-def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
-    raw = (_clean(env, name) or default).lower()
-    if raw not in allowed:
-        raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
-    return raw
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """What the variants stage produces."""
-
-    no_drums: bool = True
-    drums_only: bool = False
-    preserve_stems: bool = False
-    audio_format: str = "m4a"
-    audio_bitrate: str = "256k"
-    extra_variants: tuple[str, ...] = ()  # variant table entries to add for every track
-
-
-@dataclass(frozen=True)
-class Settings:
-    data_dir: Path
-    queue_youtube_audio: Path
-    queue_youtube_video: Path
-    queue_other: Path
-    working_dir: Path
-    archive_dir: Path
-    outputs_dir: Path
-    library_dir: Path
-    stems_dir: Path
-    generate_no_drums_variant: bool
-    generate_drums_only_variant: bool
-    preserve_stems: bool
-    output_audio_format: str
-    output_audio_bitrate: str
-    max_claim_attempts: int
-    sensor_max_jobs_per_tick: int
-    demucs_model: str
-    demucs_model_repo: Path  # DEMUCS_MODEL_REPO, default $IMAKER_DATA/models
-    demucs_device: str
-    demucs_segment: float | None
-    demucs_overlap: float
-    demucs_shifts: int
-    demucs_batch_size: int | None  # None: auto (8 on CUDA, 1 elsewhere); 0: demucs apply_model
-    demucs_autocast: bool
-    demucs_cpu_autocast: bool | None  # bf16 on the CPU; None: auto (when the CPU has it natively)
-    separator_url: str | None  # None: a service on loopback, started on first use
-    separator_port: int  # port of that auto-started service
-    separator_concurrency: int | None  # separations the service runs at once; None: auto
-    umask: int | None  # UMASK (octal, e.g. 022); None: the inherited one
-    nas_sync_enabled: bool
-    nas_sync_config_path: Path
-    ytdl_mode: str
-    ytdl_audio_format: str
-    ytdl_duration_tol_sec: float
-    ytdl_duration_tol_pct: float
-    # notifications (imaker/notify.py); defaults so that code building Settings by hand
-    # needs no change
-    notify_urls: tuple[str, ...] = ()   # NOTIFY_URLS: Apprise URLs; () = no notifications
-    notify_on: tuple[str, ...] = ("done", "failed")  # NOTIFY_ON: which outcomes are sent
-    # --- media server (listen from the UI; imaker/media.py) ---
-    media_host: str = "127.0.0.1"  # MEDIA_HOST: address `imaker media serve` listens on
-    media_port: int = 8766  # MEDIA_PORT
-    media_base_url: str = "http://127.0.0.1:8766"  # MEDIA_BASE_URL: links in the UI and page
-    # DEMUCS_BACKEND: what runs the network on the CPU (fp32): auto, torch, onnx, openvino,
-    # aoti (imaker.backends; auto picks the fastest installed converted backend)
-    demucs_backend: str = "auto"
-
-    @property
-    def queues(self) -> dict[str, Path]:
-        """Queue name -> folder, in the order they are scanned."""
-        return {
-            "youtube_audio": self.queue_youtube_audio,
-            "youtube_video": self.queue_youtube_video,
-            "other": self.queue_other,
-        }
-
-    def as_dict(self) -> dict[str, object]:
-        return {f.name: (str(v) if isinstance(v, Path) else v)
-                for f in fields(self) for v in [getattr(self, f.name)]}
+    return "environment" if clean(os.environ.get(name)) is not None else "default"
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -238,130 +493,51 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if env is None:
         load_env_file()
         env = os.environ
-    data = Path(_clean(env, "IMAKER_DATA") or "data").expanduser().resolve()
-
-    def path(name: str, default: Path) -> Path:
-        raw = _clean(env, name)
-        return Path(raw).expanduser().resolve() if raw else default
-
-    segment = _num(env, "DEMUCS_SEGMENT", None)
-    batch_raw = _clean(env, "DEMUCS_BATCH_SIZE")
-    batch_size = (None if batch_raw is None or batch_raw.lower() == "auto"
-                  else _num(env, "DEMUCS_BATCH_SIZE", None, int))
-    conc_raw = _clean(env, "SEPARATOR_CONCURRENCY")
-    concurrency = (None if conc_raw is None or conc_raw.lower() == "auto"
-                   else _num(env, "SEPARATOR_CONCURRENCY", None, int))
-    umask_raw = _clean(env, "UMASK")
-    try:
-        umask = int(umask_raw, 8) if umask_raw is not None else None
-    except ValueError:
-        raise SettingsError(f"UMASK={umask_raw!r}: expected an octal mask such as 022") from None
-    if umask is not None and not 0 <= umask <= 0o777:
-        raise SettingsError(f"UMASK={umask_raw!r}: expected an octal mask such as 022")
-    separator_url = _clean(env, "SEPARATOR_URL")
-    if separator_url and not separator_url.startswith(("http://", "https://")):
-        raise SettingsError(f"SEPARATOR_URL={separator_url!r}: expected http://host:port")
-    repo = _clean(env, "DEMUCS_MODEL_REPO")
-    device = (_clean(env, "DEMUCS_DEVICE") or "auto").lower()
-    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
-        raise SettingsError(f"DEMUCS_DEVICE={device!r}: expected auto, cpu, cuda or cuda:N")
-    settings = Settings(
-        data_dir=data,
-        queue_youtube_audio=path("QUEUE_YOUTUBE_AUDIO", data / "queues" / "youtube_audio"),
-        queue_youtube_video=path("QUEUE_YOUTUBE_VIDEO", data / "queues" / "youtube_video"),
-        queue_other=path("QUEUE_OTHER", data / "queues" / "other"),
-        working_dir=path("WORKING_DIR", data / "working"),
-        archive_dir=path("ARCHIVE_DIR", data / "archive"),
-        outputs_dir=path("OUTPUTS_DIR", data / "outputs"),
-        library_dir=path("LIBRARY_DIR", data / "library"),
-        stems_dir=path("STEMS_DIR", data / "stems"),
-        generate_no_drums_variant=_bool(env, "GENERATE_NO_DRUMS_VARIANT", True),
-        generate_drums_only_variant=_bool(env, "GENERATE_DRUMS_ONLY_VARIANT", False),
-        preserve_stems=_bool(env, "PRESERVE_STEMS", False),
-        output_audio_format=_choice(env, "OUTPUT_AUDIO_FORMAT", "m4a", ("m4a", "mp3", "flac")),
-        output_audio_bitrate=_clean(env, "OUTPUT_AUDIO_BITRATE") or "256k",
-        max_claim_attempts=_num(env, "MAX_CLAIM_ATTEMPTS", 3, int),
-        sensor_max_jobs_per_tick=_num(env, "SENSOR_MAX_JOBS_PER_TICK", 20, int),
-        demucs_model=_clean(env, "DEMUCS_MODEL") or "htdemucs",
-        demucs_model_repo=Path(repo).expanduser().resolve() if repo else data / "models",
-        demucs_device=device,
-        demucs_segment=segment,
-        demucs_overlap=_num(env, "DEMUCS_OVERLAP", 0.25),
-        demucs_shifts=_num(env, "DEMUCS_SHIFTS", 1, int),
-        demucs_batch_size=batch_size,
-        demucs_autocast=_bool(env, "DEMUCS_AUTOCAST", True),
-        demucs_cpu_autocast=(None if (_clean(env, "DEMUCS_CPU_AUTOCAST") or "auto").lower() == "auto"
-                             else _bool(env, "DEMUCS_CPU_AUTOCAST", False)),
-        separator_url=separator_url.rstrip("/") if separator_url else None,
-        separator_port=_num(env, "SEPARATOR_PORT", 8765, int),
-        separator_concurrency=concurrency,
-        umask=umask,
-        nas_sync_enabled=_bool(env, "NAS_SYNC_ENABLED", False),
-        nas_sync_config_path=path("NAS_SYNC_CONFIG_PATH", data / "nas_sync_config.yaml"),
-        ytdl_mode=_choice(env, "YTDL_MODE", "audio", ("audio", "video", "both")),
-        ytdl_audio_format=_clean(env, "YTDL_AUDIO_FORMAT") or "m4a",
-        ytdl_duration_tol_sec=_num(env, "YTDL_DURATION_TOL_SEC", 2.0),
-        ytdl_duration_tol_pct=_num(env, "YTDL_DURATION_TOL_PCT", 0.01),
-    )
-    if settings.max_claim_attempts < 1:
-        raise SettingsError("MAX_CLAIM_ATTEMPTS must be at least 1")
-    if settings.sensor_max_jobs_per_tick < 1:
-        raise SettingsError("SENSOR_MAX_JOBS_PER_TICK must be at least 1")
-    if not 0 <= settings.demucs_overlap < 1:
-        raise SettingsError("DEMUCS_OVERLAP must be in [0, 1)")
-    if settings.demucs_shifts < 0:
-        raise SettingsError("DEMUCS_SHIFTS must be >= 0")
-    if settings.demucs_batch_size is not None and settings.demucs_batch_size < 0:
-        raise SettingsError("DEMUCS_BATCH_SIZE must be auto, 0 (demucs apply_model) or >= 1")
-    if settings.separator_concurrency is not None and settings.separator_concurrency < 1:
-        raise SettingsError("SEPARATOR_CONCURRENCY must be auto or >= 1")
-    if not 0 < settings.separator_port < 65536:
-        raise SettingsError("SEPARATOR_PORT must be a TCP port (1-65535)")
-    settings = _with_notifications(env, settings)
-    settings = _with_media(env, settings)
-    # DEMUCS_BACKEND (imaker.backends.BACKENDS; kept in sync there)
-    backend = (_clean(env, "DEMUCS_BACKEND") or "auto").lower()
-    if backend not in ("auto", "torch", "onnx", "openvino", "aoti"):
-        raise SettingsError(f"DEMUCS_BACKEND={backend!r}: expected auto, torch, onnx, "
-                            "openvino or aoti")
-    settings = replace(settings, demucs_backend=backend)
-    return settings
+    return Settings.from_env(env)
 
 
-def _with_notifications(env: Mapping[str, str], settings: Settings) -> Settings:
-    """NOTIFY_URLS (Apprise URLs, separated by commas, spaces or newlines) and NOTIFY_ON
-    (done, failed or both: the default). Each URL is checked by Apprise here, so a typo
-    fails at start-up rather than silently when the first track is done."""
-    from .notify import EVENTS, invalid_urls, split_urls
-
-    urls = split_urls(_clean(env, "NOTIFY_URLS"))
-    bad = invalid_urls(urls) if urls else []
-    if bad:
-        shown = ", ".join(u.split("://", 1)[0] + "://…" if "://" in u else repr(u[:20])
-                          for u in bad)
-        raise SettingsError(f"NOTIFY_URLS: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'}"
-                            f" not a valid Apprise URL ({shown}); see "
-                            "https://github.com/caronc/apprise/wiki for the URL of each service")
-    on = tuple(e for e in re.split(r"[,\s]+", (_clean(env, "NOTIFY_ON") or "done,failed").lower())
-               if e)
-    unknown = [e for e in on if e not in EVENTS]
-    if unknown or not on:
-        raise SettingsError(f"NOTIFY_ON={_clean(env, 'NOTIFY_ON')!r}: expected done, failed or "
-                            "done,failed")
-    return replace(settings, notify_urls=urls, notify_on=tuple(dict.fromkeys(on)))
+def explain() -> tuple[Path | None, list[tuple[str, str | None, str]]]:
+    """The settings file and, for every setting, (variable, effective value as text,
+    where it came from). Raises ``SettingsError`` like ``load_settings``."""
+    path = load_env_file()
+    values = load_settings().env_values()
+    return path, [(name, value, origin(name)) for name, value in values.items()]
 
 
-def _with_media(env: Mapping[str, str], settings: Settings) -> Settings:
-    # --- media server: MEDIA_HOST, MEDIA_PORT, MEDIA_BASE_URL (default: this host's port,
-    # loopback when listening on every address) ---
-    media_host = _clean(env, "MEDIA_HOST") or "127.0.0.1"
-    media_port = _num(env, "MEDIA_PORT", 8766, int)
-    if not 0 < media_port < 65536:
-        raise SettingsError("MEDIA_PORT must be a TCP port (1-65535)")
-    link_host = "127.0.0.1" if media_host in ("0.0.0.0", "::", "*") else media_host
-    link_host = f"[{link_host}]" if ":" in link_host else link_host
-    media_base_url = (_clean(env, "MEDIA_BASE_URL") or f"http://{link_host}:{media_port}").rstrip("/")
-    if not media_base_url.startswith(("http://", "https://")):
-        raise SettingsError(f"MEDIA_BASE_URL={media_base_url!r}: expected http(s)://host[:port][/path]")
-    return replace(settings, media_host=media_host, media_port=media_port,
-                   media_base_url=media_base_url)
+# --- documents made from the models --------------------------------------------------------
+def _default_text(info) -> str:
+    """The default as the docs write it (markdown)."""
+    shown = (info.json_schema_extra or {}).get("shown")
+    if shown:
+        return shown
+    value = _show(info.default)
+    return "—" if value in (None, "") else f"`{value}`"
+
+
+def markdown_table() -> str:
+    """The README's settings table (``imaker settings --markdown``)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for _, _, name, info in Settings.variables():
+        lines.append(f"| `{name}` | {_default_text(info)} | {info.description} |")
+    return "\n".join(lines) + "\n"
+
+
+def env_example() -> str:
+    """The settings file template ``.env.example`` (``imaker settings --env-example``)."""
+    out = ["# instrumental-maker settings: copy to .env (this folder) and edit. Every `imaker`",
+           "# command, README command 1 (`dagster dev`) and the runs read it; an exported",
+           "# variable overrides it. Relative paths are relative to this file. `imaker settings`",
+           "# shows the effective values. Made by `imaker settings --env-example` from",
+           "# imaker/settings.py (README.md, \"Settings\", has the same table).", ""]
+    for gname, group in Settings.groups().items():
+        out.append(f"# --- {gname}: {(group.__doc__ or '').strip().splitlines()[0]}")
+        for name, info in ((i.alias, i) for i in group.model_fields.values()):
+            doc = info.description.replace("`", "")
+            doc = doc if len(doc) <= 100 else doc[:97].rsplit(" ", 1)[0] + " …"
+            out.append(f"# {doc} (default: {_default_text(info).replace('`', '')})")
+            default = _show(info.default) if not (info.json_schema_extra or {}).get("shown") \
+                else ""
+            out.append(f"#{name}={default or ''}")
+        out.append("")
+    out += ["# Dagster (README command 1)", "#DAGSTER_HOME=dagster_home", "#DAGSTER_PORT=3000", ""]
+    return "\n".join(out)

@@ -8,11 +8,13 @@ stage archives the job to ``failed/`` with the stage and reason.
 
 from contextlib import contextmanager
 
-from dagster import (AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue,
+from dagster import (AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue,
                      RetryRequested, asset)
 
 from imaker import analysis, media, pipeline
-from resources import LibraryResource, QueueResource, SeparatorResource
+from imaker.queues import QueueStore
+from imaker.separator.client import SeparatorClient
+from resources import SettingsResource
 
 from .partitions import tracks
 
@@ -25,14 +27,21 @@ SERVICE_RETRIES = 3
 SERVICE_RETRY_WAIT_S = 10
 
 
+class VariantsConfig(Config):
+    """Run config of `variants` (launchpad: ``ops: variants: config:``)."""
+
+    add_variants: list[str] = []  # variants to make besides the settings' and the bundle's
+                                  # (`imaker backfill --variants`)
+
+
 def drop_id(context: AssetExecutionContext) -> str | None:
     return context.run.tags.get(DROP_TAG)
 
 
 @contextmanager
-def _stage(context: AssetExecutionContext, queues: QueueResource, stage: str):
+def _stage(context: AssetExecutionContext, settings: SettingsResource, stage: str):
     """Archive this run's drop to failed/ (with the stage and reason) if the stage raises."""
-    store = queues.store()
+    store = QueueStore.from_settings(settings.get())
     with pipeline.failing_to_archive(store, context.partition_key, drop_id(context), stage):
         yield store
 
@@ -41,12 +50,13 @@ def _stage(context: AssetExecutionContext, queues: QueueResource, stage: str):
        description="The bundle's audio, validated and decoded to 44.1 kHz stereo FLAC in the "
                    "track library. Claims the bundle from its queue. Its data version is the "
                    "sha256 of the input file, so a changed source marks the track stale.")
-def source_audio(context: AssetExecutionContext, queues: QueueResource,
-                 library: LibraryResource) -> MaterializeResult:
+def source_audio(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
     job_id = context.partition_key
-    lib = library.library()
-    meta = pipeline.prepare_source(queues.store(), lib, job_id, drop_id(context),
-                                   tolerance=library.duration_tolerance)
+    s = settings.get()
+    lib = pipeline.Library.from_settings(s)
+    meta = pipeline.prepare_source(QueueStore.from_settings(s), lib, job_id, drop_id(context),
+                                   tolerance=(s.retrievers.ytdl_duration_tol_sec,
+                                              s.retrievers.ytdl_duration_tol_pct))
     source = lib.track_dir(job_id) / "source.flac"
     loud = analysis.loudness(source)
     bundle = meta["original_bundle"]
@@ -60,7 +70,7 @@ def source_audio(context: AssetExecutionContext, queues: QueueResource,
             "input_peak_dbfs": meta["input_peak_dbfs"] if meta["input_peak_dbfs"] is not None
             else "silent",
             "source_url": MetadataValue.url(meta["source_url"]) if meta["source_url"] else "",
-            "play": MetadataValue.url(media.source_url(library.media_base_url, job_id)),
+            "play": MetadataValue.url(media.source_url(s.media.base_url, job_id)),
             "loudness_lufs": loud["integrated_lufs"], "true_peak_dbtp": loud["true_peak_dbtp"],
             "waveform": MetadataValue.md(analysis.markdown_images(
                 {"Source": analysis.waveform_png(source)})),
@@ -72,12 +82,13 @@ def source_audio(context: AssetExecutionContext, queues: QueueResource,
        pool="gpu", kinds={"demucs", "pytorch"},
        description="Demucs stems (drums, bass, other, vocals), stored losslessly so that "
                    "variants can be re-mixed without separating again.")
-def stems(context: AssetExecutionContext, queues: QueueResource, library: LibraryResource,
-          separator: SeparatorResource) -> MaterializeResult:
-    client = separator.client()
+def stems(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
+    s = settings.get()
+    client = SeparatorClient.from_settings(s)
     try:
-        with _stage(context, queues, "stems"):
-            meta = pipeline.separate_stems(library.library(), context.partition_key, client)
+        with _stage(context, settings, "stems"):
+            meta = pipeline.separate_stems(pipeline.Library.from_settings(s),
+                                           context.partition_key, client)
     except pipeline.TransientError as exc:
         # the service is unreachable or died mid-separation: Dagster retries the step (the
         # bundle stays claimed); after the last attempt the run fails with this message
@@ -97,12 +108,13 @@ def stems(context: AssetExecutionContext, queues: QueueResource, library: Librar
        description="Instrumental variants mixed from the stored stems (instrumental, no drums, "
                    "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/. "
                    "Re-materializing it never re-runs separation.")
-def variants(context: AssetExecutionContext, queues: QueueResource,
-             library: LibraryResource) -> MaterializeResult:
+def variants(context: AssetExecutionContext, config: VariantsConfig,
+             settings: SettingsResource) -> MaterializeResult:
     job_id = context.partition_key
-    lib = library.library()
-    with _stage(context, queues, "variants"):
-        meta = pipeline.make_variants(library.output_options(), lib, job_id)
+    s = settings.get()
+    lib = pipeline.Library.from_settings(s)
+    with _stage(context, settings, "variants"):
+        meta = pipeline.make_variants(s.output, lib, job_id, config.add_variants)
     out = lib.output_dir(job_id)
     audio_arts = [a for a in meta["artifacts"] if a["kind"] == "audio"]
     per_variant = {
@@ -117,7 +129,7 @@ def variants(context: AssetExecutionContext, queues: QueueResource,
     instrumental = next((a for a in audio_arts if a["variant"] == "instrumental"), audio_arts[0])
     pictures[instrumental["label"]] = analysis.waveform_png(out / instrumental["path"], color="0xe0602f")
     # links that play each file in the browser (the media server, `imaker media serve`)
-    base = library.media_base_url
+    base = s.media.base_url
     links = {"play_source": MetadataValue.url(media.source_url(base, job_id))}
     links.update({f"play_{a['variant']}": MetadataValue.url(media.output_url(base, job_id, a["path"]))
                   for a in audio_arts})
@@ -135,11 +147,10 @@ def variants(context: AssetExecutionContext, queues: QueueResource,
        kinds={"json"},
        description="outputs/<job_id>/manifest.json: every artifact with its sha256 and the "
                    "provenance; written last, then the bundle is archived to done/.")
-def manifest(context: AssetExecutionContext, queues: QueueResource,
-             library: LibraryResource) -> MaterializeResult:
+def manifest(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
     job_id = context.partition_key
-    lib = library.library()
-    with _stage(context, queues, "manifest") as store:
+    lib = pipeline.Library.from_settings(settings.get())
+    with _stage(context, settings, "manifest") as store:
         result = pipeline.write_manifest(store, lib, job_id, drop_id(context),
                                          code_versions=CODE_VERSIONS)
     return MaterializeResult(metadata={

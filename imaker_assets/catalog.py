@@ -8,7 +8,8 @@ from dagster import (AssetExecutionContext, AssetSelection, AutomationCondition,
 
 from imaker.catalog import COLUMNS, build_catalog, write_catalog
 from imaker.media import page_url, write_library_page
-from resources import LibraryResource
+from imaker.pipeline import Library
+from resources import SettingsResource
 
 from .assets import manifest
 from .partitions import tracks
@@ -30,8 +31,9 @@ def _cell(value):
                    "NAS state, model) as OUTPUTS_DIR/catalog.csv, and the library page "
                    "OUTPUTS_DIR/index.html (cover, players for the original and each variant; "
                    "served by `imaker media serve`). Built from manifests only.")
-def catalog(context: AssetExecutionContext, library: LibraryResource) -> MaterializeResult:
-    lib = library.library()
+def catalog(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
+    s = settings.get()
+    lib = Library.from_settings(s)
     known = context.instance.get_dynamic_partitions(tracks.name)
     df = build_catalog(lib.outputs_dir, lib.stems_dir, known)
     path = write_catalog(df, lib.outputs_dir)
@@ -41,7 +43,7 @@ def catalog(context: AssetExecutionContext, library: LibraryResource) -> Materia
     return MaterializeResult(metadata={
         "dagster/row_count": len(df),
         "path": MetadataValue.path(str(path)),
-        "library_page": MetadataValue.url(page_url(library.media_base_url)),
+        "library_page": MetadataValue.url(page_url(s.media.base_url)),
         "library_page_file": MetadataValue.path(str(page)),
         "tracks": MetadataValue.table(records=records, schema=_SCHEMA),
     })

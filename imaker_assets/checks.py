@@ -9,7 +9,8 @@ import warnings
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
 from imaker import analysis
-from resources import LibraryResource
+from imaker.pipeline import Library
+from resources import SettingsResource
 
 from .assets import manifest, variants
 from .partitions import tracks
@@ -23,16 +24,16 @@ def _result(outcome: analysis.CheckOutcome) -> AssetCheckResult:
                             metadata={"details": outcome.details} if outcome.details else {})
 
 
-def _variant_files(library: LibraryResource, job_id: str):
-    lib = library.library()
+def _variant_files(settings: SettingsResource, job_id: str):
+    lib = Library.from_settings(settings.get())
     return lib, lib.read_json(job_id, "variants.json")["artifacts"]
 
 
 @asset_check(asset=variants, partitions_def=tracks, blocking=True,
              description="Every variant lasts as long as the source (± 50 ms).")
 def variants_match_source_duration(context: AssetCheckExecutionContext,
-                                   library: LibraryResource) -> AssetCheckResult:
-    lib, arts = _variant_files(library, context.partition_key)
+                                   settings: SettingsResource) -> AssetCheckResult:
+    lib, arts = _variant_files(settings, context.partition_key)
     source = lib.read_json(context.partition_key, "source.json")["duration_s"]
     return _result(analysis.check_durations(lib.output_dir(context.partition_key), arts, source))
 
@@ -40,16 +41,16 @@ def variants_match_source_duration(context: AssetCheckExecutionContext,
 @asset_check(asset=variants, partitions_def=tracks, blocking=True,
              description="No variant clips (sample peak ≤ 0 dBFS).")
 def variants_do_not_clip(context: AssetCheckExecutionContext,
-                         library: LibraryResource) -> AssetCheckResult:
-    lib, arts = _variant_files(library, context.partition_key)
+                         settings: SettingsResource) -> AssetCheckResult:
+    lib, arts = _variant_files(settings, context.partition_key)
     return _result(analysis.check_levels(lib.output_dir(context.partition_key), arts)[0])
 
 
 @asset_check(asset=variants, partitions_def=tracks, blocking=True,
              description="No variant is silent (RMS above −60 dBFS).")
 def variants_are_not_silent(context: AssetCheckExecutionContext,
-                            library: LibraryResource) -> AssetCheckResult:
-    lib, arts = _variant_files(library, context.partition_key)
+                            settings: SettingsResource) -> AssetCheckResult:
+    lib, arts = _variant_files(settings, context.partition_key)
     return _result(analysis.check_levels(lib.output_dir(context.partition_key), arts)[1])
 
 
@@ -57,8 +58,9 @@ def variants_are_not_silent(context: AssetCheckExecutionContext,
              description="manifest.json validates against its schema and every listed file "
                          "exists with the listed sha256.")
 def manifest_matches_files(context: AssetCheckExecutionContext,
-                           library: LibraryResource) -> AssetCheckResult:
-    return _result(analysis.check_manifest(library.library().output_dir(context.partition_key)))
+                           settings: SettingsResource) -> AssetCheckResult:
+    return _result(analysis.check_manifest(
+        Library.from_settings(settings.get()).output_dir(context.partition_key)))
 
 
 track_checks = [variants_match_source_duration, variants_do_not_clip, variants_are_not_silent,

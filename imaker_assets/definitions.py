@@ -21,7 +21,7 @@ def build_defs(settings: Settings | None = None) -> Definitions:
     """Definitions with resources configured from ``settings`` (default: the environment).
     Applies the ``UMASK`` setting to this process (the code server, every run)."""
     settings = settings or load_settings()
-    apply_umask(settings.umask)
+    apply_umask(settings.paths.umask)
     return Definitions(
         assets=[*track_assets, nas_copy, catalog],
         asset_checks=track_checks,

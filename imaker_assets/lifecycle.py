@@ -48,7 +48,7 @@ class Reconciled:
 def run_tags(claim: Claim, settings: Settings, source_type: str = "unknown") -> dict[str, str]:
     return {"imaker/job_id": claim.job_id, DROP_TAG: claim.drop_id,
             "imaker/queue": claim.queue, "imaker/source_type": source_type,
-            MAX_RETRIES_TAG: str(max(0, settings.max_claim_attempts - 1))}
+            MAX_RETRIES_TAG: str(max(0, settings.ingest.max_claim_attempts - 1))}
 
 
 def drop_runs(instance: DagsterInstance, drop_id: str):
@@ -164,7 +164,7 @@ def reconcile(instance: DagsterInstance, store: QueueStore, settings: Settings, 
     kinds: dict[str, str] = {}
     if claim_new:
         claimed, out.rejected, out.waiting = claim_ready(
-            store, settings, by="queue_sensor", limit=settings.sensor_max_jobs_per_tick,
+            store, settings, by="queue_sensor", limit=settings.ingest.sensor_max_jobs_per_tick,
             source_type=source_type)
         out.claimed = [c for c, _ in claimed]
         kinds = {c.drop_id: kind for c, kind in claimed}

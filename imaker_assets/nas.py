@@ -12,9 +12,9 @@ apart from ``sync.json``.
 from dagster import (AssetExecutionContext, Backoff, Failure, Jitter, MaterializeResult,
                      MetadataValue, RetryPolicy, asset)
 
-from imaker.nas import NasConfigError, SyncError, sync_job
-from resources import LibraryResource
-from resources.nas import NasResource
+from imaker.nas import NasConfigError, SyncError, resolve_config, sync_job
+from imaker.pipeline import Library
+from resources import SettingsResource
 
 from .assets import manifest
 from .partitions import tracks
@@ -42,12 +42,12 @@ def build_nas_copy(retry_policy: RetryPolicy | None = NAS_RETRY_POLICY, name: st
            description="Copies the track's artifacts to the NAS routes of the sync config "
                        "(local path, rsync, SFTP, S3), verified by size and sha256; "
                        "records outputs/<job_id>/sync.json. Skipped when NAS sync is off.")
-    def _nas_copy(context: AssetExecutionContext, nas: NasResource,
-                  library: LibraryResource) -> MaterializeResult:
+    def _nas_copy(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
         job_id = context.partition_key
-        output_dir = library.library().output_dir(job_id)
+        s = settings.get()
+        output_dir = Library.from_settings(s).output_dir(job_id)
         try:
-            config, reason = nas.config()
+            config, reason = resolve_config(s.nas.enabled, s.nas.config_path)
         except NasConfigError as exc:
             raise Failure(description=f"NAS sync config is invalid: {exc}",
                           allow_retries=False) from None

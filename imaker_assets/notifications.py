@@ -48,7 +48,7 @@ def run_outcome(instance: DagsterInstance, run: DagsterRun,
     if run.status == DagsterRunStatus.SUCCESS:
         if run.asset_selection is not None and _MANIFEST not in run.asset_selection:
             return None  # a re-execution of e.g. nas_copy alone: the track was done before
-        return notify.outcome_done(settings.outputs_dir, job_id)
+        return notify.outcome_done(settings.paths.outputs_dir, job_id)
     if run.status not in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
         return None
     if run.status == DagsterRunStatus.FAILURE:
@@ -75,12 +75,12 @@ def run_outcome(instance: DagsterInstance, run: DagsterRun,
 def handle_run(instance: DagsterInstance, run: DagsterRun, settings: Settings, log) -> None:
     """What a notification sensor does with one finished run. Never raises for a receiver
     that is down: it logs a warning (the track is not affected; nothing is retried)."""
-    if not settings.notify_urls:
+    if not settings.notify.urls:
         return
     outcome = run_outcome(instance, run, settings)
-    if outcome is None or outcome.state not in settings.notify_on:
+    if outcome is None or outcome.state not in settings.notify.on:
         return
-    result = notify.send(settings.notify_urls, outcome)
+    result = notify.send(settings.notify.urls, outcome)
     if result.ok:
         log.info(f"notified: job {outcome.job_id} {outcome.state}")
     else:

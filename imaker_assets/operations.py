@@ -145,7 +145,7 @@ def outcome(instance: DagsterInstance, store: QueueStore, claim: Claim,
     if newest is not None and newest.status != DagsterRunStatus.SUCCESS:
         stage, reason = failure_reason(instance, newest)
         return False, f"{claim.job_id}: failed: {stage}: {reason}"
-    return True, f"{claim.job_id}: {settings.outputs_dir / claim.job_id}"
+    return True, f"{claim.job_id}: {settings.paths.outputs_dir / claim.job_id}"
 
 
 #: how long `imaker ingest` keeps its daemon up for the notification sensors (they tick
@@ -178,12 +178,12 @@ def wait_for_notifications(instance: DagsterInstance, guard: DaemonGuard,
 
 
 def _warm_separator(settings: Settings) -> None:
-    if settings.separator_url:
+    if settings.service.url:
         return
-    from imaker.separator.client import client_from_settings
+    from imaker.separator.client import SeparatorClient
 
     try:
-        client_from_settings(settings).ensure_running(preload=True)
+        SeparatorClient.from_settings(settings).ensure_running(preload=True)
     except Exception:  # noqa: BLE001 - only a warm-up: the `stems` step reports any failure
         pass
 
@@ -208,7 +208,7 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
               "progress", file=out, flush=True)
     if not claimed:
         if not rejected:
-            print("no bundles waiting in " + ", ".join(str(p) for p in settings.queues.values()),
+            print("no bundles waiting in " + ", ".join(str(p) for p in settings.paths.queues.values()),
                   file=out, flush=True)
         return failures
     pending = {claim.drop_id: claim for claim, _ in claimed}
@@ -236,7 +236,7 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
         while guard.proc is not None and any(
                 c.by.startswith("imaker-ingest:") for c in store.claims()):
             time.sleep(poll_s)
-        if guard.proc is not None and settings.notify_urls:
+        if guard.proc is not None and settings.notify.urls:
             wait_for_notifications(instance, guard, poll_s)
     finally:
         guard.close()
@@ -253,7 +253,7 @@ def backfill_variants(instance: DagsterInstance, settings: Settings, add_variant
     unknown = [v for v in add_variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    resources = build_resources(settings, extra_variants=list(add_variants))
+    resources = build_resources(settings)
     lib = Library.from_settings(settings)
     keys = list(job_ids) if job_ids else instance.get_dynamic_partitions(tracks.name)
     failures = 0
@@ -268,10 +268,11 @@ def backfill_variants(instance: DagsterInstance, settings: Settings, add_variant
         result = materialize(
             [*track_assets, *track_checks], instance=instance, partition_key=job_id,
             selection=AssetSelection.assets(*selection), resources=resources,
-            run_config=QUIET, raise_on_error=False,
+            run_config={**QUIET, "ops": {"variants": {"config": {"add_variants": list(add_variants)}}}},
+            raise_on_error=False,
             tags={"imaker/job_id": job_id, "imaker/trigger": "imaker-backfill"})
         if result.success:
-            print(f"{job_id}: {settings.outputs_dir / job_id}", file=out, flush=True)
+            print(f"{job_id}: {settings.paths.outputs_dir / job_id}", file=out, flush=True)
         else:
             failures += 1
             print(f"{job_id}: failed", file=out, flush=True)

@@ -15,14 +15,10 @@ Every bundle records the run in ``job.json``'s ``retriever.dagster_run_id``. The
 (after writing every good bundle) when any URL failed or was rejected.
 """
 
-import dataclasses
-from pathlib import Path
-
 from dagster import Config, Failure, MetadataValue, OpExecutionContext, Output, job, op
 
 from imaker.retrievers.cli import run_retriever
-from imaker.settings import load_settings
-from resources import QueueResource
+from resources import SettingsResource
 
 
 class RetrieveConfig(Config):
@@ -34,13 +30,10 @@ class RetrieveConfig(Config):
 
 @op(description="Run a retriever over the URLs; each good one becomes a job bundle in its queue.")
 def retrieve_bundles(context: OpExecutionContext, config: RetrieveConfig,
-                     queues: QueueResource) -> Output[list]:
-    settings = dataclasses.replace(
-        load_settings(), queue_youtube_audio=Path(queues.queue_youtube_audio),
-        queue_youtube_video=Path(queues.queue_youtube_video), queue_other=Path(queues.queue_other))
+                     settings: SettingsResource) -> Output[list]:
     options = {"mode": config.mode} if config.mode and config.source == "youtube" else {}
     outcomes = run_retriever(
-        config.source, list(config.urls), settings, force=config.force, options=options,
+        config.source, list(config.urls), settings.get(), force=config.force, options=options,
         log=context.log.warning, on_outcome=lambda o: context.log.info(o.line()),
         provenance={"dagster_run_id": context.run_id})
     rows = [o.to_dict() for o in outcomes]

@@ -1,126 +1,102 @@
-"""Dagster resources: thin, configurable wrappers over the domain objects in ``imaker``.
+"""The Dagster resource: every setting of ``imaker.settings``, as launchpad config.
 
-Defaults come from the environment (``imaker.settings``); every field can be overridden
-per run in the launchpad.
+``SettingsResource`` has one nested config per settings group (``paths``, ``output``,
+``separation``, …), made from the group's pydantic model: the same fields, types, allowed
+values and one-line docs, with the values the code location loaded (``.env`` and the
+environment) as defaults. A run's launchpad config overrides any of them for that run:
+
+    resources:
+      settings:
+        config:
+          output: {audio_bitrate: 320k}
+
+Assets, checks, sensors and ops read settings only through it (``settings.get()``), and
+build the domain objects from what it returns (``QueueStore.from_settings``,
+``Library.from_settings``, ``SeparatorClient.from_settings``). Secrets (``DEEZER_ARL``) are
+not config: they come from the environment only and never show in the UI.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from dagster import ConfigurableResource
+from dagster import Config, ConfigurableResource
+from pydantic import Field, SecretStr, create_model
 
-from imaker.pipeline import Library
-from imaker.queues import QueueStore
-from imaker.separator.client import SeparatorClient
-from imaker.settings import OutputOptions, Settings, load_settings
-
-
-class QueueResource(ConfigurableResource):
-    """The queue folders, the working folder and the done/failed archive."""
-
-    queue_youtube_audio: str
-    queue_youtube_video: str
-    queue_other: str
-    working_dir: str
-    archive_dir: str
-    max_claim_attempts: int = 3
-
-    def store(self) -> QueueStore:
-        return QueueStore({"youtube_audio": Path(self.queue_youtube_audio),
-                           "youtube_video": Path(self.queue_youtube_video),
-                           "other": Path(self.queue_other)},
-                          Path(self.working_dir), Path(self.archive_dir), self.max_claim_attempts)
+from imaker.settings import Settings, load_settings
 
 
-class LibraryResource(ConfigurableResource):
-    """Where per-track data lives (library, stems store, outputs) and how outputs are made."""
-
-    library_dir: str
-    stems_dir: str
-    outputs_dir: str
-    generate_no_drums_variant: bool = True
-    generate_drums_only_variant: bool = False
-    preserve_stems: bool = False
-    output_audio_format: str = "m4a"
-    output_audio_bitrate: str = "256k"
-    extra_variants: list[str] = []
-    ytdl_duration_tol_sec: float = 2.0
-    ytdl_duration_tol_pct: float = 0.01
-    media_base_url: str = "http://127.0.0.1:8766"  # MEDIA_BASE_URL: links to the media server
-
-    def library(self) -> Library:
-        return Library(Path(self.library_dir), Path(self.stems_dir), Path(self.outputs_dir))
-
-    def output_options(self) -> OutputOptions:
-        return OutputOptions(self.generate_no_drums_variant, self.generate_drums_only_variant,
-                             self.preserve_stems, self.output_audio_format,
-                             self.output_audio_bitrate, tuple(self.extra_variants))
-
-    @property
-    def duration_tolerance(self) -> tuple[float, float]:
-        return (self.ytdl_duration_tol_sec, self.ytdl_duration_tol_pct)
+def _config_type(annotation: Any, inner: bool = False) -> Any:
+    """The Dagster config type of a settings field: paths as text, tuples as lists (of text
+    where Dagster has no type for the items), the validators left to ``Settings`` (``get``
+    validates the values again)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _config_type(get_args(annotation)[0], inner)
+    if annotation is Path:
+        return str
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        mapped = _config_type(inner[0]) if len(inner) == 1 else Union[tuple(map(_config_type, inner))]
+        return typing.Optional[mapped] if len(inner) < len(get_args(annotation)) else mapped
+    if origin is tuple:
+        return list[_config_type(get_args(annotation)[0], inner=True)]
+    if origin is Literal and inner:
+        return str
+    if origin is Literal or annotation in (str, int, float, bool):
+        return annotation
+    raise TypeError(f"no Dagster config type for settings of type {annotation!r}")
 
 
-class SeparatorResource(ConfigurableResource):
-    """The separation service the `stems` step sends its separations to, and the model and
-    demucs options it asks for. ``url`` empty: the service on loopback port ``port``,
-    started on first use (see ``imaker.separator.client``)."""
-
-    url: str | None = None
-    port: int = 8765
-    model: str = "htdemucs"
-    model_repo: str | None = None
-    device: str = "auto"
-    segment: float | None = None
-    overlap: float = 0.25
-    shifts: int = 1
-    batch_size: int | None = None  # segments per forward pass; None: auto, 0: apply_model
-    autocast: bool = True  # bf16 autocast on CUDA (batched path only)
-    cpu_autocast: bool | None = None  # bf16 on the CPU: None = when native (inference_plan)
-    concurrency: int | None = None  # separations at once in an auto-started service
-    backend: str = "auto"  # DEMUCS_BACKEND: auto, torch, onnx, openvino, aoti
-
-    def client(self) -> SeparatorClient:
-        return SeparatorClient(
-            url=self.url or None, port=self.port,
-            model={"name": self.model, "repo": self.model_repo, "device": self.device},
-            options={"segment": self.segment, "overlap": self.overlap, "shifts": self.shifts,
-                     "batch_size": self.batch_size, "autocast": self.autocast,
-                     "cpu_autocast": self.cpu_autocast, "backend": self.backend},
-            concurrency=self.concurrency)
+def _config_value(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
-from .nas import NasResource, build_nas_resource  # noqa: E402  (defined in its own module)
+def _is_secret(info) -> bool:
+    return SecretStr in (info.annotation, *get_args(info.annotation))
 
 
-def build_resources(settings: Settings | None = None, *, extra_variants: list[str] | None = None
-                    ) -> dict[str, ConfigurableResource]:
-    s = settings or load_settings()
-    return {
-        "queues": QueueResource(
-            queue_youtube_audio=str(s.queue_youtube_audio),
-            queue_youtube_video=str(s.queue_youtube_video), queue_other=str(s.queue_other),
-            working_dir=str(s.working_dir), archive_dir=str(s.archive_dir),
-            max_claim_attempts=s.max_claim_attempts),
-        "library": LibraryResource(
-            library_dir=str(s.library_dir), stems_dir=str(s.stems_dir),
-            outputs_dir=str(s.outputs_dir),
-            generate_no_drums_variant=s.generate_no_drums_variant,
-            generate_drums_only_variant=s.generate_drums_only_variant,
-            preserve_stems=s.preserve_stems, output_audio_format=s.output_audio_format,
-            output_audio_bitrate=s.output_audio_bitrate,
-            extra_variants=list(extra_variants or []),
-            ytdl_duration_tol_sec=s.ytdl_duration_tol_sec,
-            ytdl_duration_tol_pct=s.ytdl_duration_tol_pct,
-            media_base_url=s.media_base_url),
-        "nas": build_nas_resource(s),
-        "separator": SeparatorResource(
-            url=s.separator_url, port=s.separator_port, concurrency=s.separator_concurrency,
-            model=s.demucs_model,
-            model_repo=str(s.demucs_model_repo) if s.demucs_model_repo else None,
-            device=s.demucs_device, segment=s.demucs_segment, overlap=s.demucs_overlap,
-            shifts=s.demucs_shifts, batch_size=s.demucs_batch_size,
-            autocast=s.demucs_autocast, cpu_autocast=s.demucs_cpu_autocast,
-            backend=s.demucs_backend),
-    }
+def _group_config(name: str, group: type, values: Any) -> type[Config]:
+    fields = {fname: (_config_type(info.annotation),
+                      Field(_config_value(getattr(values, fname)), description=info.description))
+              for fname, info in group.model_fields.items() if not _is_secret(info)}
+    model = create_model(f"{group.__name__}Settings", __base__=Config, **fields)
+    model.__doc__ = group.__doc__
+    return model
+
+
+class SettingsResource(ConfigurableResource):
+    """Every setting, by group (``imaker.settings``); made by ``settings_resource``."""
+
+    base: ClassVar[Settings | None] = None  # the loaded settings: defaults and secrets
+
+    def get(self) -> Settings:
+        """The settings of this run: the loaded ones with this resource's config applied,
+        validated by ``imaker.settings`` (a bad override fails with one line naming it)."""
+        base = type(self).base or load_settings()
+        return base.replace(**{g: getattr(self, g).model_dump() for g in Settings.groups()
+                               if hasattr(self, g)})
+
+
+def settings_resource(settings: Settings | None = None) -> SettingsResource:
+    """A ``SettingsResource`` whose config defaults are ``settings`` (default: the
+    environment's)."""
+    settings = settings or load_settings()
+    groups = {g: _group_config(g, cls, getattr(settings, g))
+              for g, cls in Settings.groups().items()}
+    cls = create_model("SettingsResource", __base__=SettingsResource,
+                       **{g: (model, Field(default_factory=model, description=model.__doc__))
+                          for g, model in groups.items()})
+    cls.base = settings
+    return cls()
+
+
+def build_resources(settings: Settings | None = None) -> dict[str, ConfigurableResource]:
+    return {"settings": settings_resource(settings)}

@@ -4,7 +4,7 @@ one per final run status, each with its own cursor so every run outcome is notif
 
 from dagster import DefaultSensorStatus, RunStatusSensorContext, run_status_sensor
 
-from imaker.settings import load_settings
+from resources import SettingsResource
 from imaker_assets.jobs import ingest_track
 from imaker_assets.notifications import NOTIFY_SENSORS, handle_run
 
@@ -20,8 +20,8 @@ def _notify_sensor(name: str):
         description=f"Sends a message to NOTIFY_URLS (Apprise) when a track {_WHAT[name]}. "
                     "Does nothing while NOTIFY_URLS is empty; a receiver that is down is a "
                     "warning in this sensor's log, never a failure of the track.")
-    def _sensor(context: RunStatusSensorContext):
-        handle_run(context.instance, context.dagster_run, load_settings(), context.log)
+    def _sensor(context: RunStatusSensorContext, settings: SettingsResource):
+        handle_run(context.instance, context.dagster_run, settings.get(), context.log)
         # None (not a SkipReason): the sensor goes on with the next finished run this tick
 
     return _sensor

@@ -10,11 +10,10 @@ from dagster import (DefaultSensorStatus, SensorEvaluationContext, SensorResult,
 
 from imaker.bundle import BundleError, read_json_file
 from imaker.queues import QueueStore
-from imaker.settings import load_settings
 from imaker_assets.jobs import ingest_track
 from imaker_assets.lifecycle import reconcile
 from imaker_assets.partitions import tracks
-from resources import QueueResource
+from resources import SettingsResource
 
 #: "1" in the environment of the daemon that `imaker ingest --once` starts when no daemon
 #: serves the instance: its sensor only drives existing claims (new bundles dropped
@@ -37,9 +36,9 @@ def _source_type(path) -> str:
                     "QUEUE_OTHER) for ready job_<id>/ bundles (ignores *.tmp), claims each "
                     "into working/, adds its `tracks` partition and requests one ingest_track "
                     "run per drop; archives drops whose runs ended (done/ or failed/).")
-def queue_sensor(context: SensorEvaluationContext, queues: QueueResource):
-    settings = load_settings()
-    store: QueueStore = queues.store()
+def queue_sensor(context: SensorEvaluationContext, settings: SettingsResource):
+    settings = settings.get()
+    store = QueueStore.from_settings(settings)
     claim_new = os.environ.get(INGEST_ONLY_ENV) != "1"
     result = reconcile(context.instance, store, settings, claim_new=claim_new,
                        source_type=_source_type)

@@ -17,7 +17,7 @@ from mutagen import File as MutagenFile
 from conftest import make_audio
 from imaker import analysis, audio
 from imaker.pipeline import Library, load_stems, make_variants
-from imaker.settings import OutputOptions
+from imaker.settings import Output
 from imaker.variants import (PEAK_CEILING, VARIANTS, StemLengthError, mix, stream_mix,
                              stream_peaks)
 
@@ -245,7 +245,7 @@ def _library(root: Path, stems: dict[str, np.ndarray], scale: float) -> Library:
 
 def test_make_variants_pipeline_streams_the_same_records_and_audio(tmp_path):
     lib = _library(tmp_path, _stems(2.5, loud=True), 0.9)
-    meta = make_variants(OutputOptions(no_drums=True, drums_only=True, audio_format="m4a"),
+    meta = make_variants(Output(no_drums=True, drums_only=True, audio_format="m4a"),
                          lib, "mixjob")
     stems, _ = load_stems(lib, "mixjob")
     assert [a["variant"] for a in meta["artifacts"]] == ["instrumental", "no_drums", "drums_only"]

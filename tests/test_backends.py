@@ -164,16 +164,18 @@ def test_auto_picks_a_converted_backend_only_for_fp32_htdemucs_on_the_cpu(repo):
 
 
 def test_demucs_backend_setting_reaches_the_service_request(tmp_path):
-    from imaker.separator.client import client_from_settings
-    from imaker.separator.service import Options
+    from imaker.separator.client import SeparatorClient
+    from imaker.separator.service import SeparateRequest
     from resources import build_resources
 
-    assert load_settings({"IMAKER_DATA": str(tmp_path)}).demucs_backend == "auto"
+    assert load_settings({"IMAKER_DATA": str(tmp_path)}).separation.backend == "auto"
     settings = load_settings({"IMAKER_DATA": str(tmp_path), "DEMUCS_BACKEND": "ONNX"})
-    assert settings.demucs_backend == "onnx"
-    assert client_from_settings(settings).options["backend"] == "onnx"
-    assert build_resources(settings)["separator"].client().options["backend"] == "onnx"
-    assert Options(backend="openvino").backend == "openvino"
+    assert settings.separation.backend == "onnx"
+    assert SeparatorClient.from_settings(settings).separation.backend == "onnx"
+    run_settings = build_resources(settings)["settings"].get()
+    assert SeparatorClient.from_settings(run_settings).separation.backend == "onnx"
+    assert SeparateRequest(job_id="j", source="s", stems_dir="d",
+                           separation={"backend": "openvino"}).separation.backend == "openvino"
     with pytest.raises(SettingsError):
         load_settings({"IMAKER_DATA": str(tmp_path), "DEMUCS_BACKEND": "tensorrt"})
 
@@ -194,14 +196,14 @@ def test_a_preloaded_service_compiles_before_it_answers(repo, source_m4a, tmp_pa
     the backend with one short separation before /health answers: the first track's
     separation then compiles nothing."""
     from dagster_server import free_port
-    from imaker.separator.client import client_from_settings
+    from imaker.separator.client import SeparatorClient
 
     monkeypatch.setenv("IMAKER_ENV_FILE", "")
     for key, value in {"DEMUCS_MODEL": "tiny_htdemucs", "DEMUCS_MODEL_REPO": str(repo),
                        "DEMUCS_DEVICE": "cpu", "DEMUCS_BACKEND": WINNER,
                        "SEPARATOR_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
-    client = client_from_settings(load_settings())
+    client = SeparatorClient.from_settings(load_settings())
     client.ensure_running(preload=True)
     try:
         ready = client.health()

@@ -42,8 +42,8 @@ def _processed_once(tmp_path_factory, model_repo, source_m4a, cover_jpg):
         imaker_env_at(mp, root, model_repo)
         mp.setenv("MEDIA_PORT", media_port)
         settings = load_settings()
-        write_bundle(settings.queue_youtube_audio, "track_one", source_m4a, cover=cover_jpg)
-        write_bundle(settings.queue_other, "track_two", source_m4a, title="Second")
+        write_bundle(settings.paths.queue_youtube_audio, "track_one", source_m4a, cover=cover_jpg)
+        write_bundle(settings.paths.queue_other, "track_two", source_m4a, title="Second")
         assert operations.ingest_once(DagsterInstance.get(), settings) == 0
     return root, media_port
 
@@ -75,13 +75,13 @@ def media_server(processed, tmp_path):
             deadline = time.time() + 30
             while True:
                 try:
-                    urllib.request.urlopen(f"{settings.media_base_url}/health", timeout=5)
+                    urllib.request.urlopen(f"{settings.media.base_url}/health", timeout=5)
                     break
                 except OSError:
                     assert proc.poll() is None, (tmp_path / "media.log").read_text()
                     assert time.time() < deadline, "imaker media serve did not start"
                     time.sleep(0.2)
-            yield settings.media_base_url
+            yield settings.media.base_url
         finally:
             proc.terminate()
             proc.wait(timeout=15)
@@ -158,7 +158,7 @@ def test_catalog_partitions_and_checks_are_visible_in_the_ui(webserver, browser,
 def _file_for(settings, url: str) -> Path:
     """The file a media server URL serves (/outputs/... or /library/...)."""
     prefix, _, rel = unquote(urlsplit(url).path).lstrip("/").partition("/")
-    root = {"outputs": settings.outputs_dir, "library": settings.library_dir}[prefix]
+    root = {"outputs": settings.paths.outputs_dir, "library": settings.paths.library_dir}[prefix]
     return root / rel
 
 
@@ -190,13 +190,13 @@ def test_library_page_plays_every_track_in_the_browser(media_server, processed, 
     meta = record.asset_materialization.metadata
     links = {k: v.value for k, v in meta.items() if k.startswith("play_")}
     assert set(links) == {"play_source", "play_instrumental", "play_no_drums"}
-    manifest = json.loads((settings.outputs_dir / "track_one" / "manifest.json").read_text())
+    manifest = json.loads((settings.paths.outputs_dir / "track_one" / "manifest.json").read_text())
     expected = {f"play_{a['variant']}": a["path"] for a in manifest["artifacts"]}
     for key, url in links.items():
         assert url.startswith(f"{media_server}/"), url
         path = _file_for(settings, url)
-        assert path == (settings.library_dir / "track_one" / "source.flac" if key == "play_source"
-                        else settings.outputs_dir / "track_one" / expected[key])
+        assert path == (settings.paths.library_dir / "track_one" / "source.flac" if key == "play_source"
+                        else settings.paths.outputs_dir / "track_one" / expected[key])
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert resp.headers["Content-Type"].startswith("audio/")
             assert resp.read() == path.read_bytes()
@@ -212,7 +212,7 @@ def test_library_page_plays_every_track_in_the_browser(media_server, processed, 
     browser.get(page_link)
     _wait_for_text(browser, ["Test Song", "Second", "AC/DC", "YTDL", "0:03"])
     articles = browser.find_elements("css selector", "article.track")
-    created = {j: json.loads((settings.outputs_dir / j / "manifest.json").read_text())
+    created = {j: json.loads((settings.paths.outputs_dir / j / "manifest.json").read_text())
                ["provenance"]["created_at"] for j in ("track_one", "track_two")}
     assert [a.get_attribute("id") for a in articles] == \
         sorted(created, key=lambda j: (created[j], j), reverse=True)   # newest first
@@ -231,9 +231,9 @@ def test_library_page_plays_every_track_in_the_browser(media_server, processed, 
         url = browser.execute_script("return arguments[0].currentSrc", audio)
         assert url.startswith(f"{media_server}/"), url
         path = _file_for(settings, url)
-        job_id = path.relative_to(settings.outputs_dir if url.startswith(
-            f"{media_server}/outputs/") else settings.library_dir).parts[0]
-        track = json.loads((settings.outputs_dir / job_id / "manifest.json").read_text())
+        job_id = path.relative_to(settings.paths.outputs_dir if url.startswith(
+            f"{media_server}/outputs/") else settings.paths.library_dir).parts[0]
+        track = json.loads((settings.paths.outputs_dir / job_id / "manifest.json").read_text())
         track_s = track["provenance"]["source"]["duration_s"]
         duration, seekable_end = _wait_for_metadata(browser, audio)
         assert abs(duration - track_s) <= 0.1, (url, duration, track_s)

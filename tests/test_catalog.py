@@ -15,7 +15,7 @@ from imaker_assets import operations
 
 
 def _stop_separator(settings) -> None:
-    stop_separator(settings.separator_port)
+    stop_separator(settings.service.port)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,9 @@ def _ingested(tmp_path_factory, model_repo, source_m4a, cover_jpg):
         imaker_env_at(mp, root, model_repo)
         mp.setenv("SEPARATOR_PORT", str(free_port()))
         settings = load_settings()
-        write_bundle(settings.queue_youtube_audio, "t1", source_m4a, cover=cover_jpg,
+        write_bundle(settings.paths.queue_youtube_audio, "t1", source_m4a, cover=cover_jpg,
                      youtube={"video_id": "v1", "url": "https://www.youtube.com/watch?v=v1"})
-        write_bundle(settings.queue_other, "t2", source_m4a, artist="Other", title="Second",
+        write_bundle(settings.paths.queue_other, "t2", source_m4a, artist="Other", title="Second",
                      source_type="local")
         assert operations.ingest_once(DagsterInstance.get(), settings) == 0
         _stop_separator(settings)
@@ -66,9 +66,9 @@ class _Separations:
 
 @pytest.fixture
 def separator_calls(two_tracks):
-    from imaker.separator.client import client_from_settings
+    from imaker.separator.client import SeparatorClient
 
-    client = client_from_settings(load_settings())
+    client = SeparatorClient.from_settings(load_settings())
     client.ensure_running()  # this test's private service (the ingest's was stopped)
     return _Separations(client)
 
@@ -85,7 +85,7 @@ def _private_separator(imaker_env, monkeypatch):
 
 
 def _catalog(settings):
-    return pd.read_csv(settings.outputs_dir / "catalog.csv", keep_default_na=False)
+    return pd.read_csv(settings.paths.outputs_dir / "catalog.csv", keep_default_na=False)
 
 
 def test_catalog_lists_every_track_from_manifests(two_tracks):
@@ -104,8 +104,8 @@ def test_catalog_lists_every_track_from_manifests(two_tracks):
     assert meta["dagster/row_count"].value == 2
     assert {r.data["job_id"] for r in meta["tracks"].value.records} == {"t1", "t2"}
     # the library page beside catalog.csv, linked through the media server
-    assert meta["library_page"].value == f"{settings.media_base_url}/"
-    page = (settings.outputs_dir / "index.html").read_text()
+    assert meta["library_page"].value == f"{settings.media.base_url}/"
+    page = (settings.paths.outputs_dir / "index.html").read_text()
     assert 'id="t1"' in page and 'id="t2"' in page
     assert "library/t1/source.flac" in page and "outputs/t1/files/audio/AC_DC%20-%20Test%20Song.m4a" in page
 
@@ -115,21 +115,21 @@ def test_backfill_adds_a_variant_without_separating(two_tracks, separator_calls,
     assert cli.main(["backfill", "--variants", "drums_only"]) == 0
     assert len(separator_calls) == 0
     for job_id, base in (("t1", "AC_DC - Test Song"), ("t2", "Other - Second")):
-        assert (settings.outputs_dir / job_id / "files" / "audio" / f"{base} (drums only).m4a").is_file()
-        man = JobManifest.load(settings.outputs_dir / job_id)
+        assert (settings.paths.outputs_dir / job_id / "files" / "audio" / f"{base} (drums only).m4a").is_file()
+        man = JobManifest.load(settings.paths.outputs_dir / job_id)
         assert [a.variant for a in man.artifacts] == ["instrumental", "no_drums", "drums_only"]
     assert set(_catalog(settings)["variants"]) == {"instrumental,no_drums,drums_only"}
 
 
 def test_backfill_after_stems_were_purged_separates_first_visibly(two_tracks, separator_calls, capsys):
     settings, _ = two_tracks
-    shutil.rmtree(settings.stems_dir / "t2")
+    shutil.rmtree(settings.paths.stems_dir / "t2")
     capsys.readouterr()
     assert cli.main(["backfill", "--variants", "drums_only"]) == 0
     out = capsys.readouterr().out
     assert "t2: stems were purged: separating again first" in out
     assert len(separator_calls) == 1  # only t2, once
-    assert (settings.stems_dir / "t2" / "stems.json").is_file()
+    assert (settings.paths.stems_dir / "t2" / "stems.json").is_file()
 
 
 def test_unknown_backfill_variant_is_refused(two_tracks, capsys):
@@ -141,16 +141,16 @@ def test_forget_removes_partition_and_stems_and_keeps_catalog_consistent(two_tra
     settings, instance = two_tracks
     assert cli.main(["forget", "t2"]) == 0
     assert instance.get_dynamic_partitions("tracks") == ["t1"]
-    assert not (settings.stems_dir / "t2").exists()
-    assert not (settings.library_dir / "t2").exists()
-    assert (settings.outputs_dir / "t2" / "manifest.json").is_file()  # kept without --outputs
+    assert not (settings.paths.stems_dir / "t2").exists()
+    assert not (settings.paths.library_dir / "t2").exists()
+    assert (settings.paths.outputs_dir / "t2" / "manifest.json").is_file()  # kept without --outputs
     assert list(_catalog(settings)["job_id"]) == ["t1"]
-    page = (settings.outputs_dir / "index.html").read_text()   # the page follows the catalog
+    page = (settings.paths.outputs_dir / "index.html").read_text()   # the page follows the catalog
     assert 'id="t1"' in page and 'id="t2"' not in page
     assert cli.main(["forget", "t1", "--outputs"]) == 0
-    assert not (settings.outputs_dir / "t1").exists()
+    assert not (settings.paths.outputs_dir / "t1").exists()
     assert len(_catalog(settings)) == 0
-    assert (settings.archive_dir / "done" / "job_t1").is_dir()  # the original bundle is kept
+    assert (settings.paths.archive_dir / "done" / "job_t1").is_dir()  # the original bundle is kept
 
 
 def test_ingest_then_nas_copy_places_files_by_route_and_the_catalog_shows_it(
@@ -172,11 +172,11 @@ nasSync:
     monkeypatch.setenv("NAS_SYNC_ENABLED", "true")
     monkeypatch.setenv("NAS_SYNC_CONFIG_PATH", str(config))
     settings = load_settings()
-    write_bundle(settings.queue_other, "synced", source_m4a)
+    write_bundle(settings.paths.queue_other, "synced", source_m4a)
     assert cli.main(["ingest", "--once"]) == 0
     inst = nas / "Instrumentals" / "Instrumental" / "AC_DC - Test Song.m4a"
     nodrum = nas / "Instrumentals" / "NoDrums" / "AC_DC - Test Song (no drum).m4a"
-    out = settings.outputs_dir / "synced" / "files" / "audio"
+    out = settings.paths.outputs_dir / "synced" / "files" / "audio"
     assert inst.read_bytes() == (out / "AC_DC - Test Song.m4a").read_bytes()
     assert nodrum.read_bytes() == (out / "AC_DC - Test Song (no drum).m4a").read_bytes()
     assert _catalog(settings).set_index("job_id").loc["synced", "nas_sync"] == "ok"

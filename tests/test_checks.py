@@ -17,7 +17,7 @@ from imaker_assets.definitions import build_defs
 def processed(imaker_env, source_m4a, cover_jpg):
     """One track processed through the real ingest_track job (checks included)."""
     settings = load_settings()
-    write_bundle(settings.queue_other, "chk", source_m4a, cover=cover_jpg)
+    write_bundle(settings.paths.queue_other, "chk", source_m4a, cover=cover_jpg)
     instance = DagsterInstance.get()
     instance.add_dynamic_partitions("tracks", ["chk"])
     result = build_defs(settings).resolve_job_def("ingest_track").execute_in_process(
@@ -38,7 +38,7 @@ def test_checks_pass_on_a_good_track_and_metadata_is_rich(processed):
     per = var["per_variant"].value
     assert set(per) == {"instrumental", "no_drums"} and all(v["bytes"] > 0 for v in per.values())
     # the data version of source_audio is the input hash: the UI's staleness follows the source
-    man = json.loads((settings.outputs_dir / "chk" / "manifest.json").read_text())
+    man = json.loads((settings.paths.outputs_dir / "chk" / "manifest.json").read_text())
     assert man["provenance"]["code_versions"] == {"source_audio": "1", "stems": "1",
                                                   "variants": "1", "manifest": "1"}
     record = instance.get_latest_materialization_event(
@@ -62,8 +62,8 @@ def test_truncated_variant_and_wrong_hash_fail_their_checks(imaker_env, source_m
     settings = load_settings()
     real_variants, real_manifest = pipeline.make_variants, pipeline.write_manifest
 
-    def truncating_variants(options, lib, job_id):
-        meta = real_variants(options, lib, job_id)
+    def truncating_variants(options, lib, job_id, *extra):
+        meta = real_variants(options, lib, job_id, *extra)
         path = lib.output_dir(job_id) / meta["artifacts"][0]["path"]
         cut = path.with_name("cut.m4a")
         subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-t", "1.5",
@@ -78,19 +78,19 @@ def test_truncated_variant_and_wrong_hash_fail_their_checks(imaker_env, source_m
         return result
 
     monkeypatch.setattr(pipeline, "make_variants", truncating_variants)
-    write_bundle(settings.queue_other, "bad_out", source_m4a)
+    write_bundle(settings.paths.queue_other, "bad_out", source_m4a)
     evals = _ingest("bad_out")
     assert not evals["variants_match_source_duration"].passed
     assert "instrumental" in evals["variants_match_source_duration"].description
     assert evals["variants_do_not_clip"].passed and evals["variants_are_not_silent"].passed
     # blocking: the manifest never ran, nothing reached done/
     assert "manifest_matches_files" not in evals
-    assert not (settings.outputs_dir / "bad_out" / "manifest.json").exists()
-    assert not (settings.archive_dir / "done" / "job_bad_out").exists()
+    assert not (settings.paths.outputs_dir / "bad_out" / "manifest.json").exists()
+    assert not (settings.paths.archive_dir / "done" / "job_bad_out").exists()
 
     monkeypatch.setattr(pipeline, "make_variants", real_variants)
     monkeypatch.setattr(pipeline, "write_manifest", tampering_manifest)
-    write_bundle(settings.queue_other, "bad_hash", source_m4a)
+    write_bundle(settings.paths.queue_other, "bad_hash", source_m4a)
     evals = _ingest("bad_hash")
     assert not evals["manifest_matches_files"].passed
     assert "sha256" in evals["manifest_matches_files"].description

@@ -24,8 +24,8 @@ import pytest
 
 import compose_stack
 from conftest import make_audio
-from compose_stack import (APP_IMAGE, DAGSTER_IMAGE, PYTHON_STANDIN, ROOT, Stack, host_addresses,
-                           log, proc_uid, run, unavailable_reason)
+from compose_stack import (APP_IMAGE, DAGSTER_IMAGE, PYTHON_STANDIN, Stack, host_addresses,
+                           TERMINAL, log, proc_uid, run, unavailable_reason)
 from imaker.devmodel import build_model_repo
 
 SHORT_S = 8      # a track the tiny model separates in a few seconds
@@ -114,8 +114,6 @@ def test_ui_on_localhost_only_and_containers_not_root(stack):
 def test_outputs_readable_by_a_media_server(stack):
     """Files 0644 and folders 0755 (UMASK=022), owned by PUID:PGID, readable by another
     uid (a Jellyfin/Navidrome container)."""
-    if "UMASK" not in (ROOT / "imaker" / "settings.py").read_text():
-        pytest.skip("imaker does not apply the UMASK setting yet (issue 11)")
     out = stack.outputs / "one"
     for p in [out, *out.rglob("*")]:
         mode = stat.S_IMODE(p.stat().st_mode)
@@ -138,6 +136,43 @@ def test_three_bundles_at_once(stack):
     log(f"case three bundles: {time.time() - t0:.1f} s")
 
 
+def test_a_run_launched_from_the_ui_waits_for_the_tracks_active_run(stack):
+    """One run per track at a time, UI runs included: a run of the track's partition
+    launched as the UI's launchpad does (GraphQL launchRun, tags = the partition only: no
+    imaker/* tags) while the sensor's run is separating stays queued until that run ends."""
+    t0 = time.time()
+    stack.drop(["uiwait"], stack.long)
+    first = stack.wait_run_step("uiwait", "stems")
+    data = stack.graphql(
+        "mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename"
+        " ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }",
+        {"p": {"selector": {"repositoryLocationName": "instrumental_maker",
+                            "repositoryName": "__repository__", "jobName": "ingest_track"},
+               "mode": "default", "runConfigData": {},
+               "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "uiwait"}]}}})
+    assert data["launchRun"]["__typename"] == "LaunchRunSuccess", data
+    ui_id = data["launchRun"]["run"]["runId"]
+
+    def by_id():
+        return {r["runId"]: r for r in stack.runs_of("uiwait")}
+
+    ui = by_id()[ui_id]
+    assert "imaker/job_id" not in ui["tags"] and "imaker/drop_id" not in ui["tags"], ui["tags"]
+    # while the sensor's run works, the UI's run waits in the run queue
+    while by_id()[first["runId"]]["status"] not in TERMINAL:
+        assert by_id()[ui_id]["status"] in ("QUEUED", "NOT_STARTED"), by_id()
+        time.sleep(1)
+    stack.wait_for("the UI's run over", lambda: by_id()[ui_id]["status"] in TERMINAL, 420, 2)
+    runs = by_id()
+    assert runs[first["runId"]]["status"] == "SUCCESS" and runs[ui_id]["status"] == "SUCCESS", runs
+    assert runs[ui_id]["startTime"] >= runs[first["runId"]]["endTime"], runs
+    done = sorted(p.name for p in (stack.data / "archive" / "done").glob("job_uiwait*"))
+    assert done == ["job_uiwait"], done
+    assert (stack.outputs / "uiwait" / "manifest.json").is_file()
+    stack.times["case UI run waits"] = round(time.time() - t0, 1)
+    log(f"case UI run waits: {time.time() - t0:.1f} s")
+
+
 def test_kill_run_container_during_stems(stack):
     t0 = time.time()
     stack.drop(["killrun"], stack.long)
@@ -153,8 +188,7 @@ def test_kill_run_container_during_stems(stack):
 
 
 def test_separator_crash_during_separation(stack):
-    if not stack.separator:
-        pytest.skip("the app image has no `imaker separator` service yet (issue 11)")
+    assert stack.separator, "the app image has no `imaker separator` command"
     t0 = time.time()
     stack.drop(["killsep"], stack.long)
     stack.wait_run_step("killsep", "stems")

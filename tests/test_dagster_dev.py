@@ -31,11 +31,11 @@ def test_dagster_dev_sensor_processes_a_dropped_bundle(imaker_env, source_m4a, t
         assert assets == ["catalog", "manifest", "nas_copy", "source_audio", "stems", "variants"]
 
         dropped = time.time()
-        write_bundle(settings.queue_youtube_audio, "dev_drop", source_m4a)
-        manifest = settings.outputs_dir / "dev_drop" / "manifest.json"
+        write_bundle(settings.paths.queue_youtube_audio, "dev_drop", source_m4a)
+        manifest = settings.paths.outputs_dir / "dev_drop" / "manifest.json"
         deadline = time.time() + 300
         while not manifest.exists():
-            failed = settings.archive_dir / "failed" / "job_dev_drop" / "error.json"
+            failed = settings.paths.archive_dir / "failed" / "job_dev_drop" / "error.json"
             assert not failed.exists(), failed.read_text()
             assert proc.poll() is None and time.time() < deadline, \
                 (tmp_path / "dagster_dev.log").read_text()[-3000:]
@@ -43,7 +43,7 @@ def test_dagster_dev_sensor_processes_a_dropped_bundle(imaker_env, source_m4a, t
         assert json.loads(manifest.read_text())["job_id"] == "dev_drop"
         print(f"bundle dropped -> manifest written: {time.time() - dropped:.1f} s")
         deadline = time.time() + 60
-        while not (settings.archive_dir / "done" / "job_dev_drop").exists():
+        while not (settings.paths.archive_dir / "done" / "job_dev_drop").exists():
             assert time.time() < deadline
             time.sleep(1)
         runs = _graphql(url, '{ runsOrError { ... on Runs { results { status tags { key value } } } } }')
@@ -51,7 +51,7 @@ def test_dagster_dev_sensor_processes_a_dropped_bundle(imaker_env, source_m4a, t
         track_runs = [t for t in tag_sets if t.get("dagster/partition") == "dev_drop"]
         assert len(track_runs) == 1 and track_runs[0]["imaker/queue"] == "youtube_audio"
         # the catalog follows by itself (automation condition sensor)
-        catalog = settings.outputs_dir / "catalog.csv"
+        catalog = settings.paths.outputs_dir / "catalog.csv"
         deadline = time.time() + 180
         while not (catalog.exists() and "dev_drop" in catalog.read_text()):
             assert proc.poll() is None and time.time() < deadline, "catalog was not rebuilt"

@@ -42,10 +42,10 @@ def _env_example() -> dict[str, str]:
 
 
 def _settings_env_names() -> set[str]:
-    """Every environment variable imaker/settings.py reads."""
-    src = (ROOT / "imaker" / "settings.py").read_text()
-    names = set(re.findall(r'(?:_clean|_bool|_num|_choice)\(env,\s*"([A-Z0-9_]+)"', src))
-    names |= set(re.findall(r'\bpath\("([A-Z0-9_]+)"', src))
+    """Every setting's environment variable, from the settings model itself."""
+    from imaker.settings import Settings
+
+    names = {name for _, _, name, _ in Settings.variables()}
     assert len(names) > 20, names
     return names
 
@@ -244,6 +244,29 @@ def test_compose_gpu_reservation_ports_healthchecks_and_commands():
                                   "location_name": "instrumental_maker"}
 
 
+def test_every_settings_field_is_in_the_readme_the_env_examples_and_the_compose_lists():
+    """The README table and .env.example are made from the settings model (imaker settings
+    --markdown / --env-example) and must match it; docker/.env.example and the compose
+    instance's run env list must name every field."""
+    from imaker.settings import Settings, env_example, markdown_table
+
+    fields = [name for _, _, name, _ in Settings.variables()]
+    assert len(fields) == len(set(fields)) > 40
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme, "README settings table: run `imaker settings --markdown`"
+    assert [row.split("`")[1] for row in markdown_table().splitlines()[2:]] == fields
+    assert (ROOT / ".env.example").read_text() == env_example(), \
+        ".env.example: run `imaker settings --env-example > .env.example`"
+    for name in fields:
+        assert f"\n#{name}=" in env_example(), name
+        assert name in _env_example(), f"docker/.env.example lacks {name}"
+    launcher = yaml.safe_load((DOCKER / "dagster.yaml").read_text())["run_launcher"]["config"]
+    missing = set(fields) - set(launcher["env_vars"])
+    assert not missing, f"docker/dagster.yaml run_launcher.env_vars lacks {missing}"
+    # compose hands every container the whole docker/.env
+    assert _compose()["x-env"] == {"env_file": ".env"}
+
+
 def test_env_example_has_every_setting():
     env = _env_example()
     missing_readme = _readme_env_names() - set(env)
@@ -259,8 +282,8 @@ def test_env_example_has_every_setting():
     from imaker.settings import load_settings
 
     settings = load_settings({**env, "DAGSTER_POSTGRES_PASSWORD": "x"})
-    assert str(settings.queue_other) == "/data/queues/other"
-    assert str(settings.demucs_model_repo) == "/models"
+    assert str(settings.paths.queue_other) == "/data/queues/other"
+    assert str(settings.separation.model_repo) == "/models"
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,8 +365,14 @@ def test_compose_dagster_yaml_validates_and_builds_its_classes(monkeypatch):
     runs = config["concurrency"]["runs"]
     assert runs["max_concurrent_runs"] >= 1
     limits = {lim["key"]: lim for lim in runs["tag_concurrency_limits"]}
-    assert limits["imaker/job_id"]["limit"] == 1
-    assert limits["imaker/job_id"]["value"] == {"applyLimitPerUniqueValue": True}
+    # one run per track at a time, keyed as in dagster_home/dagster.yaml: a tag every run of
+    # a partition carries, the sensor's and the UI's alike
+    assert limits["dagster/partition"]["limit"] == 1
+    assert limits["dagster/partition"]["value"] == {"applyLimitPerUniqueValue": True}
+    local = yaml.safe_load((ROOT / "dagster_home" / "dagster.yaml").read_text())
+    [local_limit] = [lim for lim in local["concurrency"]["runs"]["tag_concurrency_limits"]
+                     if lim["key"] == "dagster/partition"]
+    assert local_limit == limits["dagster/partition"]
     # the separation service admits what the GPU runs; no run blocks on the pool (it spins)
     assert config["concurrency"]["pools"]["default_limit"] == runs["max_concurrent_runs"]
 

@@ -37,11 +37,11 @@ def _assert_exactly_once(instance, settings, job_ids):
         ok = [r for r in runs if r.status == DagsterRunStatus.SUCCESS]
         assert len(ok) == 1, (job_id, [(r.run_id, r.status) for r in runs])
         assert len({r.tags["imaker/drop_id"] for r in runs}) == 1, job_id
-        assert (settings.archive_dir / "done" / f"job_{job_id}").is_dir()
-        assert json.loads((settings.outputs_dir / job_id / "manifest.json").read_text())["job_id"] == job_id
-    assert list(settings.working_dir.iterdir()) == []
-    assert not settings.archive_dir.joinpath("failed").exists() or \
-        list((settings.archive_dir / "failed").iterdir()) == []
+        assert (settings.paths.archive_dir / "done" / f"job_{job_id}").is_dir()
+        assert json.loads((settings.paths.outputs_dir / job_id / "manifest.json").read_text())["job_id"] == job_id
+    assert list(settings.paths.working_dir.iterdir()) == []
+    assert not settings.paths.archive_dir.joinpath("failed").exists() or \
+        list((settings.paths.archive_dir / "failed").iterdir()) == []
 
 
 def _wait(predicate, timeout, what, every=1.0):
@@ -62,11 +62,11 @@ def test_two_ingest_once_at_the_same_time_process_each_job_once(imaker_env, tmp_
     settings = load_settings()
     long = make_audio(tmp_path / "long.m4a", 20.0)
     short = make_audio(tmp_path / "short.m4a", 5.0, freq=330)
-    write_bundle(settings.queue_other, "race_long", long)
-    write_bundle(settings.queue_other, "race_s1", short)
+    write_bundle(settings.paths.queue_other, "race_long", long)
+    write_bundle(settings.paths.queue_other, "race_s1", short)
     first = _imaker("ingest", "--once")
     time.sleep(1.0)
-    write_bundle(settings.queue_other, "race_s2", short)   # only the second one sees it
+    write_bundle(settings.paths.queue_other, "race_s2", short)   # only the second one sees it
     second = _imaker("ingest", "--once")
     outs = [p.communicate(timeout=600) for p in (first, second)]
     codes = [first.returncode, second.returncode]
@@ -82,7 +82,7 @@ def test_two_ingest_once_at_the_same_time_process_each_job_once(imaker_env, tmp_
 def test_fifo_job_json_fails_at_once_in_ingest_once(imaker_env, source_m4a):
     """Observation 6: a FIFO as job.json never hangs the CLI or the sensor."""
     settings = load_settings()
-    folder = write_bundle(settings.queue_other, "fifo_cli", source_m4a)
+    folder = write_bundle(settings.paths.queue_other, "fifo_cli", source_m4a)
     (folder / "job.json").unlink()
     os.mkfifo(folder / "job.json")
     start = time.monotonic()
@@ -94,7 +94,7 @@ def test_fifo_job_json_fails_at_once_in_ingest_once(imaker_env, source_m4a):
     # the daemon it started is stopped and forgotten: the next `imaker ingest` starts its
     # own at once instead of waiting for the stale heartbeats to age
     assert not daemon_serving(DagsterInstance.get())
-    failed = settings.archive_dir / "failed" / "job_fifo_cli"
+    failed = settings.paths.archive_dir / "failed" / "job_fifo_cli"
     error = json.loads((failed / "error.json").read_text())
     assert "not a regular file" in error["error"]
 
@@ -108,8 +108,8 @@ def test_fifo_job_json_fails_at_once_in_ingest_once(imaker_env, source_m4a):
     assert retry.returncode == 0 and "fifo_cli: queued again" in out, out + err
     again = _imaker("ingest", "--once")
     out, err = again.communicate(timeout=300)
-    assert again.returncode == 0 and f"fifo_cli: {settings.outputs_dir / 'fifo_cli'}" in out, out + err
-    history = list((settings.archive_dir / "done" / "job_fifo_cli" / ".imaker" / "history").iterdir())
+    assert again.returncode == 0 and f"fifo_cli: {settings.paths.outputs_dir / 'fifo_cli'}" in out, out + err
+    history = list((settings.paths.archive_dir / "done" / "job_fifo_cli" / ".imaker" / "history").iterdir())
     assert len(history) == 1 and "not a regular file" in history[0].read_text()
 
 
@@ -134,16 +134,16 @@ def test_dagster_dev_killed_run_worker_is_retried_by_dagster_once(imaker_env, tm
     audio = make_audio(tmp_path / "long.m4a", 60.0)
     with dagster_server(["dagster", "dev"], tmp_path / "dagster_dev.log") as (proc, url):
         instance = DagsterInstance.get()
-        write_bundle(settings.queue_other, "killed", audio)
+        write_bundle(settings.paths.queue_other, "killed", audio)
         _wait(lambda: _track_runs(instance, "killed"), 120, "the sensor's run")
         [run] = _track_runs(instance, "killed")
         _wait(lambda: _step_started(instance, run.run_id, "stems"), 180, "stems to start", 0.3)
         pid = _engine_pid(instance, run.run_id)
         assert pid, "run worker pid not logged"
         os.kill(pid, signal.SIGKILL)
-        done = settings.archive_dir / "done" / "job_killed"
+        done = settings.paths.archive_dir / "done" / "job_killed"
         log = tmp_path / "dagster_dev.log"
-        _wait(lambda: done.exists() or (settings.archive_dir / "failed").joinpath(
+        _wait(lambda: done.exists() or (settings.paths.archive_dir / "failed").joinpath(
             "job_killed").exists() or proc.poll() is not None, 420, "the bundle to settle", 2)
         assert done.exists(), log.read_text()[-4000:]
         _wait(lambda: _track_runs(instance, "killed")[0].is_finished, 120, "nas_copy")
@@ -166,11 +166,11 @@ def test_dagster_dev_killed_run_worker_is_retried_by_dagster_once(imaker_env, tm
         for attempt in range(4):
             job = f"beside{attempt}"
             beside.append(job)
-            write_bundle(settings.queue_other, job, make_audio(tmp_path / f"{job}.m4a", 4.0))
+            write_bundle(settings.paths.queue_other, job, make_audio(tmp_path / f"{job}.m4a", 4.0))
             cli = _imaker("ingest", "--once")
             out, err = cli.communicate(timeout=300)
             assert cli.returncode == 0, out + err
-            if f"{job}: {settings.outputs_dir / job}" in out:
+            if f"{job}: {settings.paths.outputs_dir / job}" in out:
                 break
             assert out.startswith("no bundles waiting"), out + err
             _wait(lambda: any(r.status == DagsterRunStatus.SUCCESS
@@ -206,7 +206,7 @@ def test_separation_service_killed_mid_separation_is_retried(imaker_env, tmp_pat
     client = SeparatorClient(url=None, port=port)
     client.ensure_running()
     first_pid = client.health()["pid"]
-    write_bundle(settings.queue_other, "sepkill", make_audio(tmp_path / "a.m4a", 60.0))
+    write_bundle(settings.paths.queue_other, "sepkill", make_audio(tmp_path / "a.m4a", 60.0))
     results: list = []
     worker = threading.Thread(target=_materialize_in_thread, args=("sepkill", results))
     worker.start()
@@ -223,8 +223,8 @@ def test_separation_service_killed_mid_separation_is_retried(imaker_env, tmp_pat
                for e in logs)
     assert [e.step_key for e in logs if e.dagster_event is not None
             and e.dagster_event.event_type == DagsterEventType.STEP_UP_FOR_RETRY] == ["stems"]
-    assert (settings.archive_dir / "done" / "job_sepkill").is_dir()
-    assert (settings.stems_dir / "sepkill" / "stems.json").is_file()
+    assert (settings.paths.archive_dir / "done" / "job_sepkill").is_dir()
+    assert (settings.paths.stems_dir / "sepkill" / "stems.json").is_file()
     stop_separator(port)
 
 
@@ -239,16 +239,16 @@ def test_unreachable_service_fails_the_track_with_its_address(imaker_env, source
     port = free_port()
     monkeypatch.setenv("SEPARATOR_URL", f"http://127.0.0.1:{port}")
     settings = load_settings()
-    write_bundle(settings.queue_other, "nosvc", source_m4a)
+    write_bundle(settings.paths.queue_other, "nosvc", source_m4a)
     results: list = []
     _materialize_in_thread("nosvc", results)
     assert not results[0].success
-    assert (settings.working_dir / "job_nosvc").is_dir()   # transient: not archived by a step
+    assert (settings.paths.working_dir / "job_nosvc").is_dir()   # transient: not archived by a step
     # the run is over and will not be retried (a step failure): the sensor settles the drop
     queue_sensor(build_sensor_context(instance=DagsterInstance.get(),
                                       definitions=build_defs(settings),
                                       resources=build_resources(settings)))
-    error = json.loads((settings.archive_dir / "failed" / "job_nosvc" / "error.json").read_text())
+    error = json.loads((settings.paths.archive_dir / "failed" / "job_nosvc" / "error.json").read_text())
     assert error["stage"] == "stems"
     assert f"the separation service at http://127.0.0.1:{port} is not reachable" in error["error"]
 

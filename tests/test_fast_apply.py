@@ -187,31 +187,32 @@ def test_inference_plan_and_settings():
     native = separation.cpu_has_native_bf16()
     assert separation.inference_plan("cpu", None, True, cpu_autocast=None) == (
         1, "bf16" if native else None)
-    assert load_settings({}).demucs_cpu_autocast is None  # auto
-    assert load_settings({"DEMUCS_CPU_AUTOCAST": "auto"}).demucs_cpu_autocast is None
-    assert load_settings({"DEMUCS_CPU_AUTOCAST": "true"}).demucs_cpu_autocast is True
-    assert load_settings({"DEMUCS_CPU_AUTOCAST": "false"}).demucs_cpu_autocast is False
+    assert load_settings({}).separation.cpu_autocast is None  # auto
+    assert load_settings({"DEMUCS_CPU_AUTOCAST": "auto"}).separation.cpu_autocast is None
+    assert load_settings({"DEMUCS_CPU_AUTOCAST": "true"}).separation.cpu_autocast is True
+    assert load_settings({"DEMUCS_CPU_AUTOCAST": "false"}).separation.cpu_autocast is False
     with pytest.raises(separation.SeparationError):
         separation.inference_plan("cpu", -1, True)
-    assert load_settings({}).demucs_batch_size is None
-    assert load_settings({}).demucs_autocast is True
-    assert load_settings({"DEMUCS_BATCH_SIZE": "auto"}).demucs_batch_size is None
-    assert load_settings({"DEMUCS_BATCH_SIZE": "0"}).demucs_batch_size == 0
+    assert load_settings({}).separation.batch_size is None
+    assert load_settings({}).separation.autocast is True
+    assert load_settings({"DEMUCS_BATCH_SIZE": "auto"}).separation.batch_size is None
+    assert load_settings({"DEMUCS_BATCH_SIZE": "0"}).separation.batch_size == 0
     assert load_settings({"DEMUCS_BATCH_SIZE": "16", "DEMUCS_AUTOCAST": "false"}
-                         ).demucs_autocast is False
-    assert load_settings({"DEMUCS_BATCH_SIZE": "16"}).demucs_batch_size == 16
+                         ).separation.autocast is False
+    assert load_settings({"DEMUCS_BATCH_SIZE": "16"}).separation.batch_size == 16
     for bad in ("-2", "many"):
         with pytest.raises(SettingsError):
             load_settings({"DEMUCS_BATCH_SIZE": bad})
 
 
 def test_separator_resource_passes_batch_settings(tmp_path):
-    from resources import SeparatorResource, build_resources
+    from resources import SettingsResource, build_resources
 
     settings = load_settings({"IMAKER_DATA": str(tmp_path), "DEMUCS_BATCH_SIZE": "4",
                               "DEMUCS_AUTOCAST": "0", "DEMUCS_CPU_AUTOCAST": "1"})
-    sep = build_resources(settings)["separator"]
-    assert isinstance(sep, SeparatorResource)
+    resource = build_resources(settings)["settings"]
+    assert isinstance(resource, SettingsResource)
+    sep = resource.get().separation
     assert sep.batch_size == 4 and sep.autocast is False and sep.cpu_autocast is True
 
 

@@ -73,10 +73,10 @@ def test_every_version_is_tagged_for_media_libraries(imaker_env, tmp_path, monke
     monkeypatch.setenv("GENERATE_DRUMS_ONLY_VARIANT", "true")
     settings = load_settings()
     src = _tagged_input(tmp_path / f"in.{fmt}", fmt)
-    write_bundle(settings.queue_other, "tagged", src, title="Back in Black", source_type="local")
+    write_bundle(settings.paths.queue_other, "tagged", src, title="Back in Black", source_type="local")
     result, settings = _materialize("tagged")
     assert result.success
-    out = settings.outputs_dir / "tagged"
+    out = settings.paths.outputs_dir / "tagged"
     manifest = json.loads((out / "manifest.json").read_text())
     arts = {a["variant"]: a for a in manifest["artifacts"]}
     assert sorted(arts) == ["drums_only", "instrumental", "no_drums"]
@@ -112,7 +112,7 @@ def test_every_version_is_tagged_for_media_libraries(imaker_env, tmp_path, monke
     # the input peak and the ReplayGain values in the manifest, the catalog and the UI
     peak = manifest["provenance"]["source"]["input_peak_dbfs"]
     assert isinstance(peak, float) and -20 < peak < 0
-    row = build_catalog(settings.outputs_dir, settings.stems_dir).iloc[0]
+    row = build_catalog(settings.paths.outputs_dir, settings.paths.stems_dir).iloc[0]
     assert row["input_peak_dbfs"] == peak
     assert row["replaygain_db"] == ",".join(
         f"{n}={arts[n]['replaygain_track_gain_db']:+.2f}" for n in ("instrumental", "no_drums",
@@ -129,13 +129,13 @@ def test_a_silent_source_fails_before_separation(imaker_env, tmp_path):
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
                     "sine=frequency=440:sample_rate=44100:duration=3", "-af", "volume=-75dB",
                     str(quiet)], check=True)
-    write_bundle(settings.queue_other, "quiet", quiet)
+    write_bundle(settings.paths.queue_other, "quiet", quiet)
     result, settings = _materialize("quiet")
     assert not result.success
-    error = json.loads((settings.archive_dir / "failed" / "job_quiet" / "error.json").read_text())
+    error = json.loads((settings.paths.archive_dir / "failed" / "job_quiet" / "error.json").read_text())
     assert error["stage"] == "source_audio"
     assert error["error"].startswith("the source is silent: audio.m4a has an RMS level of -")
-    assert not (settings.stems_dir / "quiet").exists()  # the model never ran
+    assert not (settings.paths.stems_dir / "quiet").exists()  # the model never ran
 
 
 def _limited(max_bytes):
@@ -149,20 +149,20 @@ def _limited(max_bytes):
 
 def test_write_errors_name_the_file(imaker_env, source_m4a):
     settings = load_settings()
-    write_bundle(settings.queue_other, "full", source_m4a)
+    write_bundle(settings.paths.queue_other, "full", source_m4a)
     result, settings = _materialize("full", selection=[source_audio, stems])
     assert result.success
-    stems_dir = settings.stems_dir / "full"
+    stems_dir = settings.paths.stems_dir / "full"
     code = f"""
 import sys
 from imaker.pipeline import Library, describe_error, make_variants
-from imaker.settings import OutputOptions, load_settings
+from imaker.settings import Output, load_settings
 from imaker.stemstore import RawStemWriter
 import numpy as np
 s = load_settings()
 lib = Library.from_settings(s)
 try:
-    make_variants(OutputOptions(), lib, "full")
+    make_variants(Output(), lib, "full")
 except Exception as exc:
     print("variants:", describe_error(exc))
 writer = RawStemWriter({str(stems_dir / "retry")!r}, ["drums", "bass"])
@@ -174,12 +174,12 @@ except Exception as exc:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           preexec_fn=_limited(20_000), timeout=300)
     lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
-    out_file = settings.outputs_dir / "full" / "files" / "audio" / "AC_DC - Test Song.m4a"
+    out_file = settings.paths.outputs_dir / "full" / "files" / "audio" / "AC_DC - Test Song.m4a"
     assert "variants" in lines, proc.stdout + proc.stderr
     assert f"cannot encode {out_file.parent}" in lines["variants"]
     assert "killed by SIGXFSZ" in lines["variants"]  # past the file size limit
     assert lines["stems"] == f"OSError: File too large: {stems_dir / 'retry' / '.drums.f32.part'}"
-    assert not [p for p in (settings.outputs_dir / "full").rglob("*") if p.is_file()]
+    assert not [p for p in (settings.paths.outputs_dir / "full").rglob("*") if p.is_file()]
 
 
 @pytest.fixture

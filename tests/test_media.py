@@ -252,14 +252,14 @@ def test_library_page_escapes_quotes_and_sorts_newest_first(tmp_path):
 
 def test_media_settings():
     s = load_settings({})
-    assert (s.media_host, s.media_port, s.media_base_url) == ("127.0.0.1", 8766,
+    assert (s.media.host, s.media.port, s.media.base_url) == ("127.0.0.1", 8766,
                                                               "http://127.0.0.1:8766")
     s = load_settings({"MEDIA_HOST": "0.0.0.0", "MEDIA_PORT": "9000"})
-    assert s.media_base_url == "http://127.0.0.1:9000"      # links: loopback, not 0.0.0.0
+    assert s.media.base_url == "http://127.0.0.1:9000"      # links: loopback, not 0.0.0.0
     s = load_settings({"MEDIA_BASE_URL": "https://music.example/imaker/"})
-    assert s.media_base_url == "https://music.example/imaker"
-    assert media.page_url(s.media_base_url) == "https://music.example/imaker/"
-    assert media.source_url(s.media_base_url, "j") == "https://music.example/imaker/library/j/source.flac"
+    assert s.media.base_url == "https://music.example/imaker"
+    assert media.page_url(s.media.base_url) == "https://music.example/imaker/"
+    assert media.source_url(s.media.base_url, "j") == "https://music.example/imaker/library/j/source.flac"
     for bad in ({"MEDIA_PORT": "0"}, {"MEDIA_PORT": "x"}, {"MEDIA_BASE_URL": "music.example"}):
         with pytest.raises(SettingsError):
             load_settings(bad)

@@ -134,14 +134,14 @@ def test_missing_weights_fail_the_track_at_once_saying_what_to_do(imaker_env, so
     monkeypatch.setenv("DEMUCS_MODEL_REPO", str(empty))
     monkeypatch.setenv("DEMUCS_MODEL", "htdemucs")
     settings = load_settings()
-    write_bundle(settings.queue_other, "nomodel_1", source_m4a)
+    write_bundle(settings.paths.queue_other, "nomodel_1", source_m4a)
     instance = DagsterInstance.get()
     instance.add_dynamic_partitions("tracks", ["nomodel_1"])
     result = materialize(track_assets, partition_key="nomodel_1", instance=instance,
                          resources=build_resources(settings), raise_on_error=False,
                          tags=claim_tags("nomodel_1"))
     assert not result.success
-    error = json.loads((settings.archive_dir / "failed" / "job_nomodel_1" / "error.json")
+    error = json.loads((settings.paths.archive_dir / "failed" / "job_nomodel_1" / "error.json")
                        .read_text())
     assert error["stage"] == "stems"
     assert f"demucs model 'htdemucs' is not in the model repo {empty}" in error["error"]

@@ -38,11 +38,11 @@ def test_three_routes_on_three_backends_then_nothing_to_send(
     monkeypatch.setenv("NAS_SYNC_ENABLED", "true")
     monkeypatch.setenv("NAS_SYNC_CONFIG_PATH", str(config))
     settings = load_settings()
-    folder = write_bundle(settings.queue_youtube_video, "nas_v", source_m4a, video="video.mp4")
+    folder = write_bundle(settings.paths.queue_youtube_video, "nas_v", source_m4a, video="video.mp4")
     make_video(folder / "video.mp4", 3.0)
 
     assert cli.main(["ingest", "--once"]) == 0
-    out = settings.outputs_dir / "nas_v" / "files"
+    out = settings.paths.outputs_dir / "nas_v" / "files"
     assert (local_root / "Instrumental" / "AC_DC - Test Song.m4a").read_bytes() == \
         (out / "audio" / "AC_DC - Test Song.m4a").read_bytes()
     assert (sftp_root / "NoDrums" / "AC_DC - Test Song (no drum).m4a").read_bytes() == \
@@ -50,7 +50,7 @@ def test_three_routes_on_three_backends_then_nothing_to_send(
     s3 = s3_client(s3_server)
     body = s3.get_object(Bucket="acceptance", Key="videos/AC_DC - Test Song.mp4")["Body"].read()
     assert body == (out / "video" / "AC_DC - Test Song.mp4").read_bytes()
-    record = json.loads((settings.outputs_dir / "nas_v" / "sync.json").read_text())
+    record = json.loads((settings.paths.outputs_dir / "nas_v" / "sync.json").read_text())
     assert record["status"] == "ok"
     assert {a["status"] for a in record["artifacts"]} == {"copied"}
     assert {a["backend"] for a in record["artifacts"]} == {"local", "sftp", "s3"}
@@ -58,6 +58,6 @@ def test_three_routes_on_three_backends_then_nothing_to_send(
     again = materialize([nas_copy], partition_key="nas_v", instance=DagsterInstance.get(),
                         resources=build_resources(settings), run_config=QUIET)
     assert again.success
-    record = json.loads((settings.outputs_dir / "nas_v" / "sync.json").read_text())
+    record = json.loads((settings.paths.outputs_dir / "nas_v" / "sync.json").read_text())
     assert record["bytes_sent"] == 0
     assert {a["status"] for a in record["artifacts"]} == {"unchanged"}

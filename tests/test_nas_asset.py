@@ -11,7 +11,6 @@ from imaker.settings import load_settings
 from imaker_assets.assets import track_assets
 from imaker_assets.nas import NAS_RETRY_POLICY, build_nas_copy, nas_copy
 from resources import build_resources
-from resources.nas import NasResource, build_nas_resource
 
 CONFIG = """\
 nasSync:
@@ -26,12 +25,13 @@ nasSync:
 """
 
 
-def _materialize(job_id, assets, nas_resource=None, selection=None):
+def _materialize(job_id, assets, nas=None, selection=None):
     settings = load_settings()
+    settings = settings.replace(nas=nas) if nas else settings
     instance = DagsterInstance.get()
     if not instance.has_dynamic_partition("tracks", job_id):
         instance.add_dynamic_partitions("tracks", [job_id])
-    resources = {**build_resources(settings), "nas": nas_resource or build_nas_resource(settings)}
+    resources = build_resources(settings)
     return materialize(assets, selection=selection, partition_key=job_id, instance=instance,
                        resources=resources, raise_on_error=False,
                        tags=claim_tags(job_id)), settings
@@ -52,10 +52,10 @@ def test_nas_copy_after_a_real_track_then_rerun_copies_nothing(imaker_env, sourc
     monkeypatch.setenv("NAS_SYNC_ENABLED", "true")
     monkeypatch.setenv("NAS_SYNC_CONFIG_PATH", str(cfg))
     settings = load_settings()
-    write_bundle(settings.queue_other, "nas1", source_m4a)
+    write_bundle(settings.paths.queue_other, "nas1", source_m4a)
     result, settings = _materialize("nas1", track_assets + [nas_copy])
     assert result.success
-    out = settings.outputs_dir / "nas1"
+    out = settings.paths.outputs_dir / "nas1"
     man = JobManifest.load(out)
     for art in man.artifacts:
         sub = {"instrumental": "Instrumental", "no_drums": "NoDrums"}[art.variant]
@@ -79,7 +79,7 @@ def test_disabled_nas_sync_skips_with_a_warning_and_the_track_completes(imaker_e
                                                                        monkeypatch):
     monkeypatch.delenv("NAS_SYNC_ENABLED", raising=False)
     settings = load_settings()
-    write_bundle(settings.queue_other, "nas2", source_m4a)
+    write_bundle(settings.paths.queue_other, "nas2", source_m4a)
     result, settings = _materialize("nas2", track_assets + [nas_copy])
     assert result.success
     meta = _nas_materialization(result)
@@ -88,27 +88,27 @@ def test_disabled_nas_sync_skips_with_a_warning_and_the_track_completes(imaker_e
     logs = DagsterInstance.get().all_logs(result.run_id)
     assert any("NAS copy skipped: NAS sync is disabled" in (e.user_message or "") and
                e.level == 30 for e in logs)
-    assert (settings.outputs_dir / "nas2" / "manifest.json").is_file()
-    assert (settings.archive_dir / "done" / "job_nas2").is_dir()
-    assert not (settings.outputs_dir / "nas2" / "sync.json").exists()
+    assert (settings.paths.outputs_dir / "nas2" / "manifest.json").is_file()
+    assert (settings.paths.archive_dir / "done" / "job_nas2").is_dir()
+    assert not (settings.paths.outputs_dir / "nas2" / "sync.json").exists()
 
     # enabled but no config file: skipped too
     result, _ = _materialize("nas2", [nas_copy],
-                             NasResource(enabled=True, config_path=str(settings.data_dir / "no.yaml")))
+                             {"enabled": True, "config_path": str(settings.paths.data_dir / "no.yaml")})
     assert result.success
     assert "no config file at" in _nas_materialization(result)["reason"]
 
 
 def test_unreachable_nas_fails_the_asset_then_a_retry_succeeds(imaker_env, source_m4a, tmp_path):
     settings = load_settings()
-    write_bundle(settings.queue_other, "nas3", source_m4a)
+    write_bundle(settings.paths.queue_other, "nas3", source_m4a)
     assert _materialize("nas3", track_assets)[0].success
-    out = settings.outputs_dir / "nas3"
+    out = settings.paths.outputs_dir / "nas3"
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     nas = tmp_path / "nas"
     cfg = tmp_path / "nas.yaml"
     cfg.write_text(CONFIG.format(nas=nas))
-    resource = NasResource(enabled=True, config_path=str(cfg))
+    resource = {"enabled": True, "config_path": str(cfg)}
     quick = build_nas_copy(retry_policy=RetryPolicy(max_retries=1, delay=0.1))
     result, _ = _materialize("nas3", track_assets + [quick], resource, selection=[quick])
     assert not result.success
@@ -134,17 +134,17 @@ def test_nas_copy_definition():
     assert [d.asset_key.path for d in spec.deps] == [["manifest"]]
     assert nas_copy.partitions_def.name == "tracks"
     assert nas_copy.group_names_by_key[nas_copy.key] == "tracks"
-    assert {"nas", "library"} <= set(nas_copy.required_resource_keys)
+    assert set(nas_copy.required_resource_keys) == {"settings"}
 
 
 def test_invalid_config_fails_without_retry(imaker_env, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("nasSync:\n  routes:\n    - match: {kind: audio}\n")
     settings = load_settings()
-    out = settings.outputs_dir / "cfg1"
+    out = settings.paths.outputs_dir / "cfg1"
     out.mkdir(parents=True)
     result, _ = _materialize("cfg1", track_assets + [nas_copy],
-                             NasResource(enabled=True, config_path=str(cfg)), selection=[nas_copy])
+                             {"enabled": True, "config_path": str(cfg)}, selection=[nas_copy])
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][-1]
     assert "nasSync.routes[0].to: route has no 'to' destination" in \

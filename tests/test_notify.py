@@ -73,10 +73,10 @@ def _dead_port() -> int:
 # ----- settings ------------------------------------------------------------------------
 def test_notify_settings_parse_and_reject_bad_urls():
     s = load_settings({"NOTIFY_URLS": " json://127.0.0.1:9/a,\njsons://h/b?+X-Emby-Token=k  "})
-    assert s.notify_urls == ("json://127.0.0.1:9/a", "jsons://h/b?+X-Emby-Token=k")
-    assert s.notify_on == ("done", "failed")
-    assert load_settings({}).notify_urls == ()
-    assert load_settings({"NOTIFY_ON": "failed"}).notify_on == ("failed",)
+    assert s.notify.urls == ("json://127.0.0.1:9/a", "jsons://h/b?+X-Emby-Token=k")
+    assert s.notify.on == ("done", "failed")
+    assert load_settings({}).notify.urls == ()
+    assert load_settings({"NOTIFY_ON": "failed"}).notify.on == ("failed",)
     with pytest.raises(SettingsError, match="NOTIFY_URLS.*not a valid Apprise URL.*nope://"):
         load_settings({"NOTIFY_URLS": "json://ok/x nope://secret@host"})
     with pytest.raises(SettingsError, match="NOTIFY_URLS"):
@@ -160,7 +160,7 @@ def test_failed_run_notifies_only_when_dagster_will_not_retry_it(
     settings = load_settings()
     defs = build_defs(settings)
     instance = DagsterInstance.get()
-    write_bundle(settings.queue_other, "dies", source_m4a, title="Dead Song")
+    write_bundle(settings.paths.queue_other, "dies", source_m4a, title="Dead Song")
     ctx = build_sensor_context(instance=instance, definitions=defs,
                                resources=build_resources(settings))
     result = queue_sensor(ctx)
@@ -177,7 +177,8 @@ def test_failed_run_notifies_only_when_dagster_will_not_retry_it(
             run.run_id, of_type=DagsterEventType.RUN_FAILURE).records
         notify_failed(build_run_status_sensor_context(
             sensor_name="notify_failed", dagster_event=event.event_log_entry.dagster_event,
-            dagster_instance=instance, dagster_run=run))
+            dagster_instance=instance, dagster_run=run,
+            resources=build_resources(settings)))
         return run
 
     assert dead_run(max_retries=2).tags["dagster/will_retry"] == "true"
@@ -197,7 +198,8 @@ def test_failed_run_notifies_only_when_dagster_will_not_retry_it(
         run.run_id, of_type=DagsterEventType.RUN_CANCELED).records
     notify_canceled(build_run_status_sensor_context(
         sensor_name="notify_canceled", dagster_event=event.event_log_entry.dagster_event,
-        dagster_instance=instance, dagster_run=run))
+        dagster_instance=instance, dagster_run=run,
+            resources=build_resources(settings)))
     assert len(receiver.messages("/hook")) == 2
     assert f"run {run.run_id} was canceled" in receiver.messages("/hook")[1]["message"]
 
@@ -217,17 +219,17 @@ def test_ingest_once_notifies_each_outcome_once_and_a_dead_receiver_does_not_mat
     monkeypatch.setenv("NOTIFY_URLS", f"json://127.0.0.1:{receiver.port}/hook, "
                                       f"json://127.0.0.1:{_dead_port()}/down")
     s = load_settings()
-    write_bundle(s.queue_other, "good", source_m4a, title="Good Song")
+    write_bundle(s.paths.queue_other, "good", source_m4a, title="Good Song")
     junk = tmp_path / "junk.m4a"
     junk.write_bytes(os.urandom(4096))
-    write_bundle(s.queue_other, "bad", junk, title="Bad Song")
+    write_bundle(s.paths.queue_other, "bad", junk, title="Bad Song")
 
     proc = _imaker("ingest", "--once")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
-    assert lines["good"] == str(s.outputs_dir / "good")
+    assert lines["good"] == str(s.paths.outputs_dir / "good")
     assert lines["bad"].startswith("failed: source_audio: ")
-    assert (s.archive_dir / "done" / "job_good").is_dir()
+    assert (s.paths.archive_dir / "done" / "job_good").is_dir()
     assert "not notified" not in proc.stderr
 
     msgs = receiver.messages("/hook")          # already there: the CLI waited for them
@@ -237,14 +239,14 @@ def test_ingest_once_notifies_each_outcome_once_and_a_dead_receiver_does_not_mat
     assert len(done) == 1 and len(failed) == 1, msgs
     assert done[0]["title"] == "Instrumental ready: AC/DC - Good Song"
     assert "Variants: instrumental, no_drums" in done[0]["message"]
-    assert f"Folder: {s.outputs_dir / 'good'}" in done[0]["message"]
+    assert f"Folder: {s.paths.outputs_dir / 'good'}" in done[0]["message"]
     assert failed[0]["title"] == "Instrumental failed: AC/DC - Bad Song"
     assert "at source_audio" in failed[0]["message"]
-    reason = json.loads((s.archive_dir / "failed" / "job_bad" / "error.json").read_text())["error"]
+    reason = json.loads((s.paths.archive_dir / "failed" / "job_bad" / "error.json").read_text())["error"]
     assert f"Reason: {reason}" in failed[0]["message"] and "cannot read audio.m4a" in reason
 
     # the next daemon starts from the sensors' stored cursors: only the new outcome
-    write_bundle(s.queue_other, "bad2", junk, title="Bad Again")
+    write_bundle(s.paths.queue_other, "bad2", junk, title="Bad Again")
     again = _imaker("ingest", "--once")
     assert again.returncode == 1, again.stdout + again.stderr
     msgs = receiver.messages("/hook")

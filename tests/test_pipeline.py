@@ -1,6 +1,7 @@
 """Full materialization of a track partition with real Dagster, demucs code and ffmpeg."""
 
 import json
+from pathlib import Path
 import subprocess
 
 import numpy as np
@@ -32,12 +33,12 @@ def _materialize(job_id, selection=None):
 
 def test_track_materializes_with_contract_names_tags_and_manifest(imaker_env, source_m4a, cover_jpg):
     settings = load_settings()
-    write_bundle(settings.queue_youtube_audio, "yt_abc", source_m4a, cover=cover_jpg,
+    write_bundle(settings.paths.queue_youtube_audio, "yt_abc", source_m4a, cover=cover_jpg,
                  youtube={"video_id": "abc", "url": "https://www.youtube.com/watch?v=abc",
                           "channel": "AC/DC", "duration_online_s": 3.0})
     result, settings = _materialize("yt_abc")
     assert result.success
-    out = settings.outputs_dir / "yt_abc"
+    out = settings.paths.outputs_dir / "yt_abc"
     names = sorted(p.name for p in (out / "files" / "audio").iterdir())
     assert names == ["AC_DC - Test Song (no drum).m4a", "AC_DC - Test Song.m4a"]
 
@@ -59,9 +60,9 @@ def test_track_materializes_with_contract_names_tags_and_manifest(imaker_env, so
         assert bytes(raw.tags["----:com.apple.iTunes:IMAKER_JOB_ID"][0]) == b"yt_abc"
         assert bytes(raw.tags["covr"][0]) == cover_jpg.read_bytes()
     # the bundle is archived, nothing is left in the queue or in working/
-    assert (settings.archive_dir / "done" / "job_yt_abc" / "job.json").is_file()
-    assert list(settings.queue_youtube_audio.iterdir()) == []
-    assert list(settings.working_dir.iterdir()) == []
+    assert (settings.paths.archive_dir / "done" / "job_yt_abc" / "job.json").is_file()
+    assert list(settings.paths.queue_youtube_audio.iterdir()) == []
+    assert list(settings.paths.working_dir.iterdir()) == []
     # no temporary files anywhere in the outputs
     assert not [p for p in out.rglob("*") if ".part" in p.name]
     # the asset metadata users see in the UI
@@ -74,16 +75,16 @@ def test_each_variant_equals_the_sum_of_its_stems(imaker_env, source_m4a, monkey
     monkeypatch.setenv("GENERATE_DRUMS_ONLY_VARIANT", "true")
     monkeypatch.setenv("PRESERVE_STEMS", "true")
     settings = load_settings()
-    write_bundle(settings.queue_other, "sum1", source_m4a, source_type="local")
+    write_bundle(settings.paths.queue_other, "sum1", source_m4a, source_type="local")
     result, settings = _materialize("sum1")
     assert result.success
     stems, meta = load_stems(Library.from_settings(settings), "sum1")
     assert sorted(stems) == ["bass", "drums", "other", "vocals"]
-    man = JobManifest.load(settings.outputs_dir / "sum1")
+    man = JobManifest.load(settings.paths.outputs_dir / "sum1")
     audio_arts = {a.variant: a for a in man.artifacts if a.kind == "audio"}
     assert sorted(audio_arts) == ["drums_only", "instrumental", "no_drums"]
     for name, art in audio_arts.items():
-        got = audio.decode(settings.outputs_dir / "sum1" / art.path, meta["sample_rate"], 2)
+        got = audio.decode(settings.paths.outputs_dir / "sum1" / art.path, meta["sample_rate"], 2)
         expected = sum(stems[s] for s in VARIANTS[name].stems_for(list(stems)))
         expected = expected * 10 ** (art.gain_db / 20)
         assert np.max(np.abs(got - expected)) < 1e-4, name
@@ -96,9 +97,9 @@ def test_each_variant_equals_the_sum_of_its_stems(imaker_env, source_m4a, monkey
 
 def test_adding_a_variant_later_reuses_stored_stems(imaker_env, source_m4a, monkeypatch):
     settings = load_settings()
-    write_bundle(settings.queue_other, "later", source_m4a)
+    write_bundle(settings.paths.queue_other, "later", source_m4a)
     assert _materialize("later")[0].success
-    stems_json = settings.stems_dir / "later" / "stems.json"
+    stems_json = settings.paths.stems_dir / "later" / "stems.json"
     before = stems_json.stat().st_mtime_ns
 
     calls = []
@@ -108,9 +109,9 @@ def test_adding_a_variant_later_reuses_stored_stems(imaker_env, source_m4a, monk
     result, settings = _materialize("later", selection=[variants, manifest])
     assert result.success
     assert calls == [] and stems_json.stat().st_mtime_ns == before
-    files = sorted(p.name for p in (settings.outputs_dir / "later" / "files" / "audio").iterdir())
+    files = sorted(p.name for p in (settings.paths.outputs_dir / "later" / "files" / "audio").iterdir())
     assert "AC_DC - Test Song (drums only).m4a" in files
-    man = JobManifest.load(settings.outputs_dir / "later")
+    man = JobManifest.load(settings.paths.outputs_dir / "later")
     assert "drums_only" in [a.variant for a in man.artifacts]
 
 
@@ -123,17 +124,17 @@ def test_bad_audio_fails_into_failed_with_reason(imaker_env, source_m4a, tmp_pat
     if case == "undecodable":
         junk = tmp_path / "junk.m4a"
         junk.write_bytes(b"\x00garbage" * 1000)
-        write_bundle(settings.queue_other, "bad1", junk)
+        write_bundle(settings.paths.queue_other, "bad1", junk)
     else:
-        write_bundle(settings.queue_other, "bad1", source_m4a,
+        write_bundle(settings.paths.queue_other, "bad1", source_m4a,
                      youtube={"video_id": "x", "url": "https://example.invalid/x",
                               "duration_online_s": 200.0})
     result, settings = _materialize("bad1")
     assert not result.success
-    error = json.loads((settings.archive_dir / "failed" / "job_bad1" / "error.json").read_text())
+    error = json.loads((settings.paths.archive_dir / "failed" / "job_bad1" / "error.json").read_text())
     assert error["job_id"] == "bad1" and error["stage"] == stage and needle in error["error"]
-    assert (settings.archive_dir / "failed" / "job_bad1" / "audio.m4a").is_file()  # nothing lost
-    assert not (settings.outputs_dir / "bad1").exists()
+    assert (settings.paths.archive_dir / "failed" / "job_bad1" / "audio.m4a").is_file()  # nothing lost
+    assert not (settings.paths.outputs_dir / "bad1").exists()
 
 
 def test_separator_loads_through_demucs_repo_once_per_process(model_repo):
@@ -166,12 +167,12 @@ def test_disk_error_in_outputs_fails_the_job_with_reason_and_keeps_the_stems(
     blocker.write_text("a file where the outputs folder should be")
     monkeypatch.setenv("OUTPUTS_DIR", str(blocker / "outputs"))
     settings = load_settings()
-    write_bundle(settings.queue_other, "disk1", source_m4a)
+    write_bundle(settings.paths.queue_other, "disk1", source_m4a)
     result, settings = _materialize("disk1")
     assert not result.success
-    error = json.loads((settings.archive_dir / "failed" / "job_disk1" / "error.json").read_text())
+    error = json.loads((settings.paths.archive_dir / "failed" / "job_disk1" / "error.json").read_text())
     assert error["stage"] == "variants" and "NotADirectoryError" in error["error"]
-    assert (settings.stems_dir / "disk1" / "stems.json").is_file()  # separation is not lost
+    assert (settings.paths.stems_dir / "disk1" / "stems.json").is_file()  # separation is not lost
 
     # once the disk is fixed, `imaker retry` puts the bundle back in its queue (error.json
     # kept as history) and the track is processed again
@@ -179,12 +180,12 @@ def test_disk_error_in_outputs_fails_the_job_with_reason_and_keeps_the_stems(
     from imaker.queues import QueueStore
 
     QueueStore.from_settings(settings).requeue_failed("disk1")
-    assert (settings.queue_other / "job_disk1" / ".imaker" / "history").is_dir()
+    assert (settings.paths.queue_other / "job_disk1" / ".imaker" / "history").is_dir()
     result, settings = _materialize("disk1")
     assert result.success
-    assert (settings.outputs_dir / "disk1" / "manifest.json").is_file()
-    assert (settings.archive_dir / "done" / "job_disk1").is_dir()
-    assert not (settings.archive_dir / "failed" / "job_disk1").exists()
+    assert (settings.paths.outputs_dir / "disk1" / "manifest.json").is_file()
+    assert (settings.paths.archive_dir / "done" / "job_disk1").is_dir()
+    assert not (settings.paths.archive_dir / "failed" / "job_disk1").exists()
 
 
 def _stream_md5(path, stream):
@@ -200,13 +201,13 @@ def test_bundle_with_video_gets_the_instrumental_muxed_into_an_mp4(imaker_env, s
                     "sine=frequency=300:duration=3", "-c:v", "libx264", "-pix_fmt", "yuv420p",
                     "-c:a", "aac", "-shortest", str(video)], check=True)
     settings = load_settings()
-    folder = write_bundle(settings.queue_youtube_video, "vid1", source_m4a, video="video.mp4")
+    folder = write_bundle(settings.paths.queue_youtube_video, "vid1", source_m4a, video="video.mp4")
     import shutil as _sh
 
     _sh.copy(video, folder / "video.mp4")
     result, settings = _materialize("vid1")
     assert result.success
-    out = settings.outputs_dir / "vid1"
+    out = settings.paths.outputs_dir / "vid1"
     mp4 = out / "files" / "video" / "AC_DC - Test Song.mp4"
     info = audio.probe(mp4)
     assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
@@ -229,7 +230,7 @@ def test_outputs_are_readable_by_other_users_and_follow_umask(imaker_env, source
     from imaker.fsutil import apply_umask, current_umask
 
     from dagster_server import free_port
-    from imaker.separator.client import client_from_settings
+    from imaker.separator.client import SeparatorClient
 
     old = current_umask()
     try:
@@ -238,17 +239,17 @@ def test_outputs_are_readable_by_other_users_and_follow_umask(imaker_env, source
             monkeypatch.setenv("UMASK", f"{umask:03o}")
             # the separation service writes the stems: one started with this UMASK
             monkeypatch.setenv("SEPARATOR_PORT", str(free_port()))
-            apply_umask(load_settings().umask)
+            apply_umask(load_settings().paths.umask)
             settings = load_settings()
-            write_bundle(settings.queue_other, job_id, source_m4a)
+            write_bundle(settings.paths.queue_other, job_id, source_m4a)
             assert _materialize(job_id)[0].success
-            roots = [settings.outputs_dir / job_id, settings.library_dir / job_id,
-                     settings.stems_dir / job_id]
+            roots = [settings.paths.outputs_dir / job_id, settings.paths.library_dir / job_id,
+                     settings.paths.stems_dir / job_id]
             for root in roots:
                 for path in [root, *root.rglob("*")]:
                     mode = stat.S_IMODE(path.stat().st_mode)
                     assert mode == (dmode if path.is_dir() else fmode), (path, oct(mode))
-            os.kill(client_from_settings(settings).health()["pid"], 15)
+            os.kill(SeparatorClient.from_settings(settings).health()["pid"], 15)
     finally:
         os.umask(old)
 
@@ -270,7 +271,7 @@ def test_failed_run_re_executed_with_its_drop_moves_the_bundle_to_done(
     blocker.write_text("a file where the outputs folder should be")
     monkeypatch.setenv("OUTPUTS_DIR", str(blocker / "outputs"))
     settings = load_settings()
-    write_bundle(settings.queue_other, "redo1", source_m4a)
+    write_bundle(settings.paths.queue_other, "redo1", source_m4a)
     tags = claim_tags("redo1")
     instance = DagsterInstance.get()
     instance.add_dynamic_partitions("tracks", ["redo1"])
@@ -278,7 +279,7 @@ def test_failed_run_re_executed_with_its_drop_moves_the_bundle_to_done(
     first = materialize(everything, partition_key="redo1", instance=instance,
                         resources=build_resources(settings), raise_on_error=False, tags=tags)
     assert not first.success
-    assert (settings.archive_dir / "failed" / "job_redo1" / "error.json").is_file()
+    assert (settings.paths.archive_dir / "failed" / "job_redo1" / "error.json").is_file()
 
     def status(name):
         return instance.get_status_by_partition(AssetKey(name), ["redo1"], tracks)["redo1"]
@@ -289,9 +290,9 @@ def test_failed_run_re_executed_with_its_drop_moves_the_bundle_to_done(
                         partition_key="redo1", instance=instance,
                         resources=build_resources(settings), raise_on_error=False, tags=tags)
     assert again.success
-    assert (settings.archive_dir / "done" / "job_redo1").is_dir()
-    assert not (settings.archive_dir / "failed" / "job_redo1").exists()
-    assert (settings.outputs_dir / "redo1" / "manifest.json").is_file()
+    assert (settings.paths.archive_dir / "done" / "job_redo1").is_dir()
+    assert not (settings.paths.archive_dir / "failed" / "job_redo1").exists()
+    assert (settings.paths.outputs_dir / "redo1" / "manifest.json").is_file()
     for name in ("source_audio", "stems", "variants", "manifest", "nas_copy"):
         assert status(name) == AssetPartitionStatus.MATERIALIZED, name
     evaluations = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}
@@ -310,7 +311,7 @@ def test_an_input_over_full_scale_is_stored_and_separated_unclipped(imaker_env, 
                     "-ac", "2", "-i", "pipe:0", "-c:a", "pcm_f32le", str(wav)],
                    input=np.ascontiguousarray(loud.T).astype("<f4").tobytes(), check=True)
     settings = load_settings()
-    folder = write_bundle(settings.queue_other, "loud1", None, audio="loud.wav")
+    folder = write_bundle(settings.paths.queue_other, "loud1", None, audio="loud.wav")
     import shutil as _sh
 
     _sh.copy(wav, folder / "loud.wav")
@@ -326,10 +327,53 @@ def test_an_input_over_full_scale_is_stored_and_separated_unclipped(imaker_env, 
     assert snr > 100, snr                                     # not clipped (13.7 dB before)
     source = json.loads((lib.track_dir("loud1") / "source.json").read_text())
     assert abs(source["input_peak"] - 1.5) < 1e-3 and source["scale"] < 0.7
-    man = json.loads((settings.outputs_dir / "loud1" / "manifest.json").read_text())
+    man = json.loads((settings.paths.outputs_dir / "loud1" / "manifest.json").read_text())
     assert abs(man["provenance"]["source"]["input_peak_dbfs"] - 20 * np.log10(1.5)) < 0.01
     # the stems add up to the decoded input (up to the model), and the variants obey the
     # anti-clipping rule: nothing above -1 dBFS
     for art in man["artifacts"]:
-        peak = np.abs(audio.decode(settings.outputs_dir / "loud1" / art["path"], 44100, 2)).max()
+        peak = np.abs(audio.decode(settings.paths.outputs_dir / "loud1" / art["path"], 44100, 2)).max()
         assert peak <= 10 ** (-1 / 20) + 0.02, (art["path"], peak)
+
+
+def test_launchpad_resource_config_overrides_a_setting_for_one_run(imaker_env, source_m4a,
+                                                                    monkeypatch):
+    """The `settings` resource's launchpad config (the run config the UI sends) changes one
+    setting for one run; every other setting keeps the value the code location loaded
+    (here GENERATE_NO_DRUMS_VARIANT=false from the environment, not the model's default)."""
+    from imaker_assets.definitions import build_defs
+
+    monkeypatch.setenv("GENERATE_NO_DRUMS_VARIANT", "false")
+    settings = load_settings()
+    instance = DagsterInstance.get()
+    job = build_defs(settings).resolve_job_def("ingest_track")
+    override = {"resources": {"settings": {"config": {"output": {"audio_format": "flac"}}}}}
+    for job_id, run_config in (("as_loaded", {}), ("overridden", override)):
+        write_bundle(settings.paths.queue_other, job_id, source_m4a)
+        instance.add_dynamic_partitions("tracks", [job_id])
+        result = job.execute_in_process(run_config=run_config, instance=instance,
+                                        partition_key=job_id, tags=claim_tags(job_id),
+                                        raise_on_error=False)
+        assert result.success, job_id
+    audio_dir = settings.paths.outputs_dir / "{}" / "files" / "audio"
+    assert sorted(p.name for p in Path(str(audio_dir).format("as_loaded")).iterdir()) == \
+        ["AC_DC - Test Song.m4a"]
+    assert sorted(p.name for p in Path(str(audio_dir).format("overridden")).iterdir()) == \
+        ["AC_DC - Test Song.flac"]
+    # a value the launchpad's types refuse (Dagster checks the allowed values) ...
+    from dagster import DagsterInvalidConfigError
+
+    write_bundle(settings.paths.queue_other, "bad_override", source_m4a)
+    instance.add_dynamic_partitions("tracks", ["bad_override"])
+    with pytest.raises(DagsterInvalidConfigError, match="audio_format"):
+        job.execute_in_process(
+            run_config={"resources": {"settings": {"config": {"output": {"audio_format": "wav"}}}}},
+            instance=instance, partition_key="bad_override", tags=claim_tags("bad_override"))
+    # ... and one only the settings model refuses: the run fails with its one-line error
+    bad = {"resources": {"settings": {"config": {"separation": {"overlap": 1.5}}}}}
+    result = job.execute_in_process(run_config=bad, instance=instance, partition_key="bad_override",
+                                    tags=claim_tags("bad_override"), raise_on_error=False)
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures and "DEMUCS_OVERLAP=1.5: Input should be less than 1" in \
+        failures[0].step_failure_data.error.to_string()

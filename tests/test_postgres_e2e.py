@@ -192,7 +192,7 @@ def test_sensor_and_track_run_are_stored_in_postgres(postgres_server, pg_instanc
 
     settings = load_settings()
     defs = build_defs(settings)
-    write_bundle(settings.queue_youtube_audio, "pg_song_1", source_m4a)
+    write_bundle(settings.paths.queue_youtube_audio, "pg_song_1", source_m4a)
 
     # --- the sensor tick, and what the daemon does with its partition requests
     ctx = build_sensor_context(instance=instance, definitions=defs,
@@ -212,9 +212,9 @@ def test_sensor_and_track_run_are_stored_in_postgres(postgres_server, pg_instanc
     run = job.execute_in_process(partition_key=req.partition_key, instance=instance,
                                  tags=tags, run_config=QUIET, raise_on_error=False)
     assert run.success, [e.message for e in run.all_events if e.is_failure or e.is_step_failure]
-    manifest = json.loads((settings.outputs_dir / "pg_song_1" / "manifest.json").read_text())
+    manifest = json.loads((settings.paths.outputs_dir / "pg_song_1" / "manifest.json").read_text())
     assert manifest["job_id"] == "pg_song_1"
-    assert (settings.archive_dir / "done" / "job_pg_song_1").is_dir()
+    assert (settings.paths.archive_dir / "done" / "job_pg_song_1").is_dir()
 
     # the sensor now sees nothing new
     again = queue_sensor(build_sensor_context(instance=instance, definitions=defs,

@@ -12,7 +12,7 @@ from imaker.queues import CLAIM_DIR, CLAIM_FILE, ClaimLost, JobNotFound, QueueSt
 def store(tmp_path):
     s = QueueStore({"youtube_audio": tmp_path / "q" / "ya", "youtube_video": tmp_path / "q" / "yv",
                     "other": tmp_path / "q" / "other"},
-                   tmp_path / "working", tmp_path / "archive", max_attempts=2)
+                   tmp_path / "working", tmp_path / "archive")
     s.ensure_dirs()
     return s
 

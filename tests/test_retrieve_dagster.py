@@ -32,8 +32,8 @@ def test_retrieve_job_then_sensor_then_outputs(retr_env, media_server):
     rows = result.output_for_node("retrieve_bundles")
     assert [r["status"] for r in rows] == ["queued"]
     job_id = rows[0]["job_id"]
-    assert bundles(s.queue_youtube_audio) == [f"job_{job_id}"]
-    data = json.loads((s.queue_youtube_audio / f"job_{job_id}" / "job.json").read_text())
+    assert bundles(s.paths.queue_youtube_audio) == [f"job_{job_id}"]
+    data = json.loads((s.paths.queue_youtube_audio / f"job_{job_id}" / "job.json").read_text())
     assert data["retriever"]["dagster_run_id"] == result.run_id
 
     ctx = build_sensor_context(instance=instance, definitions=defs, resources=build_resources(s))
@@ -46,7 +46,7 @@ def test_retrieve_job_then_sensor_then_outputs(retr_env, media_server):
     run = defs.resolve_job_def("ingest_track").execute_in_process(
         partition_key=job_id, instance=instance, tags=tick.run_requests[0].tags)
     assert run.success
-    manifest = json.loads((s.outputs_dir / job_id / "manifest.json").read_text())
+    manifest = json.loads((s.paths.outputs_dir / job_id / "manifest.json").read_text())
     assert manifest["source_type"] == "youtube" and manifest["album"] == "YTDL"
     assert manifest["provenance"]["source"]["url"] == media_server.url("song.m4a")
 
@@ -60,4 +60,4 @@ def test_retrieve_job_fails_when_a_url_fails_but_keeps_the_good_ones(retr_env, m
     assert not result.success
     failure = [e for e in result.all_events if e.is_step_failure][0]
     assert "1 of 2 target(s)" in failure.message or "404" in str(failure.event_specific_data)
-    assert len(bundles(s.queue_youtube_audio)) == 1
+    assert len(bundles(s.paths.queue_youtube_audio)) == 1

@@ -35,14 +35,14 @@ def test_retrieve_both_modes_then_ingest_gives_audio_and_video_outputs(retr_env,
     assert len(jobs) == 2
     video_job = next(j for j in jobs if j.endswith("_video"))
     audio_job = next(j for j in jobs if not j.endswith("_video"))
-    man = json.loads((s.outputs_dir / video_job / "manifest.json").read_text())
+    man = json.loads((s.paths.outputs_dir / video_job / "manifest.json").read_text())
     [video] = [a for a in man["artifacts"] if a["kind"] == "video"]
-    mp4 = s.outputs_dir / video_job / video["path"]
+    mp4 = s.paths.outputs_dir / video_job / video["path"]
     assert video["path"].startswith("files/video/") and video["path"].endswith("Clip Title.mp4")
     info = probe(mp4)
     assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
     assert video["codec"] == "h264+aac"
-    audio_man = json.loads((s.outputs_dir / audio_job / "manifest.json").read_text())
+    audio_man = json.loads((s.paths.outputs_dir / audio_job / "manifest.json").read_text())
     assert {a["variant"] for a in audio_man["artifacts"]} == {"instrumental", "no_drums"}
     assert audio_man["provenance"]["source"]["url"]
 
@@ -60,7 +60,7 @@ def test_import_tagged_tree_then_ingest(retr_env, tmp_path):
     ingest = _imaker("ingest", "--once")
     assert ingest.returncode == 0, ingest.stdout + ingest.stderr
     titles = set()
-    for man_path in s.outputs_dir.glob("*/manifest.json"):
+    for man_path in s.paths.outputs_dir.glob("*/manifest.json"):
         man = json.loads(man_path.read_text())
         titles.add((man["artist"], man["album"], man["title"]))
     assert titles == {("Tagged Artist", "Tagged Album", "Tagged Title"),

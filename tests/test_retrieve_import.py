@@ -59,7 +59,7 @@ def test_import_tagged_tree(retr_env, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count(": queued local_") == 4 and "broken.mp3: rejected" in out, out
     s = load_settings()
-    got = _by_title(s.queue_other)
+    got = _by_title(s.paths.queue_other)
     assert set(got) == {"Tagged Title", "M4A Song", "Flac Song", "Hells Bells"}
     assert (got["Tagged Title"].artist, got["Tagged Title"].album) == ("Tagged Artist", "Tagged Album")
     # no album tag, and y/b.m4a is no Artist/Album/Title path: no album
@@ -77,7 +77,7 @@ def test_import_tagged_tree(retr_env, tmp_path, capsys):
     # the same files again: duplicates, nothing new
     assert cli_main(["import", str(root / "x"), str(root / "z" / "c.flac")]) == 0
     assert capsys.readouterr().out.count("duplicate") == 2
-    assert len(bundles(s.queue_other)) == 4
+    assert len(bundles(s.paths.queue_other)) == 4
 
 
 def test_import_single_file_uses_its_folders_and_move(retr_env, tmp_path, capsys):
@@ -85,7 +85,7 @@ def test_import_single_file_uses_its_folders_and_move(retr_env, tmp_path, capsys
     other = make_audio(tmp_path / "incoming" / "Artist X - Title Y.m4a", 1.5, freq=300)
     assert cli_main(["import", "--move", str(src), str(other)]) == 0
     s = load_settings()
-    got = _by_title(s.queue_other)
+    got = _by_title(s.paths.queue_other)
     assert (got["Song Name"].artist, got["Song Name"].album) == ("Some Band", "Some Album")
     assert got["Title Y"].artist == "Artist X"
     assert not src.exists() and not other.exists()  # --move: the drop-folder behaviour

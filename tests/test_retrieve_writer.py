@@ -141,7 +141,7 @@ def test_entry_point_plugin_is_listed_and_runs(imaker_env, tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "queued echo_song.m4a" in out
     s = load_settings()
-    assert JobBundle.load(s.queue_other / "job_echo_song.m4a").source_type == "echo"
+    assert JobBundle.load(s.paths.queue_other / "job_echo_song.m4a").source_type == "echo"
     assert cli_main(["retrieve", "echo", str(src)]) == 0  # duplicate: fine, exit 0
     assert "duplicate" in capsys.readouterr().out
     assert cli_main(["retrieve", "broken", "x"]) == 2

@@ -35,8 +35,8 @@ def test_audio_mode_page_with_duration_tags_cover_and_youtube_block(retr_env, me
                                                    author="AC/DC Channel"))
     outcomes = run_retriever("youtube", [url], s, options={"mode": "audio"})
     assert [o.status for o in outcomes] == ["queued"], [o.line() for o in outcomes]
-    b = _only(s.queue_youtube_audio)
-    assert bundles(s.queue_youtube_video) == []
+    b = _only(s.paths.queue_youtube_audio)
+    assert bundles(s.paths.queue_youtube_video) == []
     assert b.job_id.startswith("yt_generic_song_") and b.source_type == "youtube"
     assert (b.title, b.artist, b.album) == ("Back in Black", "AC/DC Channel", "YTDL")
     yt = json.loads((b.root / "job.json").read_text())["youtube"]
@@ -50,15 +50,15 @@ def test_audio_mode_page_with_duration_tags_cover_and_youtube_block(retr_env, me
     assert b.cover == "cover.jpg" and b.media_path("cover").read_bytes()[:3] == b"\xff\xd8\xff"
     assert probe(b.media_path("audio"))["audio"]["codec"] == "aac"
     # nothing left behind: no .tmp, no staging files
-    assert [p.name for p in s.queue_youtube_audio.iterdir() if p.name.endswith(".tmp")] == []
-    assert list((s.data_dir / "retrievers" / "staging").iterdir()) == []
+    assert [p.name for p in s.paths.queue_youtube_audio.iterdir() if p.name.endswith(".tmp")] == []
+    assert list((s.paths.data_dir / "retrievers" / "staging").iterdir()) == []
 
 
 def test_direct_url_has_no_online_duration_and_says_so(retr_env, media_server):
     s = load_settings()
     outcomes = run_retriever("youtube", [media_server.url("other.m4a")], s)  # YTDL_MODE=audio
     assert [o.status for o in outcomes] == ["queued"]
-    b = _only(s.queue_youtube_audio)
+    b = _only(s.paths.queue_youtube_audio)
     yt = b.youtube.to_dict()
     assert yt["duration_online_s"] is None and yt["duration_verified"] is False
     assert "no duration" in yt["duration_check"]
@@ -73,8 +73,8 @@ def test_duration_mismatch_is_rejected_and_writes_nothing(retr_env, media_server
     outcomes = run_retriever("youtube", [url], s)
     assert len(outcomes) == 1 and outcomes[0].status == "rejected"
     assert "duration mismatch" in outcomes[0].message and "60.00" in outcomes[0].message
-    assert bundles(s.queue_youtube_audio) == [] and bundles(s.queue_youtube_video) == []
-    assert list((s.data_dir / "retrievers" / "staging").iterdir()) == []
+    assert bundles(s.paths.queue_youtube_audio) == [] and bundles(s.paths.queue_youtube_video) == []
+    assert list((s.paths.data_dir / "retrievers" / "staging").iterdir()) == []
 
 
 def test_duration_within_percent_tolerance(retr_env, media_server, monkeypatch):
@@ -98,8 +98,8 @@ def test_video_mode_routes_to_video_queue_with_mp4_and_audio(retr_env, media_ser
                                                    name="Clip", duration_s=4))
     outcomes = run_retriever("youtube", [url], s, options={"mode": "video"})
     assert [o.status for o in outcomes] == ["queued"]
-    assert bundles(s.queue_youtube_audio) == []
-    b = _only(s.queue_youtube_video)
+    assert bundles(s.paths.queue_youtube_audio) == []
+    b = _only(s.paths.queue_youtube_video)
     assert b.job_id.endswith("_video") and b.video == "video.mp4" and b.audio == "audio.m4a"
     v = probe(b.media_path("video"))
     assert v["video"]["codec"] == "h264" and v["audio"] is not None
@@ -117,10 +117,10 @@ def test_both_mode_playlist_one_bundle_per_entry(retr_env, media_server):
     # audio-only entry: audio bundle + skipped video; video entry: both bundles
     assert by == [("queued", "youtube_audio"), ("skipped", None),
                   ("queued", "youtube_audio"), ("queued", "youtube_video")], by
-    audio = [JobBundle.load(s.queue_youtube_audio / n) for n in bundles(s.queue_youtube_audio)]
+    audio = [JobBundle.load(s.paths.queue_youtube_audio / n) for n in bundles(s.paths.queue_youtube_audio)]
     assert sorted(b.title for b in audio) == ["First", "Second"]
     assert all(b.youtube.duration_online_s == 4 for b in audio)
-    video = _only(s.queue_youtube_video)
+    video = _only(s.paths.queue_youtube_video)
     assert video.title == "Second" and probe(video.media_path("video"))["video"] is not None
 
 
@@ -131,7 +131,7 @@ def test_failing_url_among_good_ones_and_duplicates(retr_env, media_server):
     out = run_retriever("youtube", [missing, good, "not a url at all"], s)
     assert [o.status for o in out] == ["failed", "queued", "failed"], [o.line() for o in out]
     assert "404" in out[0].message
-    assert len(bundles(s.queue_youtube_audio)) == 1
+    assert len(bundles(s.paths.queue_youtube_audio)) == 1
     # the same source again: a duplicate, nothing downloaded or written
     again = run_retriever("youtube", [good], s)
     assert [o.status for o in again] == ["duplicate"] and again[0].job_id == out[1].job_id
@@ -139,7 +139,7 @@ def test_failing_url_among_good_ones_and_duplicates(retr_env, media_server):
     forced = run_retriever("youtube", [good], s, force=True)
     assert forced[0].status == "duplicate" and "already waiting" in forced[0].message
     # once the processor took it, --force queues it again
-    (s.queue_youtube_audio / f"job_{out[1].job_id}").rename(s.data_dir / "taken")
+    (s.paths.queue_youtube_audio / f"job_{out[1].job_id}").rename(s.paths.data_dir / "taken")
     assert run_retriever("youtube", [good], s)[0].status == "duplicate"
     assert run_retriever("youtube", [good], s, force=True)[0].status == "queued"
 
@@ -154,7 +154,7 @@ def test_cli_retrieve_youtube_subprocess(retr_env, media_server):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and ": queued yt_generic_song_" in lines[0]
     assert "failed:" in lines[1] and "404" in lines[1]
-    assert len(bundles(s.queue_youtube_audio)) == 1
+    assert len(bundles(s.paths.queue_youtube_audio)) == 1
     listing = subprocess.run([sys.executable, "-m", "imaker.retrievers.cli", "retrieve", "--list"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert listing.returncode == 0

@@ -37,8 +37,8 @@ def test_new_bundle_is_claimed_and_gets_one_run_tmp_ignored(imaker_env, source_m
     defs = build_defs(settings)
     instance = DagsterInstance.get()
     store = QueueStore.from_settings(settings)
-    write_bundle(settings.queue_youtube_audio, "yt_1", source_m4a)
-    (settings.queue_youtube_audio / "job_yt_2.tmp").mkdir()   # still being written
+    write_bundle(settings.paths.queue_youtube_audio, "yt_1", source_m4a)
+    (settings.paths.queue_youtube_audio / "job_yt_2.tmp").mkdir()   # still being written
 
     result = _tick(instance, defs)
     assert isinstance(result, SensorResult)
@@ -52,7 +52,7 @@ def test_new_bundle_is_claimed_and_gets_one_run_tmp_ignored(imaker_env, source_m
     [add] = result.dynamic_partitions_requests
     assert add.partitions_def_name == "tracks" and list(add.partition_keys) == ["yt_1"]
     _apply(instance, result)
-    assert (settings.queue_youtube_audio / "job_yt_2.tmp").is_dir()  # untouched
+    assert (settings.paths.queue_youtube_audio / "job_yt_2.tmp").is_dir()  # untouched
 
     # the daemon died before creating the run: the next tick asks again with the same run
     # key (Dagster creates a run key once), never for a second drop
@@ -64,7 +64,7 @@ def test_new_bundle_is_claimed_and_gets_one_run_tmp_ignored(imaker_env, source_m
     assert isinstance(_tick(instance, defs), SkipReason)
 
     # dropped again later: a new drop, a new run key; the partition is not added twice
-    write_bundle(settings.queue_youtube_audio, "yt_1", source_m4a)
+    write_bundle(settings.paths.queue_youtube_audio, "yt_1", source_m4a)
     third = _tick(instance, defs)
     [req3] = third.run_requests
     assert req3.run_key != req.run_key and third.dynamic_partitions_requests == []
@@ -77,7 +77,7 @@ def test_bounded_per_tick_in_arrival_order(imaker_env, source_m4a, monkeypatch):
     instance = DagsterInstance.get()
     assert isinstance(_tick(instance, defs), SkipReason)
     for i in range(5):
-        write_bundle(settings.queue_other, f"b{i}", source_m4a)
+        write_bundle(settings.paths.queue_other, f"b{i}", source_m4a)
     store = QueueStore.from_settings(settings)
     claimed = []
     for expected in (2, 4, 5):
@@ -92,11 +92,11 @@ def test_invalid_folder_is_rejected_to_failed(imaker_env, source_m4a):
     settings = load_settings()
     defs = build_defs(settings)
     instance = DagsterInstance.get()
-    settings.queue_other.mkdir(parents=True)
-    (settings.queue_other / "job_a|b").mkdir()
+    settings.paths.queue_other.mkdir(parents=True)
+    (settings.paths.queue_other / "job_a|b").mkdir()
     result = _tick(instance, defs)
     assert isinstance(result, SkipReason)
-    error = json.loads((settings.archive_dir / "failed" / "job_a_b" / "error.json").read_text())
+    error = json.loads((settings.paths.archive_dir / "failed" / "job_a_b" / "error.json").read_text())
     assert "job_<id>" in error["error"] and error["stage"] == "queue"
 
 
@@ -107,7 +107,7 @@ def test_a_fifo_job_json_fails_at_once_without_blocking_the_tick(imaker_env, sou
     settings = load_settings()
     defs = build_defs(settings)
     instance = DagsterInstance.get()
-    folder = write_bundle(settings.queue_other, "fifo1", source_m4a)
+    folder = write_bundle(settings.paths.queue_other, "fifo1", source_m4a)
     (folder / "job.json").unlink()
     os.mkfifo(folder / "job.json")
     start = time.monotonic()
@@ -115,7 +115,7 @@ def test_a_fifo_job_json_fails_at_once_without_blocking_the_tick(imaker_env, sou
     _apply(instance, _tick(instance, defs))
     result = _execute(instance, defs, req)
     assert not result.success and time.monotonic() - start < 60
-    error = json.loads((settings.archive_dir / "failed" / "job_fifo1" / "error.json").read_text())
+    error = json.loads((settings.paths.archive_dir / "failed" / "job_fifo1" / "error.json").read_text())
     assert error["stage"] == "source_audio" and "not a regular file" in error["error"]
 
 
@@ -126,7 +126,7 @@ def test_a_drop_whose_last_run_died_goes_to_failed_with_the_reason(imaker_env, s
     defs = build_defs(settings)
     instance = DagsterInstance.get()
     store = QueueStore.from_settings(settings)
-    write_bundle(settings.queue_other, "dies", source_m4a)
+    write_bundle(settings.paths.queue_other, "dies", source_m4a)
     result = _tick(instance, defs)
     _apply(instance, result)
     [req] = result.run_requests
@@ -150,7 +150,7 @@ def test_a_drop_whose_last_run_died_goes_to_failed_with_the_reason(imaker_env, s
     error = json.loads((store.failed_dir / "job_dies" / "error.json").read_text())
     assert error["stage"] == "run" and "exit code -9" in error["error"]
     assert "after 2 attempts" in error["error"]
-    assert list(settings.working_dir.iterdir()) == []
+    assert list(settings.paths.working_dir.iterdir()) == []
 
 
 def test_a_failed_blocking_check_keeps_the_track_out_of_done_with_its_reason(
@@ -164,8 +164,8 @@ def test_a_failed_blocking_check_keeps_the_track_out_of_done_with_its_reason(
 
     real_variants = pipeline.make_variants
 
-    def silencing_variants(options, lib, job_id):
-        meta = real_variants(options, lib, job_id)
+    def silencing_variants(options, lib, job_id, *extra):
+        meta = real_variants(options, lib, job_id, *extra)
         path = lib.output_dir(job_id) / meta["artifacts"][0]["path"]
         frames = audio.decode(path, 44100, 2).shape[1]
         audio.encode(np.zeros((2, frames), np.float32), 44100, path, "m4a")
@@ -175,14 +175,14 @@ def test_a_failed_blocking_check_keeps_the_track_out_of_done_with_its_reason(
     settings = load_settings()
     defs = build_defs(settings)
     instance = DagsterInstance.get()
-    write_bundle(settings.queue_other, "quiet", source_m4a)
+    write_bundle(settings.paths.queue_other, "quiet", source_m4a)
     result = _tick(instance, defs)
     _apply(instance, result)
     run = _execute(instance, defs, result.run_requests[0])
     assert not run.success
-    assert not (settings.outputs_dir / "quiet" / "manifest.json").exists()
+    assert not (settings.paths.outputs_dir / "quiet" / "manifest.json").exists()
     _tick(instance, defs)
-    error = json.loads((settings.archive_dir / "failed" / "job_quiet" / "error.json").read_text())
+    error = json.loads((settings.paths.archive_dir / "failed" / "job_quiet" / "error.json").read_text())
     assert error["stage"] == "checks"
     assert "variants_are_not_silent" in error["error"] and "silent" in error["error"]
-    assert not (settings.archive_dir / "done" / "job_quiet").exists()
+    assert not (settings.paths.archive_dir / "done" / "job_quiet").exists()

@@ -46,29 +46,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[1]))
 
 
-def run(args: argparse.Namespace, out=None) -> int:
+def run(args: argparse.Namespace, settings=None, out=None) -> int:
     """Handler: 0 when everything synced (or sync is disabled), 1 when a job failed,
-    2 for a bad configuration."""
-    from ..settings import SettingsError, load_settings
-
+    2 for a bad configuration. ``settings``: as ``imaker`` loaded them (and applied their
+    ``UMASK``); None: read here, and ``UMASK`` applied here."""
     out = out or sys.stdout
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if settings is None:
+        from ..fsutil import apply_umask
+        from ..settings import SettingsError, load_settings
+
+        try:
+            settings = load_settings()
+        except SettingsError as exc:
+            print(f"imaker nas-sync: {exc}", file=sys.stderr)
+            return 2
+        apply_umask(settings.paths.umask)
+    enabled = settings.nas.enabled or args.config is not None
     try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(f"imaker nas-sync: {exc}", file=sys.stderr)
-        return 2
-    enabled = settings.nas_sync_enabled or args.config is not None
-    try:
-        config, reason = resolve_config(enabled, args.config or settings.nas_sync_config_path)
+        config, reason = resolve_config(enabled, args.config or settings.nas.config_path)
     except NasConfigError as exc:
         print(f"imaker nas-sync: {exc}", file=sys.stderr)
         return 2
     if config is None:
         print(f"warning: {reason}; nothing to do", file=out, flush=True)
         return 0
-    outputs = args.outputs or settings.outputs_dir
+    outputs = args.outputs or settings.paths.outputs_dir
     if not args.watch:
         results = sync_all(outputs, config, once=True, force=args.force, log=log)
         for res in results:

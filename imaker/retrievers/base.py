@@ -97,7 +97,7 @@ class RetrieveContext:
 
     @property
     def state_dir(self) -> Path:
-        return self.settings.data_dir / "retrievers"
+        return self.settings.paths.data_dir / "retrievers"
 
     @property
     def writer(self) -> BundleWriter:
@@ -107,10 +107,10 @@ class RetrieveContext:
 
     def queue_dir(self, queue: str) -> Path:
         try:
-            return self.settings.queues[queue]
+            return self.settings.paths.queues[queue]
         except KeyError:
             raise RetrieverError(f"unknown queue {queue!r}; one of "
-                                 f"{', '.join(self.settings.queues)}") from None
+                                 f"{', '.join(self.settings.paths.queues)}") from None
 
 
 class Retriever:

@@ -10,7 +10,6 @@ unless forced.
 
 from __future__ import annotations
 
-import os
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Iterator
@@ -101,7 +100,8 @@ class DeezerRetriever(Retriever):
     def _login(self):
         Deezer, *_ = _deemix()
         if self._dz is None:
-            arl = (self.arl or os.environ.get("DEEZER_ARL") or "").strip().strip('"\'')
+            secret = self.ctx.settings.retrievers.deezer_arl
+            arl = (self.arl or (secret.get_secret_value() if secret else "")).strip()
             if not arl:
                 raise RetrieverError("set DEEZER_ARL to the arl cookie of a logged-in "
                                      "deezer.com session")

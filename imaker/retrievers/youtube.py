@@ -98,11 +98,11 @@ class YouTubeRetriever(Retriever):
                  ydl_opts: dict | None = None):
         super().__init__(ctx)
         s = ctx.settings
-        self.mode = (mode or s.ytdl_mode).lower()
+        self.mode = (mode or s.retrievers.ytdl_mode).lower()
         if self.mode not in MODES:
             raise RetrieverError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        self.audio_format = (audio_format or s.ytdl_audio_format).lower()
-        self.tol_sec, self.tol_pct = s.ytdl_duration_tol_sec, s.ytdl_duration_tol_pct
+        self.audio_format = (audio_format or s.retrievers.ytdl_audio_format).lower()
+        self.tol_sec, self.tol_pct = s.retrievers.ytdl_duration_tol_sec, s.retrievers.ytdl_duration_tol_pct
         self.extra_opts = dict(ydl_opts or {})
 
     @property

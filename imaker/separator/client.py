@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..pipeline import StageError, TransientError
+from ..settings import Separation, Settings
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0  # the service sends a line at least every 5 s while it works
@@ -37,9 +38,13 @@ class ServiceUnavailable(TransientError):
 class SeparatorClient:
     url: str | None  # None: the auto-started loopback service on ``port``
     port: int = 8765
-    model: dict = field(default_factory=dict)  # name, repo, device
-    options: dict = field(default_factory=dict)  # segment, overlap, shifts, ...
+    separation: Separation = field(default_factory=Separation)  # sent with every request
     concurrency: int | None = None  # for an auto-started service
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "SeparatorClient":
+        return cls(settings.service.url, settings.service.port, settings.separation,
+                   settings.service.concurrency)
 
     @property
     def address(self) -> str:
@@ -103,7 +108,7 @@ class SeparatorClient:
         self.ensure_running()
         body = json.dumps({"job_id": job_id, "source": str(Path(source).resolve()),
                            "stems_dir": str(Path(stems_dir).resolve()),
-                           "model": self.model, "options": self.options}).encode()
+                           "separation": self.separation.model_dump(mode="json")}).encode()
         conn = self._conn(CONNECT_TIMEOUT_S)
         where = f"the separation service at {self.address}"
         try:
@@ -148,17 +153,3 @@ class SeparatorClient:
                     raise StageError(f"separation failed on {self.address}: {event.get('message')}")
         finally:
             conn.close()
-
-
-def client_from_settings(settings) -> SeparatorClient:
-    return SeparatorClient(
-        url=settings.separator_url, port=settings.separator_port,
-        model={"name": settings.demucs_model,
-               "repo": str(settings.demucs_model_repo) if settings.demucs_model_repo else None,
-               "device": settings.demucs_device},
-        options={"segment": settings.demucs_segment, "overlap": settings.demucs_overlap,
-                 "shifts": settings.demucs_shifts, "batch_size": settings.demucs_batch_size,
-                 "autocast": settings.demucs_autocast,
-                 "cpu_autocast": settings.demucs_cpu_autocast,
-                 "backend": settings.demucs_backend},
-        concurrency=settings.separator_concurrency)

@@ -1,7 +1,7 @@
 """The separation service (``imaker separator serve``).
 
     GET  /health      {"status": "ok", "version", "device", "active", "concurrency", "models"}
-    POST /separate    {"job_id", "source", "stems_dir", "model": {...}, "options": {...}}
+    POST /separate    {"job_id", "source", "stems_dir", "separation": {...}}
                       -> NDJSON lines: {"event": "accepted"|"waiting"|"progress"|"done"|"error"}
 
 A request names the stored source (``library/<job_id>/source.flac``) and the stems folder
@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import numpy as np
@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .. import pipeline, separation
+from ..settings import Separation
 
 log = logging.getLogger(__name__)
 
@@ -52,39 +53,22 @@ CUDA_CONCURRENCY = 2
 CROSS_BATCH_ITEMS = 16
 
 
-class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = "htdemucs"
-    repo: str | None = None
-    device: str = "auto"
-
-
-class Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    segment: float | None = None
-    overlap: float = Field(0.25, ge=0, lt=1)
-    shifts: int = Field(1, ge=0)
-    batch_size: int | None = Field(None, ge=0)
-    autocast: bool = True
-    cpu_autocast: bool | None = None
-    backend: Literal["auto", "torch", "onnx", "openvino", "aoti"] = "auto"
-
-
 class SeparateRequest(BaseModel):
+    """A separation: the stored source, the stems folder, and the run's ``separation``
+    settings group (``imaker.settings.Separation``: model, repo, device, windowing,
+    precision, backend) as it is, so a setting added there reaches the service as is."""
     model_config = ConfigDict(extra="forbid")
     job_id: str = Field(min_length=1, max_length=128)
     source: str
     stems_dir: str
-    model: ModelSpec = ModelSpec()
-    options: Options = Options()
+    separation: Separation = Field(default_factory=Separation)
 
 
 class Preload(BaseModel):
-    """What ``serve --preload`` readies before the service answers: the model, and the
-    settings' options, with which one short separation converts and compiles the backend."""
+    """What ``serve --preload`` readies before the service answers: the settings' model,
+    with which one short separation converts and compiles the backend."""
     model_config = ConfigDict(extra="forbid")
-    model: ModelSpec = ModelSpec()
-    options: Options = Options()
+    separation: Separation = Field(default_factory=Separation)
 
 
 class Cancelled(Exception):
@@ -96,13 +80,12 @@ class _Separator:
 
     def __init__(self, service: "Service", req: SeparateRequest, cancel: threading.Event):
         self.service, self.req, self.cancel = service, req, cancel
-        self.segment, self.overlap = req.options.segment, req.options.overlap
-        self.shifts = req.options.shifts
+        o = req.separation
+        self.segment, self.overlap, self.shifts = o.segment, o.overlap, o.shifts
 
     def load(self) -> separation.LoadedModel:
-        spec = self.req.model
-        return separation.load_model(spec.name, Path(spec.repo) if spec.repo else None,
-                                     spec.device)
+        o = self.req.separation
+        return separation.load_model(o.model, o.model_repo, o.device)
 
     def threads(self) -> int:
         if self.cancel.is_set():
@@ -110,7 +93,7 @@ class _Separator:
         return max(1, self.service.cores // max(1, self.service.active))
 
     def separate(self, wav, *, sink=None, inplace=False):
-        o = self.req.options
+        o = self.req.separation
         loaded = self.load()
         return separation.separate(loaded, wav, segment=o.segment, overlap=o.overlap,
                                    shifts=o.shifts, batch_size=o.batch_size,
@@ -150,7 +133,7 @@ class Service:
         from ..settings import SettingsError, load_settings
 
         try:
-            setting = load_settings().demucs_backend
+            setting = load_settings().separation.backend
         except SettingsError:
             setting = "auto"
         if backends.cpu_runs_one_at_a_time(setting):
@@ -267,9 +250,8 @@ class Service:
             asyncio.get_running_loop().create_task(self._idle_watch())
 
     def _warm_up(self, preload: Preload) -> None:
-        spec, o = preload.model, preload.options
-        loaded = separation.load_model(spec.name, Path(spec.repo) if spec.repo else None,
-                                       spec.device)
+        o = preload.separation
+        loaded = separation.load_model(o.model, o.model_repo, o.device)
         # one second of noise through the path the first track takes: a converted backend
         # is compiled now (OpenVINO on 2 cores: 1.2 s for htdemucs' 7.8 s segment, 9-10 s for a
         # 10 s one; its blob cache does not save that on the CPU) instead of in that

@@ -14,8 +14,8 @@ if _JOB:
 
     _real_make_variants = pipeline.make_variants
 
-    def _truncating_make_variants(options, lib, job_id):
-        meta = _real_make_variants(options, lib, job_id)
+    def _truncating_make_variants(options, lib, job_id, *extra):
+        meta = _real_make_variants(options, lib, job_id, *extra)
         if job_id == _JOB:
             path = lib.output_dir(job_id) / meta["artifacts"][0]["path"]
             cut = path.with_name(".cut" + path.suffix)
