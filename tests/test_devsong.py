@@ -148,11 +148,11 @@ def test_a_generated_song_through_the_whole_pipeline(imaker_env, tmp_path):
     seconds = 10.0
     folder = devsong.generate(tmp_path / "songs", seed=2, seconds=seconds)[0]
     settings = load_settings()
-    devsong.queue_song(folder, settings.queue_other, title="Generated", artist="Dev Song")
+    devsong.queue_song(folder, settings.paths.queue_other, title="Generated", artist="Dev Song")
     job_id = folder.name
     result, settings = _materialize(job_id)
     assert result.success
-    out = settings.outputs_dir / job_id
+    out = settings.paths.outputs_dir / job_id
     data = json.loads((out / "manifest.json").read_text())
     assert schema_errors("manifest", data) == []
     assert abs(data["provenance"]["source"]["duration_s"] - seconds) <= 0.05
@@ -165,7 +165,7 @@ def test_a_generated_song_through_the_whole_pipeline(imaker_env, tmp_path):
         assert abs(audio.probe(path)["duration_s"] - seconds) <= 0.05
     # the stored source is the generated mixture (FLAC bundle: lossless up to 24 bits)
     mixture = devsong.read_wav(folder / "mixture.wav")[0]
-    source = audio.decode(settings.library_dir / job_id / "source.flac", SR, 2).T
+    source = audio.decode(settings.paths.library_dir / job_id / "source.flac", SR, 2).T
     assert source.shape == mixture.shape
     assert np.max(np.abs(source - mixture)) < 1e-4
-    assert (settings.archive_dir / "done" / f"job_{job_id}" / "job.json").is_file()
+    assert (settings.paths.archive_dir / "done" / f"job_{job_id}" / "job.json").is_file()
