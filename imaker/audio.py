@@ -273,10 +273,6 @@ def encode(audio: np.ndarray, samplerate: int, dest: Path, fmt: str, bitrate: st
     return Path(dest)
 
 
-def codec_name(fmt: str) -> str:
-    return FORMATS[fmt][2]
-
-
 def extension(fmt: str) -> str:
     return FORMATS[fmt][0]
 

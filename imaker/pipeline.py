@@ -305,14 +305,6 @@ def separate_stems(lib: Library, job_id: str, client) -> dict:
     return client.separate(job_id, source, lib.stem_dir(job_id))
 
 
-def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
-    meta = lib.read_json(job_id, "stems.json", stems=True)
-    folder = lib.stem_dir(job_id)
-    stems = {name: audio_mod.decode(folder / f"{name}.flac", meta["sample_rate"], meta["channels"])
-             / meta["scale"] for name in meta["sources"]}
-    return stems, meta
-
-
 # ----- stage 3: variants ----------------------------------------------------------------
 def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
     """Mix every selected variant from the stored stems, encode, tag, publish."""
@@ -346,7 +338,7 @@ def make_variants(options: OutputOptions, lib: Library, job_id: str) -> dict:
                                           measure=True)
         for name in names}
     # streamed in chunks (two passes over the stems: peaks, then mix + encode), every
-    # variant's ffmpeg encoding at once; the same audio and gain as ``mix`` of load_stems
+    # variant's ffmpeg encoding at once (tests/oracles.py: the same as mixing the whole track)
     gains = stream_mix(stem_files, encoders, samplerate=rate, channels=channels,
                        scale=stems_meta["scale"])
     records = []
