@@ -15,6 +15,7 @@ from imaker import analysis, media, pipeline
 from resources import LibraryResource, QueueResource, SeparatorResource
 
 from .partitions import tracks
+from .versions import CODE_VERSIONS as _VERSIONS
 
 GROUP = "tracks"
 #: run tag naming the drop (the claim in working/) a run processes; runs started from the
@@ -37,7 +38,8 @@ def _stage(context: AssetExecutionContext, queues: QueueResource, stage: str):
         yield store
 
 
-@asset(partitions_def=tracks, group_name=GROUP, code_version="1", kinds={"ffmpeg", "audio"},
+@asset(partitions_def=tracks, group_name=GROUP, code_version=_VERSIONS["source_audio"],
+       kinds={"ffmpeg", "audio"},
        description="The bundle's audio, validated and decoded to 44.1 kHz stereo FLAC in the "
                    "track library. Claims the bundle from its queue. Its data version is the "
                    "sha256 of the input file, so a changed source marks the track stale.")
@@ -68,7 +70,8 @@ def source_audio(context: AssetExecutionContext, queues: QueueResource,
         data_version=DataVersion(meta["input_sha256"]))
 
 
-@asset(partitions_def=tracks, group_name=GROUP, deps=[source_audio], code_version="1",
+@asset(partitions_def=tracks, group_name=GROUP, deps=[source_audio],
+       code_version=_VERSIONS["stems"],
        pool="gpu", kinds={"demucs", "pytorch"},
        description="Demucs stems (drums, bass, other, vocals), stored losslessly so that "
                    "variants can be re-mixed without separating again.")
@@ -92,7 +95,8 @@ def stems(context: AssetExecutionContext, queues: QueueResource, library: Librar
     })
 
 
-@asset(partitions_def=tracks, group_name=GROUP, deps=[stems], code_version="1",
+@asset(partitions_def=tracks, group_name=GROUP, deps=[stems],
+       code_version=_VERSIONS["variants"],
        kinds={"ffmpeg", "audio"},
        description="Instrumental variants mixed from the stored stems (instrumental, no drums, "
                    "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/. "
@@ -131,7 +135,8 @@ def variants(context: AssetExecutionContext, queues: QueueResource,
     })
 
 
-@asset(partitions_def=tracks, group_name=GROUP, deps=[variants], code_version="1",
+@asset(partitions_def=tracks, group_name=GROUP, deps=[variants],
+       code_version=_VERSIONS["manifest"],
        kinds={"json"},
        description="outputs/<job_id>/manifest.json: every artifact with its sha256 and the "
                    "provenance; written last, then the bundle is archived to done/.")
@@ -151,4 +156,5 @@ def manifest(context: AssetExecutionContext, queues: QueueResource,
 
 
 track_assets = [source_audio, stems, variants, manifest]
+#: the track assets' code versions (``versions.py``), recorded in the manifest's provenance
 CODE_VERSIONS = {a.key.to_user_string(): a.code_versions_by_key[a.key] for a in track_assets}

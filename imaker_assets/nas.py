@@ -18,6 +18,7 @@ from resources.nas import NasResource
 
 from .assets import manifest
 from .partitions import tracks
+from .versions import CODE_VERSIONS
 
 GROUP = "tracks"
 #: 4 tries over ~7 minutes: 60 s, 120 s, 240 s (±jitter) between them
@@ -37,8 +38,8 @@ def _table(result) -> str:
 def build_nas_copy(retry_policy: RetryPolicy | None = NAS_RETRY_POLICY, name: str = "nas_copy"):
     """The asset; tests build one with a short retry policy."""
 
-    @asset(name=name, partitions_def=tracks, group_name=GROUP, deps=[manifest], code_version="1",
-           retry_policy=retry_policy, kinds={"nas"},
+    @asset(name=name, partitions_def=tracks, group_name=GROUP, deps=[manifest],
+           code_version=CODE_VERSIONS["nas_copy"], retry_policy=retry_policy, kinds={"nas"},
            description="Copies the track's artifacts to the NAS routes of the sync config "
                        "(local path, rsync, SFTP, S3), verified by size and sha256; "
                        "records outputs/<job_id>/sync.json. Skipped when NAS sync is off.")
