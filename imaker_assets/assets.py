@@ -26,6 +26,16 @@ SERVICE_RETRIES = 3
 SERVICE_RETRY_WAIT_S = 10
 
 
+def track_asset(*, version_of: str | None = None, **kwargs):
+    """``@asset`` of one track: a partition of `tracks` in the group `tracks`, with the code
+    version ``versions.py`` declares for it (by its name, or ``version_of``)."""
+    def decorate(fn):
+        name = kwargs.get("name") or fn.__name__
+        return asset(**{**kwargs, "name": name}, partitions_def=tracks, group_name=GROUP,
+                     code_version=_VERSIONS[version_of or name])(fn)
+    return decorate
+
+
 def drop_id(context: AssetExecutionContext) -> str | None:
     return context.run.tags.get(DROP_TAG)
 
@@ -38,11 +48,11 @@ def _stage(context: AssetExecutionContext, queues: QueueResource, stage: str):
         yield store
 
 
-@asset(partitions_def=tracks, group_name=GROUP, code_version=_VERSIONS["source_audio"],
-       kinds={"ffmpeg", "audio"},
-       description="The bundle's audio, validated and decoded to 44.1 kHz stereo FLAC in the "
-                   "track library. Claims the bundle from its queue. Its data version is the "
-                   "sha256 of the input file, so a changed source marks the track stale.")
+@track_asset(
+    kinds={"ffmpeg", "audio"},
+    description="The bundle's audio, validated and decoded to 44.1 kHz stereo FLAC in the "
+                "track library. Claims the bundle from its queue. Its data version is the "
+                "sha256 of the input file, so a changed source marks the track stale.")
 def source_audio(context: AssetExecutionContext, queues: QueueResource,
                  library: LibraryResource) -> MaterializeResult:
     job_id = context.partition_key
@@ -70,11 +80,10 @@ def source_audio(context: AssetExecutionContext, queues: QueueResource,
         data_version=DataVersion(meta["input_sha256"]))
 
 
-@asset(partitions_def=tracks, group_name=GROUP, deps=[source_audio],
-       code_version=_VERSIONS["stems"],
-       pool="gpu", kinds={"demucs", "pytorch"},
-       description="Demucs stems (drums, bass, other, vocals), stored losslessly so that "
-                   "variants can be re-mixed without separating again.")
+@track_asset(
+    deps=[source_audio], pool="gpu", kinds={"demucs", "pytorch"},
+    description="Demucs stems (drums, bass, other, vocals), stored losslessly so that "
+                "variants can be re-mixed without separating again.")
 def stems(context: AssetExecutionContext, queues: QueueResource, library: LibraryResource,
           separator: SeparatorResource) -> MaterializeResult:
     client = separator.client()
@@ -95,12 +104,11 @@ def stems(context: AssetExecutionContext, queues: QueueResource, library: Librar
     })
 
 
-@asset(partitions_def=tracks, group_name=GROUP, deps=[stems],
-       code_version=_VERSIONS["variants"],
-       kinds={"ffmpeg", "audio"},
-       description="Instrumental variants mixed from the stored stems (instrumental, no drums, "
-                   "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/. "
-                   "Re-materializing it never re-runs separation.")
+@track_asset(
+    deps=[stems], kinds={"ffmpeg", "audio"},
+    description="Instrumental variants mixed from the stored stems (instrumental, no drums, "
+                "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/. "
+                "Re-materializing it never re-runs separation.")
 def variants(context: AssetExecutionContext, queues: QueueResource,
              library: LibraryResource) -> MaterializeResult:
     job_id = context.partition_key
@@ -135,11 +143,10 @@ def variants(context: AssetExecutionContext, queues: QueueResource,
     })
 
 
-@asset(partitions_def=tracks, group_name=GROUP, deps=[variants],
-       code_version=_VERSIONS["manifest"],
-       kinds={"json"},
-       description="outputs/<job_id>/manifest.json: every artifact with its sha256 and the "
-                   "provenance; written last, then the bundle is archived to done/.")
+@track_asset(
+    deps=[variants], kinds={"json"},
+    description="outputs/<job_id>/manifest.json: every artifact with its sha256 and the "
+                "provenance; written last, then the bundle is archived to done/.")
 def manifest(context: AssetExecutionContext, queues: QueueResource,
              library: LibraryResource) -> MaterializeResult:
     job_id = context.partition_key
