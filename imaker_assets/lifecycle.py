@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from dagster import (AssetCheckEvaluation, DagsterEventType, DagsterInstance, DagsterRun,
                      DagsterRunStatus, RetryRequested, RunRequest, RunsFilter)
 # Not exported by Dagster (pinned 1.13.27): the structured failure data a run leaves, and the
-# run retries' own "will this run be retried" rule (tests/test_sensor.py and test_notify.py
-# fail if they change).
+# run retries' own "will this run be retried" rule (tests/test_failure_reason.py,
+# test_sensor.py and test_notify.py fail if they change).
 from dagster._core.errors import DagsterAssetCheckFailedError
 from dagster._core.events import JobFailureData, RunFailureReason
 from dagster._core.execution.plan.objects import ErrorSource
