@@ -4,7 +4,6 @@ peaks, RMS, waveform pictures, and per-track output checks."""
 from __future__ import annotations
 
 import base64
-import json
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import audio as audio_mod
-from .bundle import schema_errors
+from .bundle import BundleError, read_manifest, schema_errors
 from .fsutil import sha256_file
 
 DURATION_TOLERANCE_S = 0.050
@@ -120,10 +119,9 @@ def check_levels(output_dir: Path, artifacts: list[dict], *, floor_dbfs: float =
 def check_manifest(output_dir: Path) -> CheckOutcome:
     """manifest.json validates against its schema and every listed file exists with the
     listed size and sha256."""
-    path = Path(output_dir) / "manifest.json"
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        manifest = read_manifest(output_dir)
+    except BundleError as exc:
         return CheckOutcome(False, f"manifest.json unreadable: {exc}")
     errors = schema_errors("manifest", manifest)
     if errors:

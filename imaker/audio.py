@@ -9,6 +9,7 @@ import signal
 import subprocess
 import tempfile
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -22,6 +23,10 @@ FORMATS = {
     "mp3": (".mp3", ["-c:a", "libmp3lame"], "mp3"),
     "flac": (".flac", ["-c:a", "flac", "-sample_fmt", "s32", "-bits_per_raw_sample", "24"], "flac"),
 }
+#: the largest sample the 24-bit FLAC of the stored source and stems keeps without clipping
+#: (a hair under full scale): audio that peaks at or above it is stored scaled down by one
+#: constant (source.json's and stems.json's ``scale``) and divided back by every reader
+FLAC24_CEILING = 1.0 - 2.0 ** -20
 MAX_COVER_BYTES = 10 * 1024 * 1024
 #: Frames per chunk of the streaming decoder/encoder: about 6 s at 44.1 kHz, 2 MiB of
 #: float32 stereo. Long tracks are never held whole.
@@ -32,14 +37,16 @@ class AudioError(RuntimeError):
     """Audio that cannot be decoded, encoded or probed; the message is for a person."""
 
 
-def _tool(name: str) -> str:
+def tool_path(name: str) -> str:
+    """The path of an installed tool (``ffmpeg``, ``ffprobe``); AudioError when missing."""
     path = shutil.which(name)
     if path is None:
         raise AudioError(f"{name} is not installed (apt-get install ffmpeg)")
     return path
 
 
-def _stderr_tail(stderr: bytes, lines: int = 3) -> str:
+def stderr_tail(stderr: bytes, lines: int = 3) -> str:
+    """The last ``lines`` lines of a tool's stderr, on one line (what an error message quotes)."""
     text = stderr.decode("utf-8", "replace").strip().splitlines()
     return " | ".join(text[-lines:]) if text else "no message"
 
@@ -47,10 +54,10 @@ def _stderr_tail(stderr: bytes, lines: int = 3) -> str:
 def probe(path: Path) -> dict:
     """ffprobe a media file: {'duration_s', 'audio': {...} | None, 'video': {...} | None}."""
     proc = subprocess.run(
-        [_tool("ffprobe"), "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)],
+        [tool_path("ffprobe"), "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)],
         capture_output=True, timeout=120)
     if proc.returncode != 0:
-        raise AudioError(f"cannot read {Path(path).name}: {_stderr_tail(proc.stderr)}")
+        raise AudioError(f"cannot read {Path(path).name}: {stderr_tail(proc.stderr)}")
     info = json.loads(proc.stdout or b"{}")
     streams = info.get("streams", [])
     audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
@@ -69,11 +76,11 @@ def probe(path: Path) -> dict:
 def decode(path: Path, samplerate: int, channels: int) -> np.ndarray:
     """Decode the first audio stream of ``path`` to float32 ``(channels, samples)``."""
     proc = subprocess.run(
-        [_tool("ffmpeg"), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
+        [tool_path("ffmpeg"), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
          "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(samplerate),
          "pipe:1"], capture_output=True)
     if proc.returncode != 0:
-        raise AudioError(f"cannot decode {Path(path).name}: {_stderr_tail(proc.stderr)}")
+        raise AudioError(f"cannot decode {Path(path).name}: {stderr_tail(proc.stderr)}")
     data = np.frombuffer(proc.stdout, dtype="<f4")
     if data.size < channels:
         raise AudioError(f"cannot decode {Path(path).name}: no audio samples")
@@ -94,16 +101,16 @@ def write_failure(returncode: int, stderr: bytes) -> str | None:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        tail = _stderr_tail(stderr) if stderr.strip() else ""
+        tail = stderr_tail(stderr) if stderr.strip() else ""
         return f"ffmpeg was killed by {name}" + (f": {tail}" if tail else "")
     if returncode != 0 or stderr.strip():
-        return _stderr_tail(stderr)
+        return stderr_tail(stderr)
     return None
 
 
 def _read_stderr(fh: IO[bytes]) -> str:
     fh.seek(0)
-    return _stderr_tail(fh.read())
+    return stderr_tail(fh.read())
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -129,7 +136,7 @@ def iter_decode(path: Path, samplerate: int, channels: int,
     with ExitStack() as stack:
         stderr = stack.enter_context(tempfile.TemporaryFile())  # a file: never blocks ffmpeg
         proc = subprocess.Popen(
-            [_tool("ffmpeg"), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
+            [tool_path("ffmpeg"), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
              "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(samplerate),
              "pipe:1"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
             bufsize=0)
@@ -196,7 +203,7 @@ class Encoder:
             self._tmp = stack.enter_context(atomic_path(self.dest))
             self._stderr = stack.enter_context(tempfile.TemporaryFile())
             self._proc = subprocess.Popen(
-                [_tool("ffmpeg"), "-nostdin", "-v", "error", "-y", "-f", "f32le",
+                [tool_path("ffmpeg"), "-nostdin", "-v", "error", "-y", "-f", "f32le",
                  "-ar", str(self.samplerate), "-ac", str(self.channels), "-i", "pipe:0",
                  *self._codec_args, *bitrate_args, str(self._tmp)],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr, bufsize=0)
@@ -273,10 +280,6 @@ def encode(audio: np.ndarray, samplerate: int, dest: Path, fmt: str, bitrate: st
     return Path(dest)
 
 
-def codec_name(fmt: str) -> str:
-    return FORMATS[fmt][2]
-
-
 def extension(fmt: str) -> str:
     return FORMATS[fmt][0]
 
@@ -313,28 +316,78 @@ def _easy_mp4_keys() -> None:
                                         "MusicBrainz Release Track Id")
 
 
-def read_tags(path: Path) -> dict[str, list[str]]:
-    """The ``COPIED_TAGS`` an input file carries (any format mutagen reads: MP4/M4A, MP3,
-    FLAC, Ogg Vorbis/Opus...), ``{name: [values]}``; ``{}`` when it has none or cannot be
-    read (a missing tag never fails a track). Values are bounded in number and length."""
+@dataclass
+class FileTags:
+    """What an input file's tags say (``read_tags``); a piece it lacks is None."""
+
+    artist: str | None = None
+    album: str | None = None
+    title: str | None = None
+    cover: bytes | None = None
+    cover_mime: str | None = None
+    #: the ``COPIED_TAGS`` it carries, ``{name: [values]}``, bounded in number and length
+    copied: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def cover_ext(self) -> str | None:
+        return {"image/jpeg": ".jpg", "image/png": ".png"}.get(self.cover_mime or "")
+
+
+def _tag_values(tags, key: str) -> list[str]:
+    try:
+        values = tags.get(key)
+    except (KeyError, ValueError):
+        values = None
+    if isinstance(values, str):
+        values = [values]
+    return [str(v).strip() for v in (values or []) if str(v).strip()]
+
+
+def read_tags(path: Path) -> FileTags:
+    """The tags of an input file in any format mutagen reads (MP4/M4A, MP3, FLAC, Ogg
+    Vorbis/Opus...): artist (else album artist), album, title, the front cover, and the
+    ``COPIED_TAGS``. An untagged, unknown or damaged file gives what could be read, at
+    worst an empty FileTags (a missing tag never fails a track or an import; the audio is
+    checked elsewhere)."""
     import mutagen
 
     _easy_mp4_keys()
+    out = FileTags()
     try:
-        media = mutagen.File(path, easy=True)
-    except Exception:  # noqa: BLE001 - unreadable tags are no tags; the audio is checked elsewhere
-        return {}
-    if media is None or media.tags is None:
-        return {}
-    out: dict[str, list[str]] = {}
-    for key in COPIED_TAGS:
-        try:
-            values = media.tags.get(key)
-        except (KeyError, ValueError):
-            values = None
-        clean = [str(v).strip()[:_MAX_TAG_CHARS] for v in (values or []) if str(v).strip()]
-        if clean:
-            out[key] = clean[:_MAX_TAG_VALUES]
+        easy = mutagen.File(path, easy=True)
+    except Exception:  # noqa: BLE001 - unreadable tags are no tags
+        easy = None
+    if easy is not None and easy.tags is not None:
+        first = {key: (_tag_values(easy.tags, key) or [None])[0]
+                 for key in ("artist", "albumartist", "album", "title")}
+        out.artist = first["artist"] or first["albumartist"]
+        out.album, out.title = first["album"], first["title"]
+        for key in COPIED_TAGS:
+            values = [v[:_MAX_TAG_CHARS] for v in _tag_values(easy.tags, key)]
+            if values:
+                out.copied[key] = values[:_MAX_TAG_VALUES]
+    try:
+        full = mutagen.File(path)
+    except Exception:  # noqa: BLE001
+        full = None
+    data = None
+    tags = getattr(full, "tags", None)
+    pictures = getattr(full, "pictures", None)  # FLAC
+    if pictures:
+        front = [p for p in pictures if p.type == 3] or list(pictures)
+        data = front[0].data
+    elif tags is not None and hasattr(tags, "getall"):  # ID3
+        apic = tags.getall("APIC")
+        if apic:
+            front = [p for p in apic if p.type == 3] or apic
+            data = front[0].data
+    elif tags is not None and "covr" in tags:  # MP4
+        covers = tags["covr"]
+        data = bytes(covers[0]) if covers else None
+    if data:
+        mime = cover_mime(bytes(data))
+        if mime:
+            out.cover, out.cover_mime = bytes(data), mime
     return out
 
 
@@ -354,7 +407,7 @@ def loudness(path: Path) -> dict:
     """Integrated loudness (LUFS), loudness range (LU) and true peak (dBTP) with ffmpeg's
     ebur128 filter."""
     proc = subprocess.run(
-        [_tool("ffmpeg"), "-nostdin", "-hide_banner", "-nostats", "-i", str(path), "-map",
+        [tool_path("ffmpeg"), "-nostdin", "-hide_banner", "-nostats", "-i", str(path), "-map",
          "0:a:0", "-af", "ebur128=peak=true", "-f", "null", "-"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise AudioError(f"cannot measure loudness of {path}")

@@ -182,46 +182,62 @@ def onnx_path(model, repo: Path | None) -> Path:
     return cache_dir(repo) / f"{model_key(model)}-{htcore.training_length(model)}.onnx"
 
 
-def export_onnx(model, path: Path) -> Path:
-    """Export ``HTCore(model)`` to ``path`` (atomically: temp file, then rename)."""
+def _convert(model, path: Path, what: str,
+             write: tp.Callable[[torch.nn.Module, tuple, Path], None]) -> Path:
+    """Convert ``HTCore(model)`` with ``write(core, sample inputs, temporary path)`` and
+    rename the result to ``path`` (atomically: nothing half-written under that name)."""
     global conversions
     htcore.check_supported(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    length = htcore.training_length(model)
-    mix = torch.zeros(1, model.audio_channels, length)
+    mix = torch.zeros(1, model.audio_channels, htcore.training_length(model))
     mix[..., ::7] = 1.0  # not silent: the exporter runs the graph once
     padded, _, mag = htcore.core_inputs(model, mix)
     core = htcore.HTCore(model).eval()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
+    # the suffix stays last: torch's AOTInductor packager wants a .pt2 name
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.part{path.suffix}")
     start = time.perf_counter()
     state = random.getstate()  # tracing runs the forward, which draws from `random`
     try:
-        # nn.MultiheadAttention's fused inference kernel (aten::_native_multi_head_attention)
-        # has no ONNX symbolic: trace the unfused path (same maths).
-        import warnings
-
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(core, (padded, mag), tmp, input_names=["mix", "mag"],
-                                  output_names=["x", "xt"], opset_version=OPSET,
-                                  dynamo=False, do_constant_folding=True)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other users (a container) read it
+        with torch.inference_mode(False), torch.no_grad():
+            write(core, (padded, mag), tmp)
+        os.chmod(tmp, 0o644)  # other users (a container) read it
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     finally:
         random.setstate(state)
     conversions += 1
-    log.info("converted %s to %s in %.1f s", type(model).__name__, path,
+    log.info("%s %s to %s in %.1f s", what, type(model).__name__, path,
              time.perf_counter() - start)
     return path
+
+
+def _write_onnx(core, inputs: tuple, tmp: Path) -> None:
+    # nn.MultiheadAttention's fused inference kernel (aten::_native_multi_head_attention)
+    # has no ONNX symbolic: trace the unfused path (same maths).
+    import warnings
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(core, inputs, str(tmp), input_names=["mix", "mag"],
+                              output_names=["x", "xt"], opset_version=OPSET,
+                              dynamo=False, do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _write_aoti(core, inputs: tuple, tmp: Path) -> None:
+    program = torch.export.export(core, inputs)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+
+
+def export_onnx(model, path: Path) -> Path:
+    """Export ``HTCore(model)`` to the ONNX file ``path``."""
+    return _convert(model, path, "converted", _write_onnx)
 
 
 def aoti_path(model, repo: Path | None) -> Path:
@@ -230,32 +246,8 @@ def aoti_path(model, repo: Path | None) -> Path:
 
 def export_aoti(model, path: Path) -> Path:
     """Compile ``HTCore(model)`` ahead of time (``torch.export`` + AOTInductor) into the
-    package ``path`` (atomically)."""
-    global conversions
-    htcore.check_supported(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mix = torch.zeros(1, model.audio_channels, htcore.training_length(model))
-    mix[..., ::7] = 1.0
-    padded, _, mag = htcore.core_inputs(model, mix)
-    core = htcore.HTCore(model).eval()
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.part.pt2")
-    start = time.perf_counter()
-    state = random.getstate()
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            program = torch.export.export(core, (padded, mag))
-            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        random.setstate(state)
-    conversions += 1
-    log.info("compiled %s to %s in %.1f s", type(model).__name__, path,
-             time.perf_counter() - start)
-    return path
+    package ``path``."""
+    return _convert(model, path, "compiled", _write_aoti)
 
 
 def artifact_path(model, repo: Path | None, backend: str) -> Path:

@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jsonschema
 
@@ -27,6 +27,8 @@ SCHEMA_VERSION = 1
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 BUNDLE_PREFIX = "job_"
 MAX_JOB_JSON_BYTES = 256 * 1024
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MANIFEST_FILE = "manifest.json"
 _SCHEMA_DIR = Path(__file__).with_name("schemas")
 
 
@@ -295,7 +297,7 @@ class JobManifest:
     provenance: dict[str, Any]
     schema_version: int = SCHEMA_VERSION
 
-    FILENAME = "manifest.json"
+    FILENAME = MANIFEST_FILE
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "job_id": self.job_id,
@@ -320,9 +322,56 @@ class JobManifest:
 
     @classmethod
     def load(cls, output_dir: Path) -> "JobManifest":
-        data = json.loads((Path(output_dir) / cls.FILENAME).read_text(encoding="utf-8"))
-        return cls(job_id=data["job_id"], source_type=data["source_type"], artist=data["artist"],
-                   album=data.get("album"), title=data["title"],
-                   stems_preserved=data["stems_preserved"],
-                   artifacts=[ArtifactMetadata(**a) for a in data["artifacts"]],
-                   provenance=data["provenance"], schema_version=data["schema_version"])
+        """The manifest of ``output_dir`` (``read_manifest``); ``BundleError`` when it is
+        unreadable or lacks a field this class needs."""
+        data = read_manifest(output_dir)
+        try:
+            return cls(job_id=data["job_id"], source_type=data["source_type"],
+                       artist=data["artist"], album=data.get("album"), title=data["title"],
+                       stems_preserved=data["stems_preserved"],
+                       artifacts=[ArtifactMetadata(**a) for a in data["artifacts"]],
+                       provenance=data["provenance"], schema_version=data["schema_version"])
+        except KeyError as exc:
+            raise BundleError(f"{MANIFEST_FILE}: {exc.args[0]!r} is missing") from None
+        except TypeError as exc:
+            raise BundleError(f"{MANIFEST_FILE}: an artifact does not match its schema: "
+                              f"{exc}") from None
+
+
+def read_manifest(output_dir: Path) -> dict[str, Any]:
+    """``output_dir/manifest.json``, read the way every reader reads it: a regular file (not
+    a symlink) of at most 4 MiB of strict UTF-8 JSON holding an object; anything else
+    raises ``BundleError`` saying why. It is not checked against the schema here (the
+    ``manifest_matches_files`` check does that): readers take what they need with
+    ``manifest_section`` and ``.get``."""
+    data = read_json_file(Path(output_dir) / MANIFEST_FILE, max_bytes=MAX_MANIFEST_BYTES)
+    if not isinstance(data, dict):
+        raise BundleError(f"{MANIFEST_FILE} is not a JSON object")
+    return data
+
+
+def manifest_section(manifest: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``manifest[k1][k2]...`` when each is an object, else ``{}``."""
+    for key in keys:
+        manifest = manifest.get(key) if isinstance(manifest, dict) else None
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def manifest_dirs(outputs_dir: Path, job_ids: Iterable[str] | None = None) -> list[Path]:
+    """The job folders ``outputs/<job_id>/`` holding a manifest.json, in job-id order
+    (only ``job_ids`` when given; folders whose name is not a job id are not jobs)."""
+    wanted = set(job_ids) if job_ids is not None else None
+    return [path.parent for path in sorted(Path(outputs_dir).glob(f"*/{MANIFEST_FILE}"))
+            if JOB_ID_RE.match(path.parent.name)
+            and (wanted is None or path.parent.name in wanted)]
+
+
+def iter_manifests(outputs_dir: Path, job_ids: Iterable[str] | None = None
+                   ) -> Iterator[tuple[str, Path, dict[str, Any]]]:
+    """``(job_id, folder, manifest)`` of every finished job (``manifest_dirs``); a job whose
+    manifest cannot be read (``read_manifest``) is left out: it is not a finished track."""
+    for folder in manifest_dirs(outputs_dir, job_ids):
+        try:
+            yield folder.name, folder, read_manifest(folder)
+        except BundleError:
+            continue

@@ -3,11 +3,12 @@ records only (never re-reads audio), saved as CSV. No Dagster."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from .bundle import iter_manifests, manifest_section
 from .fsutil import atomic_path
+from .nas.sync import read_sync_record
 
 if TYPE_CHECKING:  # imported where used: every run process imports this module (170 ms)
     import pandas as pd
@@ -19,52 +20,40 @@ COLUMNS = ["job_id", "artist", "album", "title", "source_type", "source_url", "d
 
 
 def _nas_state(output_dir: Path) -> str:
-    try:
-        data = json.loads((output_dir / "sync.json").read_text())
-    except (OSError, ValueError):
+    data = read_sync_record(output_dir)
+    if data is None:
         return "not synced"
-    if isinstance(data, dict):
-        status = data.get("status")
-        if isinstance(status, str):
-            return status
-        items = data.get("artifacts") or data.get("results") or []
-        if isinstance(items, list) and items:
-            states = sorted({str(i.get("status")) for i in items if isinstance(i, dict)})
-            return ",".join(states)
+    status = data.get("status")
+    if isinstance(status, str):
+        return status
+    items = data.get("artifacts") or []
+    if isinstance(items, list) and items:
+        return ",".join(sorted({str(i.get("status")) for i in items if isinstance(i, dict)}))
     return "unknown"
 
 
 def build_catalog(outputs_dir: Path, stems_dir: Path, job_ids: Iterable[str] | None = None
                   ) -> pd.DataFrame:
     """Rows for every ``outputs/<job_id>/manifest.json`` (restricted to ``job_ids`` if given)."""
-    outputs_dir = Path(outputs_dir)
-    wanted = set(job_ids) if job_ids is not None else None
     rows = []
-    for path in sorted(outputs_dir.glob("*/manifest.json")):
-        job_id = path.parent.name
-        if wanted is not None and job_id not in wanted:
-            continue
-        try:
-            man = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        prov = man.get("provenance", {})
-        sep = prov.get("separation", {})
-        src = prov.get("source", {})
-        arts = man.get("artifacts", [])
+    for job_id, folder, man in iter_manifests(outputs_dir, job_ids):
+        prov = manifest_section(man, "provenance")
+        sep = manifest_section(prov, "separation")
+        src = manifest_section(prov, "source")
+        arts = [a for a in man.get("artifacts") or [] if isinstance(a, dict)]
         rows.append({
             "job_id": job_id, "artist": man.get("artist"), "album": man.get("album"),
             "title": man.get("title"), "source_type": man.get("source_type"),
             "source_url": src.get("url"), "duration_s": src.get("duration_s"),
             "input_peak_dbfs": src.get("input_peak_dbfs"),
-            "variants": ",".join(a["variant"] for a in arts if a.get("kind") == "audio"),
+            "variants": ",".join(str(a.get("variant")) for a in arts if a.get("kind") == "audio"),
             # ReplayGain 2.0 track gain of each variant, as tagged in its file
             "replaygain_db": ",".join(
                 f"{a['variant']}={a['replaygain_track_gain_db']:+.2f}" for a in arts
                 if a.get("kind") == "audio" and a.get("replaygain_track_gain_db") is not None),
             "stems_kept": (Path(stems_dir) / job_id / "stems.json").is_file(),
             "stems_published": bool(man.get("stems_preserved")),
-            "nas_sync": _nas_state(path.parent), "processed_at": prov.get("created_at"),
+            "nas_sync": _nas_state(folder), "processed_at": prov.get("created_at"),
             "model": sep.get("model"), "signature": sep.get("signature"),
             "device": sep.get("device"),
         })

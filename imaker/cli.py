@@ -1,7 +1,11 @@
 """``imaker`` command line.
 
-    imaker ingest --once     one pass over all queues, each new track processed in-process
+    imaker ingest --once     claim every waiting bundle and wait until each is processed by
+                             its own `ingest_track` Dagster run (the daemon's run queue; the
+                             runs call the separation service, they never load the model)
     imaker ingest            the same, repeated every --interval seconds
+    imaker retry JOB_ID... | --failed
+                             put failed bundles back into their queue
     imaker backfill --variants drums_only [--track ID ...]
                              re-mix variants from stored stems (no separation)
     imaker forget JOB_ID [--outputs]
@@ -17,6 +21,9 @@
                              the effective settings and where each comes from (.env,
                              environment, default)
     imaker schema job|manifest   print a published JSON Schema
+    imaker models fetch [NAME...] | imaker models list
+                             demucs weights in DEMUCS_MODEL_REPO
+    imaker dev-model PATH    a tiny random model repo (offline tests and demos)
     imaker dev-song DIR [--seconds S] [--seed N] [--count K] [--queue Q]
                              songs with known stems (MUSDB18-HQ layout) for tests/benchmarks
 """

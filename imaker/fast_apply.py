@@ -15,7 +15,7 @@ offsets) and the same per-source weights of a ``BagOfModels`` — but:
   time) and every window is added, already normalised and weighted, into one preallocated
   output tensor on the input's device;
 * on CUDA it can run under bf16/fp16 autocast with the STFT, iSTFT and masking kept in
-  fp32, and it can ``torch.compile`` the model.
+  fp32.
 """
 
 from __future__ import annotations
@@ -24,14 +24,12 @@ import random
 import threading
 import time
 import typing as tp
-import weakref
 
 import torch
 from torch.nn import functional as F
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, tp.Callable]" = weakref.WeakKeyDictionary()
 _SPECTRAL = ("_spec", "_ispec", "_mask")
 
 
@@ -67,16 +65,6 @@ def keep_spectral_fp32(model: torch.nn.Module) -> None:
 
         object.__setattr__(model, name, fp32)
     object.__setattr__(model, "_imaker_fp32_spectral", True)
-
-
-def _runner(model: torch.nn.Module, compile_model: bool) -> tp.Callable:
-    if not compile_model:
-        return model
-    fn = _COMPILED.get(model)
-    if fn is None:
-        fn = torch.compile(model, dynamic=False)
-        _COMPILED[model] = fn
-    return fn
 
 
 def _forward(runner, batch: torch.Tensor, device: torch.device,
@@ -216,7 +204,7 @@ class _Window(tp.NamedTuple):
 
 def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: float = 0.25,
                         segment: float | None = None, batch_size: int = 8, device=None,
-                        autocast_dtype=None, compile_model: bool = False,
+                        autocast_dtype=None,
                         transition_power: float = 1.0,
                         on_batch: tp.Callable[[], None] | None = None,
                         sink: tp.Callable[[int, torch.Tensor], None] | None = None,
@@ -231,10 +219,8 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
     float rounding (exactly the same windows and shift offsets). ``device`` is where the
     model runs (default ``mix.device``). ``autocast_dtype`` (``"bf16"``/``"fp16"`` or a
     torch dtype; CUDA is where it pays) runs the networks under autocast with the spectral
-    parts in fp32. ``compile_model`` wraps the model(s) in ``torch.compile`` (cached per
-    model; the last batch is padded to ``batch_size`` so shapes stay static). ``on_batch``
-    is called before every forward pass (``imaker.separation`` re-balances CPU threads
-    between processes there). ``batcher``: a ``WindowBatcher`` shared by concurrent
+    parts in fp32. ``on_batch`` is called before every forward pass (``imaker.separation``
+    re-balances CPU threads between processes there). ``batcher``: a ``WindowBatcher`` shared by concurrent
     separations, which runs their windows in common forward passes. ``runner_for(model)``:
     what computes ``model(batch)`` for each model (default the model itself): another
     inference backend (``imaker.backends``); the windows, overlap-add and shifts are ours.
@@ -289,7 +275,7 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
         sub.eval()
         if dtype is not None:
             keep_spectral_fp32(sub)
-        runner = runner_for(sub) if runner_for is not None else _runner(sub, compile_model)
+        runner = runner_for(sub) if runner_for is not None else sub
         try:
             if shifts:
                 max_shift = int(0.5 * sub.samplerate)
@@ -304,13 +290,12 @@ def apply_model_batched(model, mix: torch.Tensor, *, shifts: int = 1, overlap: f
                            out_shift=max_shift - offset, scale=per_shift, segment=segment,
                            overlap=overlap, transition_power=transition_power,
                            batch_size=batch_size, device=device, dtype=dtype,
-                           pad_batches=compile_model, on_batch=on_batch, batcher=batcher)
+                           on_batch=on_batch, batcher=batcher)
             else:
                 _split(runner, sub, mix, out, source_shift=0, view_offset=0, view_length=length,
                        out_shift=0, scale=scale, segment=segment, overlap=overlap,
                        transition_power=transition_power, batch_size=batch_size,
-                       device=device, dtype=dtype, pad_batches=compile_model,
-                       on_batch=on_batch, batcher=batcher)
+                       device=device, dtype=dtype, on_batch=on_batch, batcher=batcher)
         finally:
             sub.to(original)
     out.release(length)
@@ -355,7 +340,7 @@ class _Output:
 def _split(runner, model, mix: torch.Tensor, out: _Output, *, source_shift: int,
            view_offset: int, view_length: int, out_shift: int, scale: list[float],
            segment: float | None, overlap: float, transition_power: float, batch_size: int,
-           device: torch.device, dtype: torch.dtype | None, pad_batches: bool,
+           device: torch.device, dtype: torch.dtype | None,
            on_batch: tp.Callable[[], None] | None = None,
            batcher: "WindowBatcher | None" = None) -> None:
     """One split pass of ``model`` over a view of the (virtually zero-padded) ``mix``, added
@@ -408,9 +393,6 @@ def _split(runner, model, mix: torch.Tensor, out: _Output, *, source_shift: int,
             on_batch()
         n = mix.shape[0]
         batch = torch.cat([cut(w) for w in group], 0)
-        real = batch.shape[0]
-        if pad_batches and len(group) < batch_size:
-            batch = F.pad(batch, (0, 0, 0, 0, 0, (batch_size - len(group)) * n))
         batch = batch.to(device, non_blocking=True)
         if batcher is not None:
             res = batcher(runner, batch, device, dtype)
@@ -419,7 +401,7 @@ def _split(runner, model, mix: torch.Tensor, out: _Output, *, source_shift: int,
         if draw is not None:
             for _ in range(len(group) - 1):
                 draw()
-        res = res[:real].float()
+        res = res.float()
         res = res.view(len(group), n, *res.shape[1:])
         for i, w in enumerate(group):
             delta = w.valid_length - w.length

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -121,3 +123,36 @@ def safe_filename(text: str, max_bytes: int = 180) -> str:
     if len(encoded) > max_bytes:
         name = encoded[:max_bytes].decode("utf-8", "ignore").rstrip()
     return name
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _load_renameat2():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def rename_noreplace(src: Path, dest: Path) -> None:
+    """Atomic rename that refuses to replace an existing destination (plain rename()
+    silently replaces an empty directory). Uses renameat2(RENAME_NOREPLACE) on Linux."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # unsupported filesystem: fall back
+            raise OSError(err, os.strerror(err), str(src), None, str(dest))
+    if dest.exists() or dest.is_symlink():
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dest))
+    os.rename(src, dest)

@@ -20,11 +20,11 @@ The page and the Dagster metadata link to the files through ``media_url`` under
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import quote
 
+from .bundle import iter_manifests, manifest_section
 from .fsutil import atomic_path
 
 PAGE_FILE = "index.html"
@@ -88,20 +88,10 @@ def library_entries(outputs_dir: Path, library_dir: Path,
                     job_ids: Iterable[str] | None = None) -> list[dict]:
     """One entry per ``outputs/<job_id>/manifest.json`` (restricted to ``job_ids``), newest
     first (the manifest's creation time), with relative links (to the page at ``/``)."""
-    wanted = set(job_ids) if job_ids is not None else None
     entries = []
-    for path in Path(outputs_dir).glob("*/manifest.json"):
-        job_id = path.parent.name
-        if wanted is not None and job_id not in wanted:
-            continue
-        try:
-            man = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(man, dict):
-            continue
-        prov = man.get("provenance") if isinstance(man.get("provenance"), dict) else {}
-        src = prov.get("source") if isinstance(prov.get("source"), dict) else {}
+    for job_id, folder, man in iter_manifests(outputs_dir, job_ids):
+        prov = manifest_section(man, "provenance")
+        src = manifest_section(prov, "source")
         players = []
         if (Path(library_dir) / job_id / SOURCE_FILE).is_file():
             players.append({"kind": "audio", "variant": "original", "label": "Original",
@@ -110,7 +100,7 @@ def library_entries(outputs_dir: Path, library_dir: Path,
             if not isinstance(art, dict) or art.get("kind") not in ("audio", "video"):
                 continue
             rel = str(art.get("path") or "")
-            if not rel or not (path.parent / rel).is_file():
+            if not rel or not (folder / rel).is_file():
                 continue
             players.append({"kind": art["kind"], "variant": str(art.get("variant") or ""),
                             "label": str(art.get("label") or art.get("variant") or rel),

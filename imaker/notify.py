@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import BundleError, read_json_file
+from .bundle import BundleError, read_json_file, read_manifest
 from .queues import ERROR_FILE
 
 #: the outcomes a notification can be sent for (``NOTIFY_ON``)
@@ -69,10 +69,9 @@ def outcome_done(outputs_dir: Path, job_id: str) -> TrackOutcome:
     """A finished track, described by ``outputs/<job_id>/manifest.json``."""
     folder = Path(outputs_dir) / job_id
     try:
-        data = read_json_file(folder / "manifest.json", max_bytes=_MAX_JSON)
+        data = read_manifest(folder)
     except BundleError:
-        data = None
-    data = data if isinstance(data, dict) else {}
+        data = {}
     variants: list[str] = []
     for art in data.get("artifacts") or []:
         name = _text(art.get("variant")) if isinstance(art, dict) else None

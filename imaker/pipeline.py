@@ -34,8 +34,6 @@ from .video import mux_video
 SOURCE_RATE = 44100
 SOURCE_CHANNELS = 2
 STEM_FORMAT = "flac"
-#: the largest sample 24-bit FLAC stores without clipping (a hair under 1.0)
-FLAC_FULL_SCALE = 1.0 - 2.0 ** -20
 
 
 class StageError(RuntimeError):
@@ -200,7 +198,8 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
         # every reader divides it back (``read_source``) — nothing is clipped before the
         # variants' own anti-clipping gain.
         peak = float(np.max(np.abs(wav))) if wav.size else 0.0
-        scale = 1.0 if peak < FLAC_FULL_SCALE else float(FLAC_FULL_SCALE / peak)
+        ceiling = audio_mod.FLAC24_CEILING
+        scale = 1.0 if peak < ceiling else float(ceiling / peak)
         if scale != 1.0:
             wav *= np.float32(scale)
         audio_mod.encode(wav, SOURCE_RATE, track / "source.flac", STEM_FORMAT)
@@ -216,7 +215,7 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
             "input_peak": round(peak, 6),
             "input_peak_dbfs": round(float(20 * np.log10(peak)), 2) if peak > 0 else None,
             "input_rms_dbfs": rms_dbfs,
-            "source_tags": audio_mod.read_tags(src),
+            "source_tags": audio_mod.read_tags(src).copied,
             "scale": scale,
             "input_file": bundle.audio,
             "source_type": bundle.source_type,
@@ -305,14 +304,6 @@ def separate_stems(lib: Library, job_id: str, client) -> dict:
     return client.separate(job_id, source, lib.stem_dir(job_id))
 
 
-def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
-    meta = lib.read_json(job_id, "stems.json", stems=True)
-    folder = lib.stem_dir(job_id)
-    stems = {name: audio_mod.decode(folder / f"{name}.flac", meta["sample_rate"], meta["channels"])
-             / meta["scale"] for name in meta["sources"]}
-    return stems, meta
-
-
 # ----- stage 3: variants ----------------------------------------------------------------
 def make_variants(options: Output, lib: Library, job_id: str,
                   extra_variants: tuple[str, ...] | list[str] = ()) -> dict:
@@ -348,7 +339,7 @@ def make_variants(options: Output, lib: Library, job_id: str,
                                           measure=True)
         for name in names}
     # streamed in chunks (two passes over the stems: peaks, then mix + encode), every
-    # variant's ffmpeg encoding at once; the same audio and gain as ``mix`` of load_stems
+    # variant's ffmpeg encoding at once (tests/oracles.py: the same as mixing the whole track)
     gains = stream_mix(stem_files, encoders, samplerate=rate, channels=channels,
                        scale=stems_meta["scale"])
     records = []

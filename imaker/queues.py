@@ -14,8 +14,6 @@ racing for the same bundle exactly one wins.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import time
@@ -25,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .bundle import BUNDLE_PREFIX, job_id_from_folder
-from .fsutil import fsync_dir, write_json_atomic
+from .fsutil import fsync_dir, rename_noreplace, write_json_atomic
 
 CLAIM_DIR = ".imaker"
 CLAIM_FILE = "claim.json"
@@ -216,7 +214,7 @@ class QueueStore:
         self.working_dir.mkdir(parents=True, exist_ok=True)
         dest = self.working_dir / job.path.name
         try:
-            _rename_noreplace(job.path, dest)
+            rename_noreplace(job.path, dest)
         except FileNotFoundError:
             raise ClaimLost(f"job {job.job_id} was claimed by someone else") from None
         except FileExistsError:
@@ -343,7 +341,7 @@ class QueueStore:
         (src / CLAIM_DIR / CLAIM_FILE).unlink(missing_ok=True)
         dest = self.queues[queue] / src.name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _rename_noreplace(src, dest)
+        rename_noreplace(src, dest)
         fsync_dir(dest.parent)
         return dest
 
@@ -352,36 +350,3 @@ class QueueStore:
             return json.loads((self.failed_dir / self.folder(job_id) / ERROR_FILE).read_text())
         except (OSError, ValueError):
             return None
-
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-
-
-def _load_renameat2():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_renameat2 = _load_renameat2()
-
-
-def _rename_noreplace(src: Path, dest: Path) -> None:
-    """Atomic rename that refuses to replace an existing destination (plain rename()
-    silently replaces an empty directory). Uses renameat2(RENAME_NOREPLACE) on Linux."""
-    if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest),
-                      _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS):  # unsupported filesystem: fall back
-            raise OSError(err, os.strerror(err), str(src), None, str(dest))
-    if dest.exists() or dest.is_symlink():
-        raise FileExistsError(errno.EEXIST, "destination exists", str(dest))
-    os.rename(src, dest)

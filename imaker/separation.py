@@ -243,8 +243,3 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
         return None
     return {name: out[i] for i, name in enumerate(loaded.sources)}
 
-
-def demucs_version() -> str:
-    from importlib.metadata import version
-
-    return version("demucs")

@@ -1,8 +1,9 @@
 """Writing separated stems as they stream out of the model (no Dagster).
 
 The stems store keeps each stem as 24-bit FLAC scaled by one factor for all stems
-(``stems.json`` "scale": 1.0 unless some stem peaks at or above 0.999, then
-``0.999 / peak``), so the factor is only known once the whole track is separated.
+(``stems.json`` "scale": 1.0 unless some stem peaks at or above ``audio.FLAC24_CEILING``,
+a hair under full scale, then ``FLAC24_CEILING / peak``), so the factor is only known
+once the whole track is separated.
 ``RawStemWriter`` therefore appends every chunk the model hands over to one raw float32
 file per stem (in the stem folder, so it is on the same disk; page cache, not process
 memory) while tracking the peak, and ``encode_all`` then encodes the raw files to FLAC
@@ -19,11 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import FORMATS, AudioError, _tool, write_failure
+from .audio import FLAC24_CEILING, FORMATS, AudioError, tool_path, write_failure
 from .fsutil import atomic_path, naming
-
-#: stems at or above this peak would clip in 24-bit FLAC: all are scaled by one factor
-STEM_PEAK_LIMIT = 0.999
 
 
 class RawStemWriter:
@@ -55,7 +53,7 @@ class RawStemWriter:
 
     @property
     def scale(self) -> float:
-        return 1.0 if self.peak < STEM_PEAK_LIMIT else STEM_PEAK_LIMIT / self.peak
+        return 1.0 if self.peak < FLAC24_CEILING else FLAC24_CEILING / self.peak
 
     def close(self) -> None:
         for fh in self._files.values():
@@ -94,7 +92,7 @@ def encode_raw(raw: Path, samplerate: int, channels: int, dest: Path, fmt: str,
     gain_args = [] if gain == 1.0 else ["-af", f"volume={gain!r}:precision=float"]
     with atomic_path(Path(dest)) as tmp:
         proc = subprocess.run(
-            [_tool("ffmpeg"), "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar",
+            [tool_path("ffmpeg"), "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar",
              str(samplerate), "-ac", str(channels), "-i", str(raw), *gain_args, *codec_args,
              str(tmp)], capture_output=True)
         why = write_failure(proc.returncode, proc.stderr)

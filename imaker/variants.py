@@ -16,7 +16,7 @@ import numpy as np
 
 from . import audio as audio_mod
 
-#: Peak ceiling for every mixed variant (-1 dBFS). See ``mix``.
+#: Peak ceiling for every mixed variant (-1 dBFS). See ``gain_for``.
 PEAK_CEILING = 10 ** (-1.0 / 20)
 
 
@@ -73,23 +73,10 @@ def selected_variants(bundle_variants: list[str] | None, *, no_drums: bool,
 
 
 def gain_for(peak: float) -> float:
-    """The anti-clipping gain of a mix whose sample peak is ``peak`` (see ``mix``)."""
+    """The anti-clipping gain of a mix whose sample peak is ``peak``: if the sum of a
+    variant's stems peaks above -1 dBFS, the whole track is scaled by one constant gain so
+    its peak is exactly -1 dBFS (no limiter, dynamics untouched); otherwise it is left as is."""
     return PEAK_CEILING / peak if peak > PEAK_CEILING else 1.0
-
-
-def mix(stems: dict[str, np.ndarray], spec: VariantSpec) -> tuple[np.ndarray, float]:
-    """Sum the variant's stems. Anti-clipping rule: if the sum peaks above -1 dBFS, the
-    whole track is scaled by one constant gain so its peak is exactly -1 dBFS (no
-    limiter, dynamics untouched); otherwise it is left as is. Returns (audio, gain)."""
-    names = spec.stems_for(list(stems))
-    out = np.zeros_like(stems[names[0]], dtype=np.float32)
-    for name in names:
-        out += stems[name]
-    peak = float(np.max(np.abs(out))) if out.size else 0.0
-    gain = gain_for(peak)
-    if gain != 1.0:
-        out *= gain
-    return out, gain
 
 
 # ----- streaming: whole tracks are never held in memory ----------------------------------
@@ -100,7 +87,7 @@ class StemLengthError(audio_mod.AudioError):
 def _lockstep(paths: Mapping[str, Path], samplerate: int, channels: int, scale: float,
               chunk_frames: int, pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
     """Chunks of every stem, aligned: ``{name: float32 (channels, n)}`` divided by
-    ``scale`` (as ``pipeline.load_stems`` does), the same ``n`` for all. Each stem is read
+    ``scale`` (``stems.json``), the same ``n`` for all. Each stem is read
     by its own ffmpeg process in ``pool``, one chunk ahead of the consumer."""
     names = list(paths)
     iters = {n: audio_mod.iter_decode(paths[n], samplerate, channels, chunk_frames) for n in names}
@@ -134,7 +121,7 @@ def _lockstep(paths: Mapping[str, Path], samplerate: int, channels: int, scale: 
 
 
 def _variant_sum(chunks: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
-    """The same float32 sum as ``mix`` (same order, from zeros)."""
+    """The float32 sum of the variant's stems (in the variant's stem order, from zeros)."""
     out = np.zeros_like(chunks[names[0]], dtype=np.float32)
     for name in names:
         out += chunks[name]
@@ -163,13 +150,13 @@ def stream_peaks(paths: Mapping[str, Path], specs: Iterable[VariantSpec], *, sam
 def stream_mix(paths: Mapping[str, Path], outputs: Mapping[VariantSpec, audio_mod.Encoder], *,
                samplerate: int, channels: int, scale: float = 1.0,
                chunk_frames: int = audio_mod.CHUNK_FRAMES) -> dict[str, float]:
-    """``mix`` every variant from stem files straight into its encoder, in bounded memory;
+    """Mix every variant from stem files straight into its encoder, in bounded memory;
     returns ``{variant name: gain}``.
 
     ``paths``: stem name -> FLAC (stems.json order; the stored samples are divided by
-    ``scale``, as ``pipeline.load_stems`` does). ``outputs``: variant -> an unopened
+    ``scale`` of ``stems.json``). ``outputs``: variant -> an unopened
     ``audio.Encoder``. Pass 1 decodes every needed stem once, in chunks, and takes each
-    variant's peak of the same float32 sums ``mix`` computes, hence the same gain; pass 2
+    variant's peak of the same float32 sums pass 2 computes, hence its exact gain; pass 2
     decodes again and writes ``sum * gain`` of every variant to its encoder, all encoders
     (one ffmpeg each) running at once. Memory is a few chunks per stem and per variant,
     whatever the track's length. The files are renamed into place only once every

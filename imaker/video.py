@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .audio import AudioError, Tags, _tool, probe, write_failure
+from .audio import AudioError, Tags, tool_path, probe, write_failure
 from .fsutil import atomic_path
 
 
@@ -34,7 +34,7 @@ def mux_video(video_src: Path, instrumental_audio: Path, dest: Path, *,
                   else ["-c:a", "aac", "-b:a", audio_bitrate])
     with atomic_path(dest) as tmp:
         proc = subprocess.run(
-            [_tool("ffmpeg"), "-nostdin", "-v", "error", "-y", "-i", str(video_src),
+            [tool_path("ffmpeg"), "-nostdin", "-v", "error", "-y", "-i", str(video_src),
              "-i", str(instrumental_audio), "-map", "0:v:0", "-map", "1:a:0",
              "-c:v", "copy", *audio_args, "-map_metadata", "-1", "-movflags", "+faststart",
              "-f", "mp4", str(tmp)], capture_output=True, timeout=3600)

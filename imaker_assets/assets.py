@@ -17,6 +17,7 @@ from imaker.separator.client import SeparatorClient
 from resources import SettingsResource
 
 from .partitions import tracks
+from .versions import CODE_VERSIONS as _VERSIONS
 
 GROUP = "tracks"
 #: run tag naming the drop (the claim in working/) a run processes; runs started from the
@@ -34,6 +35,16 @@ class VariantsConfig(Config):
                                   # (`imaker backfill --variants`)
 
 
+def track_asset(*, version_of: str | None = None, **kwargs):
+    """``@asset`` of one track: a partition of `tracks` in the group `tracks`, with the code
+    version ``versions.py`` declares for it (by its name, or ``version_of``)."""
+    def decorate(fn):
+        name = kwargs.get("name") or fn.__name__
+        return asset(**{**kwargs, "name": name}, partitions_def=tracks, group_name=GROUP,
+                     code_version=_VERSIONS[version_of or name])(fn)
+    return decorate
+
+
 def drop_id(context: AssetExecutionContext) -> str | None:
     return context.run.tags.get(DROP_TAG)
 
@@ -46,10 +57,11 @@ def _stage(context: AssetExecutionContext, settings: SettingsResource, stage: st
         yield store
 
 
-@asset(partitions_def=tracks, group_name=GROUP, code_version="1", kinds={"ffmpeg", "audio"},
-       description="The bundle's audio, validated and decoded to 44.1 kHz stereo FLAC in the "
-                   "track library. Claims the bundle from its queue. Its data version is the "
-                   "sha256 of the input file, so a changed source marks the track stale.")
+@track_asset(
+    kinds={"ffmpeg", "audio"},
+    description="The bundle's audio, validated and decoded to 44.1 kHz stereo FLAC in the "
+                "track library. Claims the bundle from its queue. Its data version is the "
+                "sha256 of the input file, so a changed source marks the track stale.")
 def source_audio(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
     job_id = context.partition_key
     s = settings.get()
@@ -78,10 +90,10 @@ def source_audio(context: AssetExecutionContext, settings: SettingsResource) -> 
         data_version=DataVersion(meta["input_sha256"]))
 
 
-@asset(partitions_def=tracks, group_name=GROUP, deps=[source_audio], code_version="1",
-       pool="gpu", kinds={"demucs", "pytorch"},
-       description="Demucs stems (drums, bass, other, vocals), stored losslessly so that "
-                   "variants can be re-mixed without separating again.")
+@track_asset(
+    deps=[source_audio], pool="gpu", kinds={"demucs", "pytorch"},
+    description="Demucs stems (drums, bass, other, vocals), stored losslessly so that "
+                "variants can be re-mixed without separating again.")
 def stems(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
     s = settings.get()
     client = SeparatorClient.from_settings(s)
@@ -103,11 +115,11 @@ def stems(context: AssetExecutionContext, settings: SettingsResource) -> Materia
     })
 
 
-@asset(partitions_def=tracks, group_name=GROUP, deps=[stems], code_version="1",
-       kinds={"ffmpeg", "audio"},
-       description="Instrumental variants mixed from the stored stems (instrumental, no drums, "
-                   "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/. "
-                   "Re-materializing it never re-runs separation.")
+@track_asset(
+    deps=[stems], kinds={"ffmpeg", "audio"},
+    description="Instrumental variants mixed from the stored stems (instrumental, no drums, "
+                "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/. "
+                "Re-materializing it never re-runs separation.")
 def variants(context: AssetExecutionContext, config: VariantsConfig,
              settings: SettingsResource) -> MaterializeResult:
     job_id = context.partition_key
@@ -143,10 +155,10 @@ def variants(context: AssetExecutionContext, config: VariantsConfig,
     })
 
 
-@asset(partitions_def=tracks, group_name=GROUP, deps=[variants], code_version="1",
-       kinds={"json"},
-       description="outputs/<job_id>/manifest.json: every artifact with its sha256 and the "
-                   "provenance; written last, then the bundle is archived to done/.")
+@track_asset(
+    deps=[variants], kinds={"json"},
+    description="outputs/<job_id>/manifest.json: every artifact with its sha256 and the "
+                "provenance; written last, then the bundle is archived to done/.")
 def manifest(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
     job_id = context.partition_key
     lib = pipeline.Library.from_settings(settings.get())

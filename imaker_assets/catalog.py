@@ -13,6 +13,7 @@ from resources import SettingsResource
 
 from .assets import manifest
 from .partitions import tracks
+from .versions import CODE_VERSIONS
 
 _SCHEMA = TableSchema(columns=[TableColumn(c, "string") for c in COLUMNS])
 
@@ -23,7 +24,8 @@ def _cell(value):
     return str(value)
 
 
-@asset(group_name="catalog", deps=[manifest], code_version="2", kinds={"pandas", "csv"},
+@asset(group_name="catalog", deps=[manifest], code_version=CODE_VERSIONS["catalog"],
+       kinds={"pandas", "csv"},
        # refresh whenever any track's manifest changes; failed (missing) tracks do not block it
        automation_condition=AutomationCondition.eager().without(
            ~AutomationCondition.any_deps_missing()),

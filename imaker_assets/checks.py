@@ -38,20 +38,21 @@ def variants_match_source_duration(context: AssetCheckExecutionContext,
     return _result(analysis.check_durations(lib.output_dir(context.partition_key), arts, source))
 
 
-@asset_check(asset=variants, partitions_def=tracks, blocking=True,
-             description="No variant clips (sample peak ≤ 0 dBFS).")
-def variants_do_not_clip(context: AssetCheckExecutionContext,
-                         settings: SettingsResource) -> AssetCheckResult:
-    lib, arts = _variant_files(settings, context.partition_key)
-    return _result(analysis.check_levels(lib.output_dir(context.partition_key), arts)[0])
+def _levels_check(name: str, which: int, description: str):
+    """A blocking check on `variants` from ``analysis.check_levels`` (0: clipping, 1: silence)."""
+    @asset_check(name=name, asset=variants, partitions_def=tracks, blocking=True,
+                 description=description)
+    def _check(context: AssetCheckExecutionContext,
+               settings: SettingsResource) -> AssetCheckResult:
+        lib, arts = _variant_files(settings, context.partition_key)
+        return _result(analysis.check_levels(lib.output_dir(context.partition_key), arts)[which])
+    return _check
 
 
-@asset_check(asset=variants, partitions_def=tracks, blocking=True,
-             description="No variant is silent (RMS above −60 dBFS).")
-def variants_are_not_silent(context: AssetCheckExecutionContext,
-                            settings: SettingsResource) -> AssetCheckResult:
-    lib, arts = _variant_files(settings, context.partition_key)
-    return _result(analysis.check_levels(lib.output_dir(context.partition_key), arts)[1])
+variants_do_not_clip = _levels_check("variants_do_not_clip", 0,
+                                     "No variant clips (sample peak ≤ 0 dBFS).")
+variants_are_not_silent = _levels_check("variants_are_not_silent", 1,
+                                        "No variant is silent (RMS above −60 dBFS).")
 
 
 @asset_check(asset=manifest, partitions_def=tracks,

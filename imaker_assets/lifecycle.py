@@ -20,7 +20,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dagster import DagsterInstance, DagsterRunStatus, RunRequest, RunsFilter
+from dagster import (AssetCheckEvaluation, DagsterEventType, DagsterInstance, DagsterRun,
+                     DagsterRunStatus, RetryRequested, RunRequest, RunsFilter)
+# Not exported by Dagster (pinned 1.13.27): the structured failure data a run leaves, and the
+# run retries' own "will this run be retried" rule (tests/test_failure_reason.py,
+# test_sensor.py and test_notify.py fail if they change).
+from dagster._core.errors import DagsterAssetCheckFailedError
+from dagster._core.events import JobFailureData, RunFailureReason
+from dagster._core.execution.plan.objects import ErrorSource
+from dagster._core.execution.plan.utils import RetryRequestedFromPolicy
+from dagster._core.execution.retries import auto_reexecution_should_retry_run
+from dagster._core.storage.tags import MAX_RETRIES_TAG, RUN_FAILURE_REASON_TAG, WILL_RETRY_TAG
+from dagster._utils.tags import get_boolean_tag_value
 
 from imaker.queues import Claim, ClaimLost, QueueStore
 from imaker.settings import Settings
@@ -28,10 +39,10 @@ from imaker.settings import Settings
 from .assets import DROP_TAG
 from .partitions import tracks
 
-WILL_RETRY_TAG = "dagster/will_retry"
-MAX_RETRIES_TAG = "dagster/max_retries"
 JOB_NAME = "ingest_track"
 _FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+#: a step error of these classes is a retry request that ran out of retries: its cause is why
+_RETRY_ERRORS = {RetryRequested.__name__, RetryRequestedFromPolicy.__name__}
 
 
 @dataclass
@@ -56,54 +67,100 @@ def drop_runs(instance: DagsterInstance, drop_id: str):
     return instance.get_runs(filters=RunsFilter(tags={DROP_TAG: drop_id}))
 
 
-def failure_reason(instance: DagsterInstance, run) -> tuple[str, str]:
-    """(stage, reason) of a failed or canceled run, from its event log."""
-    from dagster import DagsterEventType
+def will_retry(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """Whether Dagster's run retries will start another attempt of this finished run: the
+    ``dagster/will_retry`` tag Dagster gives a failed run. It is written just after the run's
+    failure is stored, so the run is read again, and while the tag is not there yet the
+    answer is Dagster's own rule for it (``auto_reexecution_should_retry_run``, given the
+    run's ``dagster/failure_reason``). Only failed runs are retried, and only when the
+    instance has run retries on."""
+    if not instance.run_retries_enabled:
+        return False
+    run = instance.get_run_by_id(run.run_id) or run
+    if run.status != DagsterRunStatus.FAILURE:
+        return False
+    tag = run.tags.get(WILL_RETRY_TAG)
+    if tag is not None:
+        return get_boolean_tag_value(tag, default_value=False)
+    reason = run.tags.get(RUN_FAILURE_REASON_TAG)
+    return auto_reexecution_should_retry_run(
+        instance, run, RunFailureReason(reason) if reason else None)
 
+
+def failure_reason(instance: DagsterInstance, run: DagsterRun) -> tuple[str, str]:
+    """(stage, reason) of a failed or canceled run, from the failure data Dagster recorded:
+
+    * a step failed (the run worker's failure event names the first one): that step and its error — a blocking check (``DagsterAssetCheckFailedError``)
+      as the failed checks' descriptions, an exhausted retry as the error behind it;
+    * the run failed outside any step (it could not start, its worker died or was killed):
+      ``run`` and the failure's error or message. A run marked failed from outside its worker
+      carries no failure data; whoever marked it explains why in the failure's message (run
+      monitoring) or in an engine event it logged just before (the code server, when a run
+      process exits): both are given."""
     if run.status == DagsterRunStatus.CANCELED:
         return "run", f"run {run.run_id} was canceled"
-    records = instance.get_records_for_run(
-        run.run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE,
-                             DagsterEventType.ENGINE_EVENT}).records
-    step = next((r.event_log_entry for r in records
-                 if r.event_log_entry.dagster_event.event_type == DagsterEventType.STEP_FAILURE),
-                None)
-    if step is not None and "blocking asset check" in (step.dagster_event.message or "") + \
-            (step.dagster_event.step_failure_data.error.message
-             if step.dagster_event.step_failure_data.error else ""):
-        failed = [r.event_log_entry.dagster_event.event_specific_data for r in
-                  instance.get_records_for_run(
-                      run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records]
-        reasons = [f"{e.check_name}: {e.description}" for e in failed if not e.passed]
+    records = [r.event_log_entry for r in instance.get_records_for_run(run.run_id).records
+               if r.event_log_entry.dagster_event is not None]
+    events = [e.dagster_event for e in records]
+    at = max((i for i, e in enumerate(events) if e.event_type == DagsterEventType.RUN_FAILURE),
+             default=None)
+    failure = events[at] if at is not None else None
+    data = failure.event_specific_data if failure is not None else None
+    data = data if isinstance(data, JobFailureData) else None
+    step = (data.first_step_failure_event if data is not None else None) or next(
+        (e for e in events if e.event_type == DagsterEventType.STEP_FAILURE), None)
+    if step is not None:
+        return _step_failure(events, step)
+    if failure is None:
+        text = "the run failed"
+    elif data is not None and data.error is not None:
+        text = _error_text(data.error)
+    else:
+        text = (failure.message or "the run failed").strip()
+        before = events[at - 1] if at and data is None else None
+        if before is not None and before.event_type == DagsterEventType.ENGINE_EVENT \
+                and before.pid == failure.pid and before.message:
+            text = f"{before.message.strip()} ({text.rstrip('.')})"
+    return "run", f"run {run.run_id} failed: {text}"
+
+
+def _step_failure(events, step) -> tuple[str, str]:
+    data = step.step_failure_data
+    if data.error is not None and data.error.cls_name == DagsterAssetCheckFailedError.__name__:
+        failed = [e.event_specific_data for e in events
+                  if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
+        reasons = [f"{e.check_name}: {e.description}" for e in failed
+                   if isinstance(e, AssetCheckEvaluation) and not e.passed and e.blocking]
         if reasons:
             return "checks", "blocking check failed: " + "; ".join(reasons)
-    if step is not None:
-        data = step.dagster_event.step_failure_data
-        message = (data.user_failure_data.description if data.user_failure_data else None) \
-            or _error_text(data.error) or step.dagster_event.message
-        return step.step_key or "run", message
-    engine = [r.event_log_entry.message for r in records
-              if r.event_log_entry.dagster_event.event_type == DagsterEventType.ENGINE_EVENT
-              and r.event_log_entry.message
-              and any(w in r.event_log_entry.message for w in ("unexpectedly", "Detected run",
-                                                                "exit code", "terminated"))]
-    fail = [r.event_log_entry.message for r in records
-            if r.event_log_entry.dagster_event.event_type == DagsterEventType.RUN_FAILURE]
-    text = (engine[-1] if engine else None) or (fail[-1] if fail else None) or "the run failed"
-    return "run", f"run {run.run_id} failed: {text.strip()}"
+    message = (data.user_failure_data.description if data.user_failure_data else None) \
+        or _error_text(data.error, data.error_source) or step.message
+    return step.step_key or "run", message
 
 
-def _error_text(error) -> str | None:
-    """The message of a step's error; for an exhausted retry, the error behind it."""
+def _error_text(error, source: ErrorSource | None = None) -> str | None:
+    """The message of an error; for an exception raised in our code, that exception (not
+    Dagster's wrapper around it); for an exhausted retry, the error behind it."""
     if error is None:
         return None
+    if source == ErrorSource.USER_CODE_ERROR and error.cause is not None \
+            and error.cls_name not in _RETRY_ERRORS:
+        error = error.cause
     text = error.message.strip()
-    cause = error.cause
-    while cause is not None and (text.startswith("Exceeded max_retries")
-                                 or "RetryRequested" in text):
-        text = f"{cause.message.strip()} ({text.rstrip('.')})"
-        cause = cause.cause
+    while error.cls_name in _RETRY_ERRORS and error.cause is not None:
+        error = error.cause
+        text = f"{error.message.strip()} ({text.rstrip('.')})"
     return text
+
+
+def drop_failure(instance: DagsterInstance, run: DagsterRun) -> tuple[str, str]:
+    """``failure_reason`` of a drop's last run, saying how many runs the drop took."""
+    stage, reason = failure_reason(instance, run)
+    drop = run.tags.get(DROP_TAG)
+    attempts = len(drop_runs(instance, drop)) if drop else 1
+    if attempts > 1:
+        reason += f" (after {attempts} attempts)"
+    return stage, reason
 
 
 def settle(instance: DagsterInstance, store: QueueStore, claim: Claim) -> tuple[str, str] | None:
@@ -119,12 +176,9 @@ def settle(instance: DagsterInstance, store: QueueStore, claim: Claim) -> tuple[
         store.archive_done(claim.job_id, claim.drop_id)
         return "done", ""
     if newest.status in _FAILED:
-        if newest.status == DagsterRunStatus.FAILURE and newest.tags.get(WILL_RETRY_TAG) == "true":
+        if will_retry(instance, newest):
             return None  # Dagster's run retries start the next attempt
-        stage, reason = failure_reason(instance, newest)
-        attempts = len(runs)
-        if attempts > 1:
-            reason += f" (after {attempts} attempts)"
+        stage, reason = drop_failure(instance, newest)
         if store.fail(claim.job_id, claim.drop_id, stage, reason) is not None:
             return "failed", reason
     return None

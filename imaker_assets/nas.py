@@ -10,16 +10,14 @@ apart from ``sync.json``.
 
 
 from dagster import (AssetExecutionContext, Backoff, Failure, Jitter, MaterializeResult,
-                     MetadataValue, RetryPolicy, asset)
+                     MetadataValue, RetryPolicy)
 
 from imaker.nas import NasConfigError, SyncError, resolve_config, sync_job
 from imaker.pipeline import Library
 from resources import SettingsResource
 
-from .assets import manifest
-from .partitions import tracks
+from .assets import manifest, track_asset
 
-GROUP = "tracks"
 #: 4 tries over ~7 minutes: 60 s, 120 s, 240 s (±jitter) between them
 NAS_RETRY_POLICY = RetryPolicy(max_retries=3, delay=60, backoff=Backoff.EXPONENTIAL,
                                jitter=Jitter.PLUS_MINUS)
@@ -37,11 +35,12 @@ def _table(result) -> str:
 def build_nas_copy(retry_policy: RetryPolicy | None = NAS_RETRY_POLICY, name: str = "nas_copy"):
     """The asset; tests build one with a short retry policy."""
 
-    @asset(name=name, partitions_def=tracks, group_name=GROUP, deps=[manifest], code_version="1",
-           retry_policy=retry_policy, kinds={"nas"},
-           description="Copies the track's artifacts to the NAS routes of the sync config "
-                       "(local path, rsync, SFTP, S3), verified by size and sha256; "
-                       "records outputs/<job_id>/sync.json. Skipped when NAS sync is off.")
+    @track_asset(
+        name=name, version_of="nas_copy", deps=[manifest], retry_policy=retry_policy,
+        kinds={"nas"},
+        description="Copies the track's artifacts to the NAS routes of the sync config "
+                    "(local path, rsync, SFTP, S3), verified by size and sha256; "
+                    "records outputs/<job_id>/sync.json. Skipped when NAS sync is off.")
     def _nas_copy(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
         job_id = context.partition_key
         s = settings.get()

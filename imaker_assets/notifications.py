@@ -26,7 +26,7 @@ from imaker.queues import QueueStore
 from imaker.settings import Settings
 
 from .assets import DROP_TAG
-from .lifecycle import JOB_NAME, WILL_RETRY_TAG, drop_runs, failure_reason
+from .lifecycle import JOB_NAME, drop_failure, will_retry
 
 #: sensor name -> the run status it handles
 NOTIFY_SENSORS = {"notify_done": DagsterRunStatus.SUCCESS,
@@ -51,11 +51,8 @@ def run_outcome(instance: DagsterInstance, run: DagsterRun,
         return notify.outcome_done(settings.paths.outputs_dir, job_id)
     if run.status not in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
         return None
-    if run.status == DagsterRunStatus.FAILURE:
-        # the tag is added right after the failure event is stored: read the run again
-        run = instance.get_run_by_id(run.run_id) or run
-        if run.tags.get(WILL_RETRY_TAG) == "true":
-            return None
+    if will_retry(instance, run):
+        return None
     store = QueueStore.from_settings(settings)
     drop = run.tags.get(DROP_TAG)
     where = store.settled(job_id, drop) if drop else None
@@ -63,11 +60,7 @@ def run_outcome(instance: DagsterInstance, run: DagsterRun,
     if failure is None:
         # a dead or canceled run (the queue sensor archives it with this same reason), or a
         # step after the manifest (nas_copy: the bundle is in done/, the outputs exist)
-        stage, reason = failure_reason(instance, run)
-        attempts = len(drop_runs(instance, drop)) if drop else 1
-        if attempts > 1:
-            reason += f" (after {attempts} attempts)"
-        failure = stage, reason
+        failure = drop_failure(instance, run)
     located = where or store.locate(job_id)
     return notify.outcome_failed(job_id, *failure, bundle_dir=located[1] if located else None)
 

@@ -22,7 +22,7 @@ from resources import build_resources
 from .assets import manifest, stems, track_assets, variants
 from .catalog import catalog
 from .checks import track_checks
-from .lifecycle import WILL_RETRY_TAG, claim_ready, drop_runs, failure_reason
+from .lifecycle import claim_ready, drop_runs, failure_reason, will_retry
 from .notifications import unhandled_outcomes
 from .partitions import tracks
 
@@ -133,9 +133,7 @@ def outcome(instance: DagsterInstance, store: QueueStore, claim: Claim,
         return None
     runs = drop_runs(instance, claim.drop_id)
     newest = runs[0] if runs else None
-    if newest is not None and (not newest.is_finished or (
-            newest.status == DagsterRunStatus.FAILURE
-            and newest.tags.get(WILL_RETRY_TAG) == "true")):
+    if newest is not None and (not newest.is_finished or will_retry(instance, newest)):
         return None  # e.g. nas_copy still running after the manifest archived the bundle
     state, path = where
     if state == "failed":

@@ -16,10 +16,10 @@ from mutagen import File as MutagenFile
 
 from conftest import make_audio
 from imaker import analysis, audio
-from imaker.pipeline import Library, load_stems, make_variants
+from imaker.pipeline import Library, make_variants
 from imaker.settings import Output
-from imaker.variants import (PEAK_CEILING, VARIANTS, StemLengthError, mix, stream_mix,
-                             stream_peaks)
+from imaker.variants import PEAK_CEILING, VARIANTS, StemLengthError, stream_mix, stream_peaks
+from oracles import load_stems, mix
 
 RATE = 44100
 LSB24 = 2.0**-23  # one step of a 24-bit FLAC sample
@@ -68,7 +68,7 @@ def _store(folder: Path, stems: dict[str, np.ndarray], scale: float) -> dict[str
 
 
 def _loaded(paths: dict[str, Path], scale: float) -> dict[str, np.ndarray]:
-    """What ``pipeline.load_stems`` gives ``mix``: the decoded stems divided by the scale."""
+    """What ``oracles.load_stems`` gives ``mix``: the decoded stems divided by the scale."""
     return {name: audio.decode(path, RATE, 2) / scale for name, path in paths.items()}
 
 

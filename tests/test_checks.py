@@ -11,6 +11,7 @@ from conftest import claim_tags, write_bundle
 from imaker import analysis, audio, pipeline
 from imaker.settings import load_settings
 from imaker_assets.definitions import build_defs
+from imaker_assets.versions import CODE_VERSIONS
 
 
 @pytest.fixture
@@ -39,12 +40,36 @@ def test_checks_pass_on_a_good_track_and_metadata_is_rich(processed):
     assert set(per) == {"instrumental", "no_drums"} and all(v["bytes"] > 0 for v in per.values())
     # the data version of source_audio is the input hash: the UI's staleness follows the source
     man = json.loads((settings.paths.outputs_dir / "chk" / "manifest.json").read_text())
-    assert man["provenance"]["code_versions"] == {"source_audio": "1", "stems": "1",
-                                                  "variants": "1", "manifest": "1"}
+    assert man["provenance"]["code_versions"] == {
+        name: CODE_VERSIONS[name] for name in ("source_audio", "stems", "variants", "manifest")}
     record = instance.get_latest_materialization_event(
         result.asset_materializations_for_node("source_audio")[0].asset_key)
     assert record.asset_materialization.tags["dagster/data_version"] == \
         man["provenance"]["source"]["input_sha256"]
+    _a_new_code_version_marks_the_track_stale(instance)
+
+
+def _a_new_code_version_marks_the_track_stale(instance):
+    """What the README promises, through Dagster's staleness resolver (the UI's): the track
+    just processed is fresh; with `stems` at a new code version (imaker_assets/versions.py)
+    its stems are stale for the code. Dagster 1.13 marks the assets below them stale only
+    once the stems are materialized again with a new data version."""
+    from dagster._core.definitions.data_version import StaleCauseCategory, StaleStatus
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    from imaker_assets.assets import stems, track_assets
+
+    keys = [a.key for a in track_assets]
+    now = get_stale_status_resolver(instance, track_assets)
+    assert [now.get_status(k, "chk") for k in keys] == [StaleStatus.FRESH] * 4
+    bumped = [a.map_asset_specs(lambda spec: spec.replace_attributes(
+        code_version=str(int(spec.code_version) + 1))) if a is stems else a
+        for a in track_assets]
+    later = get_stale_status_resolver(instance, bumped)
+    assert [later.get_status(k, "chk") for k in keys] == \
+        [StaleStatus.FRESH, StaleStatus.STALE, StaleStatus.FRESH, StaleStatus.FRESH]
+    [cause] = later.get_stale_root_causes(stems.key, "chk")
+    assert cause.category == StaleCauseCategory.CODE and cause.asset_key == stems.key
 
 
 def _ingest(job_id):

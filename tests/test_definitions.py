@@ -54,3 +54,14 @@ def test_ingest_only_daemon_has_the_queue_and_notification_sensors(imaker_env, m
         assert sensor.default_status == DefaultSensorStatus.RUNNING
         assert sensor._run_status == status   # no public accessor in Dagster 1.13
         assert [j.name for j in sensor._monitored_jobs] == ["ingest_track"]
+
+
+def test_every_asset_takes_its_code_version_from_the_one_table(imaker_env):
+    """imaker_assets/versions.py declares the code version of every asset."""
+    from imaker_assets.definitions import build_defs
+    from imaker_assets.versions import CODE_VERSIONS
+
+    graph = build_defs().resolve_asset_graph()
+    versions = {k.to_user_string(): graph.get(k).code_version
+                for k in graph.get_all_asset_keys()}
+    assert versions == CODE_VERSIONS

@@ -13,10 +13,11 @@ from conftest import claim_tags, write_bundle
 from imaker import audio, separation
 from imaker.bundle import JobManifest, schema_errors
 from imaker.fsutil import sha256_file
-from imaker.pipeline import Library, load_stems
+from imaker.pipeline import Library
 from imaker.settings import load_settings
 from imaker.variants import VARIANTS
 from imaker_assets.assets import manifest, track_assets, variants
+from oracles import load_stems
 from resources import build_resources
 
 

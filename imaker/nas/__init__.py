@@ -1,5 +1,6 @@
 """NAS sync (no Dagster): manifest-routed copies of a job's artifacts to mounted paths,
-rsync, SFTP or S3, verified, atomic and idempotent. See ``docs/nas_sync.md``."""
+rsync, SFTP or S3, verified, atomic and idempotent. How it works: ``docs/nas_sync.md``;
+the user's guide: the README's *NAS sync*."""
 
 from .config import (Destination, NasConfig, NasConfigError, Route, load_config,
                      parse_config, parse_destination)

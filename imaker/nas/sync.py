@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from ..bundle import JobManifest
+from ..bundle import BundleError, JobManifest, manifest_dirs
 from ..fsutil import safe_filename, sha256_file, write_json_atomic
 from .backends import DIFFERENT, MISSING, SAME, Backend, make_backend
 from .config import NasConfig, NasConfigError, Route, load_config
@@ -209,13 +209,13 @@ def sync_job(output_dir: Path, config: NasConfig | None, *, log=None,
     manifest_path = output_dir / JobManifest.FILENAME
     if not manifest_path.is_file():
         raise SyncError(f"{output_dir} has no {JobManifest.FILENAME}; nothing to sync")
-    manifest = JobManifest.load(output_dir)
+    manifest = _load_manifest(output_dir)
     if config is None or not config.enabled:
         log.warning(f"{manifest.job_id}: {skip_reason}; artifacts stay in {output_dir}")
         return SyncResult(manifest.job_id, "skipped", reason=skip_reason, time=_now())
 
     with job_lock(output_dir):
-        manifest = JobManifest.load(output_dir)  # re-read under the lock
+        manifest = _load_manifest(output_dir)  # re-read under the lock
         manifest_sha = sha256_file(manifest_path)
         previous = {a.get("path"): a for a in (read_sync_record(output_dir) or {}).get("artifacts", [])
                     if isinstance(a, dict)}
@@ -238,6 +238,13 @@ def sync_job(output_dir: Path, config: NasConfig | None, *, log=None,
             "artifacts": [r.to_dict() for r in results]})
     (log.warning if status == "failed" else log.info)(result.summary())
     return result
+
+
+def _load_manifest(output_dir: Path) -> JobManifest:
+    try:
+        return JobManifest.load(output_dir)
+    except BundleError as exc:
+        raise SyncError(f"{output_dir}: {exc}") from None
 
 
 def _sync_artifact(session: _Session, manifest: JobManifest, output_dir: Path, art,
@@ -334,8 +341,7 @@ def pending_jobs(outputs_dir: Path, config: NasConfig) -> list[Path]:
     outputs_dir = Path(outputs_dir)
     if not outputs_dir.is_dir():
         return []
-    return [m.parent for m in sorted(outputs_dir.glob(f"*/{JobManifest.FILENAME}"))
-            if not m.parent.name.startswith(".") and needs_sync(m.parent, config)]
+    return [job for job in manifest_dirs(outputs_dir) if needs_sync(job, config)]
 
 
 def sync_all(outputs_dir: Path, config: NasConfig, *, once: bool = True,
@@ -350,8 +356,7 @@ def sync_all(outputs_dir: Path, config: NasConfig, *, once: bool = True,
     while True:
         results = []
         outputs = Path(outputs_dir)
-        jobs = ([m.parent for m in sorted(outputs.glob(f"*/{JobManifest.FILENAME}"))]
-                if force else pending_jobs(outputs, config))
+        jobs = manifest_dirs(outputs) if force else pending_jobs(outputs, config)
         for job_dir in jobs:
             if stop.is_set():
                 break

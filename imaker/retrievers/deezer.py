@@ -14,10 +14,9 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..audio import probe
+from ..audio import FileTags, probe, read_tags
 from .base import (FAILED, REJECTED, Outcome, Rejected, Retriever, RetrieverError,
                    describe, make_job_id)
-from .media import FileTags, read_tags
 
 BITRATES = {"flac": 9, "mp3_320": 3, "mp3_128": 1}
 INSTALL_HINT = ("deemix is not installed; install the optional extra: "

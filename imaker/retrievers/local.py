@@ -17,11 +17,11 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from ..audio import AudioError, probe
+from ..audio import AudioError, probe, read_tags
 from ..fsutil import sha256_file
 from .base import (FAILED, REJECTED, Outcome, Rejected, Retriever, RetrieverError,
                    describe, make_job_id)
-from .media import AUDIO_EXTENSIONS, read_tags
+from .media import AUDIO_EXTENSIONS
 
 COVER_NAMES = ("cover", "folder", "front", "album", "albumart")
 _TRACKNO = re.compile(r"^\s*(?:disc\s*\d+\s*[-.]\s*)?\d{1,3}\s*(?:[-.)_]\s*|\s+)(?=\S)", re.I)

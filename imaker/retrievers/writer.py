@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping
 
 from ..bundle import BUNDLE_PREFIX, JOB_ID_RE, BundleError, JobBundle
-from ..fsutil import fsync_dir
-from ..queues import _rename_noreplace, utcnow
+from ..fsutil import fsync_dir, rename_noreplace
+from ..queues import utcnow
 
 LOCK_NAME = ".imaker-retrievers.lock"
 
@@ -171,7 +171,7 @@ class BundleWriter:
                                               encoding="utf-8")
                 JobBundle.load(tmp)  # exactly what the processor will check
                 _fsync_tree(tmp)
-                _rename_noreplace(tmp, final)
+                rename_noreplace(tmp, final)
             except FileExistsError:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise DuplicateJob(f"{final} is already waiting in the queue") from None

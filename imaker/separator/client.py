@@ -1,5 +1,5 @@
-"""What a run's `stems` step uses to reach the separation service (standard library only:
-a run process never imports torch).
+"""What a run's `stems` step uses to reach the separation service (HTTP with the standard
+library, filelock to auto-start one service at a time; a run process never imports torch).
 
 ``SEPARATOR_URL`` names the service. Left unset, the service is the one on loopback
 (``127.0.0.1:SEPARATOR_PORT``), started on first use by whichever process needs it first

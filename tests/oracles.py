@@ -1,0 +1,38 @@
+"""Whole-track reference implementations the tests compare the product's streaming code
+with (moved out of the product modules, which stream and never hold a track whole)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imaker import audio as audio_mod
+from imaker.pipeline import Library
+from imaker.variants import VariantSpec, gain_for
+
+
+def codec_name(fmt: str) -> str:
+    """The codec ffprobe reports for a file encoded in ``fmt`` (the manifest's codec)."""
+    return audio_mod.FORMATS[fmt][2]
+
+
+def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A track's stored stems decoded whole and divided by their scale (``stems.json``)."""
+    meta = lib.read_json(job_id, "stems.json", stems=True)
+    folder = lib.stem_dir(job_id)
+    stems = {name: audio_mod.decode(folder / f"{name}.flac", meta["sample_rate"], meta["channels"])
+             / meta["scale"] for name in meta["sources"]}
+    return stems, meta
+
+
+def mix(stems: dict[str, np.ndarray], spec: VariantSpec) -> tuple[np.ndarray, float]:
+    """Sum the variant's stems of a whole track and apply the anti-clipping rule (what
+    ``variants.stream_mix`` does chunk by chunk). Returns (audio, gain)."""
+    names = spec.stems_for(list(stems))
+    out = np.zeros_like(stems[names[0]], dtype=np.float32)
+    for name in names:
+        out += stems[name]
+    peak = float(np.max(np.abs(out))) if out.size else 0.0
+    gain = gain_for(peak)
+    if gain != 1.0:
+        out *= gain
+    return out, gain
