@@ -29,7 +29,10 @@ fi
 # SEPARATOR_PORT, or on the port this checkout's runs use instead while another install's
 # service holds that one. Runs find it running and start none of their own (a detached one
 # would outlive this script). Not started when SEPARATOR_URL names a service.
-separator_pid=
+separator_pid= media_pid= dagster_pid=
+# (before `dagster dev` runs, a stop signal ends the script: the EXIT trap stops the rest)
+trap 'kill -TERM $dagster_pid $media_pid $separator_pid 2>/dev/null; [ -n "$dagster_pid" ] || exit 143' INT TERM
+trap 'kill -TERM $media_pid $separator_pid 2>/dev/null || true' EXIT
 if [ -z "${SEPARATOR_URL:-}" ]; then
     env --default-signal=INT,TERM "$imaker" separator serve --preload &
     separator_pid=$!
@@ -39,8 +42,6 @@ media_pid=$!
 env --default-signal=INT,TERM .venv/bin/dagster dev -w workspace.yaml \
     -h "${DAGSTER_HOST:-127.0.0.1}" -p "${DAGSTER_PORT:-3000}" &
 dagster_pid=$!
-trap 'kill -TERM "$dagster_pid" "$media_pid" $separator_pid 2>/dev/null || true' INT TERM
-trap 'kill -TERM "$media_pid" $separator_pid 2>/dev/null || true' EXIT
 set +e
 wait "$dagster_pid"
 rc=$?
@@ -48,6 +49,6 @@ while kill -0 "$dagster_pid" 2>/dev/null; do   # a signal interrupted wait: let 
     wait "$dagster_pid"
     rc=$?
 done
-kill -TERM "$media_pid" $separator_pid 2>/dev/null
-wait "$media_pid" $separator_pid 2>/dev/null
+kill -TERM $media_pid $separator_pid 2>/dev/null
+wait $media_pid $separator_pid 2>/dev/null
 exit "$rc"

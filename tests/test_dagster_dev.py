@@ -96,7 +96,8 @@ def test_sigterm_stops_readme_command_1_and_everything_it_started(imaker_env, so
                      "dagster._daemon run", "dagster code-server", "dagster api grpc"):
             assert part in commands, (part, tree)
         took = server.stop()
-    print(f"SIGTERM -> {len(server.stopped_tree)} processes gone in {took:.1f} s")
+    print(f"SIGTERM -> {len(server.stopped_tree)} processes gone in {took:.1f} s: "
+          + ", ".join(" ".join(c.split()[1:4]) for c in server.stopped_tree.values()))
     for p in (port, media_port, separator_port):  # and nothing listens any more
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, p
