@@ -21,8 +21,7 @@ fi
 # started with. A script started in the background (by a supervisor, a CI harness, nohup,
 # `cmd &` in another script) has SIGINT ignored, bash cannot undo that (`trap - INT` does not
 # reset a signal ignored at entry), and an ignored SIGINT made `dagster dev` ignore SIGTERM
-# too: Dagster points SIGTERM at SIGINT's handler. The trap below stops each child (Ctrl-C
-# in a terminal reaches the whole group as well).
+# too: Dagster points SIGTERM at SIGINT's handler. The traps below stop each child.
 #
 # The separation service: this checkout's own, started first with the model loaded (its
 # /health answers once it is ready; until then the runs wait for it on its start lock) on
@@ -30,16 +29,22 @@ fi
 # service holds that one. Runs find it running and start none of their own (a detached one
 # would outlive this script). Not started when SEPARATOR_URL names a service.
 separator_pid= media_pid= dagster_pid=
-# (before `dagster dev` runs, a stop signal ends the script: the EXIT trap stops the rest)
-trap 'kill -TERM $dagster_pid $media_pid $separator_pid 2>/dev/null; [ -n "$dagster_pid" ] || exit 143' INT TERM
-trap 'kill -TERM $media_pid $separator_pid 2>/dev/null || true' EXIT
+# `dagster dev` runs in a session (and process group) of its own, which the traps stop as a
+# whole, as Ctrl-C in a terminal does: its code server waits for the runs in flight before
+# it exits, so SIGTERM to `dagster dev` alone left the code server and a running track's
+# run worker going (which then auto-started a separation service of its own). A run in
+# flight is interrupted, as with Ctrl-C.
+# (Before `dagster dev` runs, a stop signal ends the script; the EXIT trap stops the rest.)
+stop_dagster() { [ -z "$dagster_pid" ] || kill -TERM -- "-$dagster_pid" 2>/dev/null || true; }
+trap 'stop_dagster; kill -TERM $media_pid $separator_pid 2>/dev/null; [ -n "$dagster_pid" ] || exit 143' HUP INT TERM
+trap 'stop_dagster; kill -TERM $media_pid $separator_pid 2>/dev/null || true' EXIT
 if [ -z "${SEPARATOR_URL:-}" ]; then
     env --default-signal=INT,TERM "$imaker" separator serve --preload &
     separator_pid=$!
 fi
 env --default-signal=INT,TERM "$imaker" media serve &
 media_pid=$!
-env --default-signal=INT,TERM .venv/bin/dagster dev -w workspace.yaml \
+setsid env --default-signal=INT,TERM .venv/bin/dagster dev -w workspace.yaml \
     -h "${DAGSTER_HOST:-127.0.0.1}" -p "${DAGSTER_PORT:-3000}" &
 dagster_pid=$!
 set +e

@@ -112,14 +112,16 @@ class Server:
     """A started server: ``proc``, ``url``, ``log``; ``stop()`` stops it as a supervisor
     does and checks that nothing it started is left (once; the context manager calls it)."""
 
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
-        self.proc, self.url, self.log = proc, url, log
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path, detached: bool = False):
+        self.proc, self.url, self.log, self.detached = proc, url, log, detached
         self.stopped_tree: dict[int, str] | None = None
         self.stop_seconds: float | None = None
 
     def tree(self) -> dict[int, str]:
-        """What it started and stops: the processes of its session (it has its own)."""
-        return process_tree(self.proc.pid, session=self.proc.pid)
+        """What it started and must stop: all its descendants with ``detached``, else those
+        in its session (it has its own; a run's auto-started separation service has its own
+        too, and outlives `dagster dev` on purpose)."""
+        return process_tree(self.proc.pid, session=None if self.detached else self.proc.pid)
 
     def stop(self) -> float:
         if self.stopped_tree is None:
@@ -139,15 +141,17 @@ def as_background_job() -> None:
 
 @contextmanager
 def serving(argv: list[str], port: int, log_path: Path, *, env: dict | None = None,
-            cwd: Path = ROOT, timeout: float = 120, preexec_fn=default_signals):
+            cwd: Path = ROOT, timeout: float = 120, preexec_fn=default_signals,
+            detached: bool = False):
     """Run ``argv`` (which serves Dagster's UI on 127.0.0.1:``port``) in its own session,
     with default signal dispositions (or what ``preexec_fn`` sets); yield a ``Server`` once
-    /server_info answers; stop it with ``Server.stop`` on the way out."""
+    /server_info answers; stop it with ``Server.stop`` on the way out (``detached``: the
+    processes it started in sessions of their own must stop too)."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=cwd, env=env if env is not None else os.environ.copy(),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=preexec_fn)
-    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path, detached)
     try:
         deadline = time.time() + timeout
         while True:  # polled: nothing tells when the webserver answers but asking it

@@ -8,7 +8,7 @@ import socket
 import time
 import urllib.request
 
-from conftest import write_bundle
+from conftest import make_audio, write_bundle
 from dagster_server import as_background_job, dagster_server, free_port, serving
 from imaker.separator.client import client_from_settings
 from imaker.settings import load_settings
@@ -68,14 +68,15 @@ def test_sigterm_stops_readme_command_1_and_everything_it_started(imaker_env, so
     supervisor stops it, after it processed a bundle: SIGTERM to the script's process, and
     every process it started — `dagster dev` and its children, the media server, the
     separation service the run used — is gone within 30 s (``dagster_server.stop_and_check``;
-    nothing is killed unless the test fails). Started as `nohup bash scripts/run.sh &` starts
-    it (SIGINT ignored, which bash cannot undo): `dagster dev` then ignored SIGTERM."""
+    nothing is killed unless the test fails), a track's run in flight included. Started as
+    `nohup bash scripts/run.sh &` starts it (SIGINT ignored, which bash cannot undo): `dagster
+    dev` then ignored SIGTERM."""
     port, media_port, separator_port = free_port(), free_port(), free_port()
     monkeypatch.setenv("SEPARATOR_PORT", str(separator_port))  # its own, not the session's
     settings = load_settings()
     env = {**os.environ, "DAGSTER_PORT": str(port), "MEDIA_PORT": str(media_port)}
     with serving(["bash", "scripts/serve.sh"], port, tmp_path / "serve.log", env=env,
-                 timeout=180, preexec_fn=as_background_job) as server:
+                 timeout=180, preexec_fn=as_background_job, detached=True) as server:
         write_bundle(settings.queue_other, "sigterm_1", source_m4a)
         done = settings.archive_dir / "done" / "job_sigterm_1"
         deadline = time.time() + 300
@@ -95,6 +96,13 @@ def test_sigterm_stops_readme_command_1_and_everything_it_started(imaker_env, so
         for part in ("separator serve", "media serve", "dagster dev", "dagster_webserver",
                      "dagster._daemon run", "dagster code-server", "dagster api grpc"):
             assert part in commands, (part, tree)
+        # and a second track in the middle of its separation: its run worker stops too
+        write_bundle(settings.queue_other, "sigterm_2", make_audio(tmp_path / "long.m4a", 60.0))
+        deadline = time.time() + 300
+        while not (client.health() or {}).get("active"):  # polled: as above
+            assert time.time() < deadline, server.log.read_text()[-3000:]
+            time.sleep(1)
+        assert "multiprocessing.spawn" in " | ".join(server.tree().values())  # the run worker
         took = server.stop()
     print(f"SIGTERM -> {len(server.stopped_tree)} processes gone in {took:.1f} s: "
           + ", ".join(" ".join(c.split()[1:4]) for c in server.stopped_tree.values()))
