@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     sep_sub = sep.add_subparsers(dest="separator_command", required=True)
     serve = sep_sub.add_parser("serve", help="run the service (HTTP; GET /health, POST /separate)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (compose: 0.0.0.0)")
-    serve.add_argument("--port", type=int, default=None, help="port (default SEPARATOR_PORT, 8765)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port (default SEPARATOR_PORT, 8765; when another install's service "
+                            "holds it, the port this checkout's processes use instead)")
     serve.add_argument("--concurrency", type=int, default=None,
                        help="separations at once (default SEPARATOR_CONCURRENCY: cores on CPU, 2 on CUDA)")
     serve.add_argument("--idle-exit", type=float, default=None,
@@ -279,12 +281,29 @@ def main(argv: list[str] | None = None) -> int:
                 bad += 1
         return 1 if bad else 0
     if args.command == "separator":
+        from .separator.client import SeparatorClient
         from .separator.service import Preload, serve as serve_separator
 
+        client = SeparatorClient.from_settings(settings)
         preload = Preload(separation=settings.separation) if args.preload else None
-        serve_separator(args.host, args.port or settings.service.port,
+        port, lock = args.port, None
+        if port is None and not settings.service.url:
+            # this checkout's service (scripts/serve.sh): SEPARATOR_PORT, or the port its
+            # processes use instead while another install's service holds that one; the
+            # start lock is held until it listens, so they wait for it instead of starting one
+            lock = client.start_lock()
+            lock.acquire()
+            if client.find_running():
+                lock.release()
+                print(f"imaker: this checkout's separation service already runs on "
+                      f"{client.address}", file=sys.stderr)
+                return 0
+            port = client.port_to_start()
+        serve_separator(args.host, port or settings.service.port,
                         concurrency=args.concurrency or settings.service.concurrency,
-                        idle_exit_s=args.idle_exit, preload=preload)
+                        idle_exit_s=args.idle_exit, preload=preload,
+                        identity=client.identity(),
+                        on_listening=lock.release if lock is not None else None)
         return 0
     if args.command == "media":
         from . import media

@@ -39,8 +39,25 @@ WORKSPACE = """load_from:
 """
 
 
+def _materialize(*args, **kwargs):
+    """Dagster's ``materialize`` in this process, with SIGINT/SIGTERM left as they were.
+    Dagster's in-process execution (``capture_interrupts``) ends by pointing SIGTERM at
+    SIGINT's handler (``dagster._utils.interrupts.setup_interrupt_handlers``): in a process
+    started with SIGINT ignored (a background job of a script, nohup, some supervisors) that
+    is SIGTERM *ignored* from then on, in it and in every process it starts later (an
+    ignored signal survives exec), so `kill -TERM` no longer stopped `imaker ingest`."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        return materialize(*args, **kwargs)
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: a handler not set from Python (left alone)
+                signal.signal(sig, handler)
+
+
 def refresh_catalog(instance: DagsterInstance, settings: Settings) -> bool:
-    result = materialize([catalog], instance=instance, resources=build_resources(settings),
+    result = _materialize([catalog], instance=instance, resources=build_resources(settings),
                          run_config=QUIET, raise_on_error=False)
     return result.success
 
@@ -263,7 +280,7 @@ def backfill_variants(instance: DagsterInstance, settings: Settings, add_variant
         if not lib.has_stems(job_id):
             print(f"{job_id}: stems were purged: separating again first", file=out, flush=True)
             selection.insert(0, stems)
-        result = materialize(
+        result = _materialize(
             [*track_assets, *track_checks], instance=instance, partition_key=job_id,
             selection=AssetSelection.assets(*selection), resources=resources,
             run_config={**QUIET, "ops": {"variants": {"config": {"add_variants": list(add_variants)}}}},

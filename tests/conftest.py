@@ -8,9 +8,11 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 # a developer's own .env never leaks into the tests (tests/test_settings_file.py sets its own)
 os.environ["IMAKER_ENV_FILE"] = ""
@@ -21,6 +23,7 @@ os.environ["IMAKER_ENV_FILE"] = ""
 # from 8:15 to 6:56.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from dagster_server import STOP_SIGNALS
 from imaker.devmodel import build_model_repo
 
 MODEL_NAME = "tiny_htdemucs"
@@ -31,37 +34,78 @@ def pytest_configure(config):
     the xdist controller, before it starts the workers, which share it, as a deployment's
     runs share one), stopped when the session ends. Without it the tests shared the default
     port's service with earlier test runs (it lives 15 idle minutes): code edited since
-    was not the code that separated."""
+    was not the code that separated. The workers share one tiny model repo too: a service
+    serves one model repo (its identity), so a repo per worker would be a service per worker."""
     if hasattr(config, "workerinput") or os.environ.get("IMAKER_TEST_SEPARATOR_PORT"):
         return
     from dagster_server import free_port
 
     os.environ["IMAKER_TEST_SEPARATOR_PORT"] = str(free_port())
     config._imaker_separator_port = int(os.environ["IMAKER_TEST_SEPARATOR_PORT"])
+    os.environ["IMAKER_TEST_MODEL_REPO"] = tempfile.mkdtemp(prefix="imaker-test-models-")
+    config._imaker_model_repo = os.environ["IMAKER_TEST_MODEL_REPO"]
 
 
 def stop_separator(port: int) -> None:
     """Stop the auto-started separation service on ``port`` (SIGTERM to the pid its /health
-    names), if one answers."""
+    names), if one answers, and those this checkout started instead of it while another
+    one held the port (their ports are recorded beside the client's start lock)."""
     from imaker.separator.client import SeparatorClient
 
-    health = SeparatorClient(url=None, port=port).health()
-    if health and health.get("pid"):
+    ports = [port]
+    for state in Path(tempfile.gettempdir()).glob(f"imaker-separator-{port}-*.json"):
         try:
-            os.kill(int(health["pid"]), signal.SIGTERM)
-        except ProcessLookupError:
+            ports.append(int(json.loads(state.read_text())["port"]))
+            state.unlink()
+        except (OSError, ValueError, KeyError):
             pass
+    for p in ports:
+        health = SeparatorClient(url=None, port=p).health()
+        if health and health.get("pid"):
+            try:
+                os.kill(int(health["pid"]), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 def pytest_unconfigure(config):
     port = getattr(config, "_imaker_separator_port", None)
     if port is not None:
         stop_separator(port)
+    if getattr(config, "_imaker_model_repo", None):
+        shutil.rmtree(config._imaker_model_repo, ignore_errors=True)
+        Path(config._imaker_model_repo + ".lock").unlink(missing_ok=True)
+
+
+#: how the test process handles the stop signals at its start (before any test ran)
+_DISPOSITIONS = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+
+@pytest.fixture(autouse=True)
+def _stop_signals_as_they_were():
+    """Each test leaves HUP/INT/QUIT/TERM as the test process had them. In-process Dagster
+    execution (``materialize``, ``execute_in_process``) ends by pointing SIGTERM at SIGINT's
+    handler (``dagster._utils.interrupts.setup_interrupt_handlers``); in a worker started
+    with SIGINT ignored (pytest in the background: a CI harness, nohup) that left SIGTERM
+    ignored for every later test and every process they start — a bash script among them
+    cannot trap it (a watcher that never stopped on SIGTERM). The product's own in-process
+    calls restore them (``imaker_assets.operations``); the tests call Dagster directly."""
+    yield
+    for sig, handler in _DISPOSITIONS.items():
+        if handler is not None and signal.getsignal(sig) != handler:
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory) -> Path:
-    return build_model_repo(tmp_path_factory.mktemp("models"), MODEL_NAME)
+    shared = os.environ.get("IMAKER_TEST_MODEL_REPO")
+    if not shared:  # a session that did not run this conftest's pytest_configure
+        return build_model_repo(tmp_path_factory.mktemp("models"), MODEL_NAME)
+    repo = Path(shared)
+    with FileLock(str(repo) + ".lock"):  # one worker builds it, the others wait
+        if not (repo / f"{MODEL_NAME}.yaml").is_file():
+            build_model_repo(repo, MODEL_NAME)
+    return repo
 
 
 def make_audio(path: Path, seconds: float = 3.0, *, freq: int = 440, fmt_args=()) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dagster_server import default_signals
 
 ROOT = Path(__file__).parents[1]
 DOCKER = ROOT / "docker"
@@ -479,16 +480,22 @@ def test_youtube_watcher_hands_each_inbox_file_to_imaker_once(tmp_path):
     (inbox / "c.txt.tmp").write_text("https://x/3\n")
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "CALLS": str(calls),
            "IMAKER_INBOX": str(inbox), "IMAKER_INBOX_INTERVAL": "1", "YTDL_MODE": "both"}
+    # default signal dispositions, as in its container: a SIGTERM ignored by the test
+    # process (see conftest's _stop_signals_as_they_were) would be ignored by the watcher
     proc = subprocess.Popen(["bash", str(DOCKER / "youtube-watch.sh")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=default_signals)
     try:
         deadline = time.time() + 30
         while time.time() < deadline and not (list((inbox / "done").glob("a.txt.*"))
                                                and list((inbox / "failed").glob("b.txt.*"))):
             time.sleep(0.2)
-    finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # it did not stop on SIGTERM: the test fails, leaking nothing
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, out
     lines = sorted(calls.read_text().splitlines())
     assert lines == ["retrieve youtube --mode both -- https://bad",

@@ -6,7 +6,6 @@ exported variables, and `imaker backfill` in a new shell uses the same settings.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from conftest import MODEL_NAME, stop_separator, write_bundle
-from dagster_server import free_port
+from dagster_server import free_port, process_tree, stop_and_check
 
 ROOT = Path(__file__).parents[1]
 IMAKER = str(Path(sys.executable).with_name("imaker"))
@@ -107,8 +106,8 @@ def test_a_fresh_checkout_runs_from_dotenv_alone(tmp_path, model_repo, source_m4
                                     timeout=10) as resp:
             assert resp.status == 200 and resp.read(4)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        # as a supervisor stops it (`dagster dev` runs in a process group of its own)
+        stop_and_check(proc, process_tree(proc.pid))
         stop_separator(separator_port)
 
     # a new shell: `imaker backfill` finds the same data, model and instance from .env

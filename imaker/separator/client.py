@@ -1,18 +1,30 @@
 """What a run's `stems` step uses to reach the separation service (HTTP with the standard
 library, filelock to auto-start one service at a time; a run process never imports torch).
 
-``SEPARATOR_URL`` names the service. Left unset, the service is the one on loopback
+``SEPARATOR_URL`` names the service. Left unset, the service is this checkout's on loopback
 (``127.0.0.1:SEPARATOR_PORT``), started on first use by whichever process needs it first
-(``imaker separator serve`` detached, with an idle exit), so README command 1, ``imaker
-ingest`` and the tests need nothing more. A service that is not reachable, or that dies
-mid-separation, raises ``ServiceUnavailable`` (a ``TransientError``: the step is retried);
-a separation the service reports as failed raises ``StageError``.
+(``imaker separator serve`` detached, with an idle exit) unless one runs already (README
+command 1 starts its own), so ``imaker ingest`` and the tests need nothing more. A service
+that is not reachable, or that dies mid-separation, raises ``ServiceUnavailable`` (a
+``TransientError``: the step is retried); a separation the service reports as failed
+raises ``StageError``.
+
+*This checkout's* service: its /health reports an identity (``identity()``: the package
+version, a hash of the ``imaker`` package's code, the Python environment, the model repo it
+was started for). A service that answers on ``SEPARATOR_PORT`` with another identity
+(another checkout or install, older code) is not used: this checkout's processes start their
+own on another port, chosen once and recorded in a small file in the temp folder keyed by
+the port and the identity (under the same file lock as the start), where all of them find it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import http.client
 import json
+import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,12 +46,55 @@ class ServiceUnavailable(TransientError):
     pass
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over the ``imaker`` package's ``.py`` files (names and contents), computed once
+    per process: which code a separation service runs."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def service_identity(model_repo: str | None) -> dict:
+    """What makes a separation service this checkout's: the version, the code and the Python
+    environment of the process, and the model repo (``DEMUCS_MODEL_REPO``) it serves."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("instrumental-maker")
+    except PackageNotFoundError:  # pragma: no cover - run from a tree that is not installed
+        ver = None
+    return {"version": ver, "code": code_fingerprint(),
+            "python": os.path.realpath(sys.prefix),
+            "model_repo": os.path.realpath(model_repo) if model_repo else None}
+
+
+def fingerprint(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _port_free(port: int) -> bool:
+    """Whether a service could listen on 127.0.0.1:``port`` now (as uvicorn binds it)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class SeparatorClient:
     url: str | None  # None: the auto-started loopback service on ``port``
     port: int = 8765
     separation: Separation = field(default_factory=Separation)  # sent with every request
     concurrency: int | None = None  # for an auto-started service
+    #: the port of this checkout's service once found (``port``, or the one used instead)
+    _service_port: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SeparatorClient":
@@ -48,7 +103,7 @@ class SeparatorClient:
 
     @property
     def address(self) -> str:
-        return self.url or f"http://127.0.0.1:{self.port}"
+        return self.url or f"http://127.0.0.1:{self._service_port or self.port}"
 
     # ----- plumbing --------------------------------------------------------------------
     def _conn(self, timeout: float) -> http.client.HTTPConnection:
@@ -68,38 +123,110 @@ class SeparatorClient:
         finally:
             conn.close()
 
-    def ensure_running(self, preload: bool = False) -> None:
-        """Start the loopback service when none answers (only for ``url=None``); of several
-        processes starting at once, one starts it (a file lock) and all wait for it.
-        ``preload``: the service loads DEMUCS_MODEL before it answers (a warm-up)."""
-        if self.url is not None or self.health() is not None:
-            return
+    # ----- this checkout's loopback service ------------------------------------------------
+    def identity(self) -> dict:
+        return service_identity(self.separation.model_repo)
+
+    def is_ours(self, health: dict | None) -> bool:
+        """Whether a /health answer comes from a service this client may use: the same
+        version, code and Python environment, and the same model repo when the client names
+        one. (A service too old to report them is another install's.)"""
+        if not health:
+            return False
+        mine = self.identity()
+        keys = [k for k in mine if k != "model_repo" or mine[k] is not None]
+        theirs = health.get("identity") or {}
+        return all(k in theirs and theirs[k] == mine[k] for k in keys)
+
+    def _health_at(self, port: int, timeout: float = 5.0) -> dict | None:
+        return SeparatorClient(url=f"http://127.0.0.1:{port}").health(timeout)
+
+    def _state_file(self) -> Path:
+        """Where this checkout records the port it uses when ``port`` is another's."""
+        key = fingerprint(self.identity())[:16]
+        return Path(tempfile.gettempdir()) / f"imaker-separator-{self.port}-{key}.json"
+
+    def start_lock(self):
+        """The file lock under which a process of this checkout finds or starts the
+        service (``ensure_running``; ``imaker separator serve`` holds it until it listens)."""
         from filelock import FileLock
 
         lock = Path(tempfile.gettempdir()) / f"imaker-separator-{self.port}.lock"
-        with FileLock(str(lock), timeout=AUTOSTART_WAIT_S):
-            if self.health() is not None:
+        return FileLock(str(lock), timeout=AUTOSTART_WAIT_S)
+
+    def find_running(self) -> bool:
+        """Use this checkout's service when one answers: the one recorded for this identity
+        (when ``port`` is another's), else the one on ``port``."""
+        candidates = [self.port]
+        try:
+            candidates.insert(0, int(json.loads(self._state_file().read_text())["port"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        for port in dict.fromkeys(candidates):
+            if self.is_ours(self._health_at(port)):
+                self._service_port = port
+                return True
+        return False
+
+    def port_to_start(self) -> int:
+        """Under ``start_lock``, with no service of ours answering: ``port`` when it is free,
+        else (another checkout's service, or any other program, holds it) a free port,
+        recorded for the other processes of this checkout."""
+        if _port_free(self.port):
+            return self.port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        state = self._state_file()
+        tmp = state.with_name(state.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"port": port, "instead_of": self.port,
+                                   "identity": self.identity()}))
+        os.replace(tmp, state)
+        return port
+
+    def ensure_running(self, preload: bool = False) -> None:
+        """Find this checkout's loopback service, or start it (only for ``url=None``); of
+        several processes starting at once, one starts it (a file lock) and all wait for it.
+        ``preload``: the service loads DEMUCS_MODEL before it answers (a warm-up)."""
+        if self.url is not None or self.find_running():
+            return
+        with self.start_lock():
+            if self.find_running():
                 return
-            log = Path(tempfile.gettempdir()) / f"imaker-separator-{self.port}.log"
+            port = self.port_to_start()
+            log = Path(tempfile.gettempdir()) / f"imaker-separator-{port}.log"
             cmd = [sys.executable, "-m", "imaker.cli", "separator", "serve", "--host",
-                   "127.0.0.1", "--port", str(self.port),
+                   "127.0.0.1", "--port", str(port),
                    "--idle-exit", str(int(AUTOSTART_IDLE_EXIT_S))]
             if self.concurrency:
                 cmd += ["--concurrency", str(self.concurrency)]
             if preload:
                 cmd.append("--preload")
+            # the service serves (and reports) this client's separation settings, whatever
+            # the environment: each field as its own variable
+            env = dict(os.environ)
+            for name, info in type(self.separation).model_fields.items():
+                value = getattr(self.separation, name)
+                env[info.alias] = "" if value is None else (
+                    str(value).lower() if isinstance(value, bool) else str(value))
             with open(log, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                        start_new_session=True, close_fds=True)
+                                        env=env, start_new_session=True, close_fds=True)
             deadline = time.monotonic() + AUTOSTART_WAIT_S
-            while time.monotonic() < deadline:
-                if self.health(timeout=2.0) is not None:
+            while time.monotonic() < deadline:  # polled: a starting service has no other signal
+                health = self._health_at(port, timeout=2.0)
+                if health is not None:
+                    if not self.is_ours(health):
+                        raise ServiceUnavailable(
+                            f"the separation service started on 127.0.0.1:{port} reports "
+                            f"{health.get('identity')}, not {self.identity()}")
+                    self._service_port = port
                     return
                 if proc.poll() is not None:
                     break
                 time.sleep(0.2)
             raise ServiceUnavailable(
-                f"could not start the separation service on {self.address} "
+                f"could not start the separation service on 127.0.0.1:{port} "
                 f"(exit code {proc.poll()}); its log: {log}")
 
     # ----- the call --------------------------------------------------------------------

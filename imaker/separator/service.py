@@ -1,6 +1,7 @@
 """The separation service (``imaker separator serve``).
 
-    GET  /health      {"status": "ok", "version", "device", "active", "concurrency", "models"}
+    GET  /health      {"status": "ok", "version", "identity", "fingerprint", "pid", "active",
+                       "concurrency", "models", ...}
     POST /separate    {"job_id", "source", "stems_dir", "separation": {...}}
                       -> NDJSON lines: {"event": "accepted"|"waiting"|"progress"|"done"|"error"}
 
@@ -18,6 +19,8 @@ which runs one separation at a time on all cores (1 x 2 threads did 1.7x the wor
 on 2 cores: benchmarks/RESULTS.md); on CUDA two, whose windows share forward passes
 (``fast_apply.WindowBatcher``: up to 16 windows per pass).
 A client that goes away (its run was killed) stops its separation at the next window.
+``identity`` (``client.identity``: version, code hash, Python environment, model repo) tells
+a loopback client whether this service is its checkout's (see ``imaker.separator.client``).
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ class _Separator:
 
 class Service:
     def __init__(self, concurrency: int | None = None, idle_exit_s: float | None = None,
-                 preload: Preload | None = None, cross_batch: bool = False):
+                 preload: Preload | None = None, cross_batch: bool = False,
+                 identity: dict | None = None):
         self.cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else (os.cpu_count() or 1))
         self.concurrency = concurrency or self._auto_concurrency()
@@ -120,6 +124,7 @@ class Service:
         self.preload = preload
         self.server = None  # the uvicorn server (for the idle exit)
         self.started_at = time.time()
+        self.identity = identity
 
     def _auto_concurrency(self) -> int:
         try:
@@ -158,8 +163,12 @@ class Service:
     async def health(self, request: Request) -> JSONResponse:
         from importlib.metadata import version
 
+        from .client import fingerprint
+
         return JSONResponse({
             "status": "ok", "version": version("instrumental-maker"), "pid": os.getpid(),
+            "identity": self.identity,
+            "fingerprint": fingerprint(self.identity) if self.identity else None,
             "active": self.active, "completed": self.completed,
             "concurrency": self.concurrency, "cores": self.cores,
             "models": [{"name": m.name, "device": str(m.device), "signature": m.signature}
@@ -282,12 +291,21 @@ def _line(event: dict[str, Any]) -> bytes:
 
 
 def serve(host: str, port: int, *, concurrency: int | None = None,
-          idle_exit_s: float | None = None, preload: Preload | None = None) -> None:
+          idle_exit_s: float | None = None, preload: Preload | None = None,
+          identity: dict | None = None, on_listening=None) -> None:
+    """Run the service until SIGINT/SIGTERM (or the idle exit). ``on_listening()`` is called
+    once it accepts connections (after the preload)."""
     import uvicorn
 
-    service = Service(concurrency, idle_exit_s, preload)
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and on_listening is not None:
+                on_listening()
+
+    service = Service(concurrency, idle_exit_s, preload, identity=identity)
     config = uvicorn.Config(service.app(), host=host, port=port, log_level="info",
                             access_log=False, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = Server(config)
     service.server = server
     server.run()
