@@ -383,7 +383,7 @@ class Settings(Group):
         out = {}
         for gname, fname, name, info in self.variables():
             value = getattr(getattr(self, gname), fname)
-            out[name] = _show(value, secret=(info.json_schema_extra or {}).get("secret", False))
+            out[name] = as_text(value, secret=(info.json_schema_extra or {}).get("secret", False))
         return out
 
 
@@ -394,7 +394,7 @@ def clean(value: str | None) -> str | None:
     return value or None
 
 
-def _show(value, secret: bool = False) -> str | None:
+def as_text(value, secret: bool = False) -> str | None:
     if value is None:
         return None
     if isinstance(value, SecretStr):
@@ -510,7 +510,7 @@ def _default_text(info) -> str:
     shown = (info.json_schema_extra or {}).get("shown")
     if shown:
         return shown
-    value = _show(info.default)
+    value = as_text(info.default)
     return "—" if value in (None, "") else f"`{value}`"
 
 
@@ -535,7 +535,7 @@ def env_example() -> str:
             doc = info.description.replace("`", "")
             doc = doc if len(doc) <= 100 else doc[:97].rsplit(" ", 1)[0] + " …"
             out.append(f"# {doc} (default: {_default_text(info).replace('`', '')})")
-            default = _show(info.default) if not (info.json_schema_extra or {}).get("shown") \
+            default = as_text(info.default) if not (info.json_schema_extra or {}).get("shown") \
                 else ""
             out.append(f"#{name}={default or ''}")
         out.append("")

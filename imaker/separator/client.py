@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..pipeline import StageError, TransientError
-from ..settings import Separation, Settings
+from ..settings import Separation, Settings, as_text
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0  # the service sends a line at least every 5 s while it works
@@ -206,9 +206,7 @@ class SeparatorClient:
             # the environment: each field as its own variable
             env = dict(os.environ)
             for name, info in type(self.separation).model_fields.items():
-                value = getattr(self.separation, name)
-                env[info.alias] = "" if value is None else (
-                    str(value).lower() if isinstance(value, bool) else str(value))
+                env[info.alias] = as_text(getattr(self.separation, name)) or ""
             with open(log, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                         env=env, start_new_session=True, close_fds=True)
