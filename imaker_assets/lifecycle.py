@@ -90,7 +90,8 @@ def will_retry(instance: DagsterInstance, run: DagsterRun) -> bool:
 def failure_reason(instance: DagsterInstance, run: DagsterRun) -> tuple[str, str]:
     """(stage, reason) of a failed or canceled run, from the failure data Dagster recorded:
 
-    * a step failed (the run worker's failure event names the first one): that step and its error — a blocking check (``DagsterAssetCheckFailedError``)
+    * a step failed (the run worker's failure event names the first one): that step and its
+      error — a blocking check (``DagsterAssetCheckFailedError``)
       as the failed checks' descriptions, an exhausted retry as the error behind it;
     * the run failed outside any step (it could not start, its worker died or was killed):
       ``run`` and the failure's error or message. A run marked failed from outside its worker
