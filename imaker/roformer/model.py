@@ -16,7 +16,6 @@ rolling buffer (a ``sink``), so nothing of the size of the track is allocated he
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +101,6 @@ class RoformerModel:
     sha256: str
     ckpt: Path
     load_seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ---- what separation.LoadedModel also has ----
     @property
@@ -168,7 +166,8 @@ class RoformerModel:
         ``inference.batch_size`` on CUDA, 1 on the CPU); ``threads``: called before each
         forward pass on the CPU, the torch threads to use; ``chunk_size``/``num_overlap``
         override the config's windowing; ``runner(batch) -> masks`` replaces the network's
-        ``core`` (another backend)."""
+        ``core`` (another backend). Several threads may separate with one model at once
+        (the network holds no per-call state)."""
         import torch
 
         if wav.ndim != 2 or wav.shape[0] != self.channels:
@@ -208,7 +207,7 @@ class RoformerModel:
         acc = _Accumulator(self.config.num_stems, self.channels, chunk, batch_size, step, emit)
         net = self.net
         core = runner or net.core
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             for i in range(0, len(starts), batch_size):
                 group = starts[i:i + batch_size]
                 # windows of one length per pass (only a track shorter than a chunk has
