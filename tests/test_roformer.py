@@ -444,3 +444,17 @@ def test_model_identity(repo):
     assert not roformer.is_roformer("htdemucs", repo)
     with pytest.raises(roformer.RoformerError, match="missing"):
         roformer.model_files("nope", repo)
+
+
+def test_scan_lists_models_and_unusable_configs(repo, tmp_path):
+    for f in repo.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "broken.ckpt").write_bytes(b"x")
+    (tmp_path / "broken.yaml").write_text("model: {dims: [1]}\ntraining: {instruments: [a]}\n")
+    (tmp_path / "htdemucs.yaml").write_text("models: ['955717e8']\n")  # a demucs bag
+    found = {m.name: m for m in roformer.scan(tmp_path)}
+    assert set(found) == {"broken", "tiny_bs_roformer", "tiny_mel_band_roformer"}
+    assert found["tiny_bs_roformer"].architecture == "bs_roformer"
+    assert found["tiny_mel_band_roformer"].stems == ("vocals", "other")
+    assert found["broken"].architecture is None and "unsupported architecture" in found["broken"].error
+    assert found["tiny_bs_roformer"].size_bytes == (repo / "tiny_bs_roformer.ckpt").stat().st_size

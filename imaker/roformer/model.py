@@ -312,3 +312,37 @@ def load(ckpt: Path | str, yaml_path: Path | str, device: str = "cpu", *,
     digest = sha256 or file_sha256(ckpt)
     return RoformerModel(name=name or ckpt.stem, config=config, net=net, device=str(device),
                          sha256=digest, ckpt=ckpt, load_seconds=time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A RoFormer model found in a model folder (``scan``), its config read, weights not."""
+
+    name: str
+    ckpt: Path
+    yaml: Path
+    size_bytes: int
+    architecture: str | None  # None when the config cannot be used
+    stems: tuple[str, ...]
+    error: str | None         # the one-line reason when the config cannot be used
+
+
+def scan(repo: Path | str) -> list[Installed]:
+    """The ``<name>.ckpt`` + ``<name>.yaml`` pairs in ``repo``, sorted by name, with what
+    their configs say (no weights are loaded: ``load`` checks those)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        return []
+    found = []
+    for ckpt in sorted(repo.glob("*.ckpt")):
+        yaml_path = ckpt.with_suffix(".yaml")
+        if not yaml_path.is_file():
+            continue
+        try:
+            config = read_config(yaml_path)
+            arch, stems, error = config.architecture, config.stems, None
+        except RoformerConfigError as exc:
+            arch, stems, error = None, (), str(exc)
+        found.append(Installed(ckpt.stem, ckpt, yaml_path, ckpt.stat().st_size, arch, stems,
+                               error))
+    return found
