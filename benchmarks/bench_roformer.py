@@ -3,7 +3,7 @@ OpenVINO) against the reference implementation (audio-separator 0.47.1's MDXC pa
 test extra), at the published sizes with random weights, plus the SNR between them.
 
     .venv/bin/python benchmarks/bench_roformer.py [--model kim|ep317|all] [--seconds S]
-        [--threads N] [--repeat R] [--openvino]
+        [--threads N] [--repeat R] [--openvino] [--bf16]
 
 Sizes from the released configs (ZFTurbo's Music-Source-Separation-Training):
 ``configs/KimberleyJensen/config_vocals_mel_band_roformer_kj.yaml`` (Mel-Band, dim 384,
@@ -119,6 +119,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--openvino", action="store_true", help="also ours with the OpenVINO core")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also ours with the network core under bf16 autocast (not the fp32 path)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -168,7 +170,8 @@ def main() -> int:
 
                 ov = ov_backend.runner(ours, threads=args.threads)
                 print(f"{name}: OpenVINO conversion + compile {ov.convert_seconds:.1f} s")
-            times: dict[str, list[float]] = {"ours": [], "reference": [], "ours_openvino": []}
+            times: dict[str, list[float]] = {"ours": [], "reference": [], "ours_openvino": [],
+                                             "ours_bf16": []}
             outs: dict[str, dict] = {}
             for _ in range(args.repeat):
                 t = time.perf_counter()
@@ -181,6 +184,10 @@ def main() -> int:
                     t = time.perf_counter()
                     outs["ours_openvino"] = ours.separate(wav, runner=ov)
                     times["ours_openvino"].append(time.perf_counter() - t)
+                if args.bf16:
+                    t = time.perf_counter()
+                    outs["ours_bf16"] = ours.separate(wav, autocast="bf16")
+                    times["ours_bf16"].append(time.perf_counter() - t)
             row = {"model": name, "architecture": config.architecture, "parameters": params,
                    "seconds": round(seconds, 2), "chunk_size": config.chunk_size,
                    "num_overlap": config.num_overlap, "threads": args.threads,

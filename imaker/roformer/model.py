@@ -155,7 +155,7 @@ class RoformerModel:
     # ---- inference ----
     def separate(self, wav: np.ndarray, *, batch_size: int | None = None, sink=None,
                  threads: Callable[[], int] | None = None, chunk_size: int | None = None,
-                 num_overlap: int | None = None, runner=None
+                 num_overlap: int | None = None, runner=None, autocast: str | None = None
                  ) -> dict[str, np.ndarray] | None:
         """Separate ``wav`` (``(channels, samples)`` at ``samplerate``) into ``{stem:
         float32 (channels, samples)}``, or stream it: ``sink(start, chunk)`` with ``chunk``
@@ -166,8 +166,10 @@ class RoformerModel:
         ``inference.batch_size`` on CUDA, 1 on the CPU); ``threads``: called before each
         forward pass on the CPU, the torch threads to use; ``chunk_size``/``num_overlap``
         override the config's windowing; ``runner(batch) -> masks`` replaces the network's
-        ``core`` (another backend). Several threads may separate with one model at once
-        (the network holds no per-call state)."""
+        ``core`` (another backend); ``autocast`` ("bf16" or "fp16"): run ``core`` under
+        torch autocast (the STFT, masking and iSTFT stay fp32; not part of the verified
+        fp32 path). Several threads may separate with one model at once (the network
+        holds no per-call state)."""
         import torch
 
         if wav.ndim != 2 or wav.shape[0] != self.channels:
@@ -218,7 +220,7 @@ class RoformerModel:
                         torch.set_num_threads(want)
                 parts = torch.stack([mix[:, s:s + chunk] for s in group])
                 length = parts.shape[-1]
-                out = self._forward(parts.to(self.device), core).float().cpu()
+                out = self._forward(parts.to(self.device), core, autocast).float().cpu()
                 for j, s in enumerate(group):
                     safe = min(length, out.shape[-1], chunk)
                     acc.add(s, out[j, ..., :safe], window[:safe])
@@ -229,10 +231,18 @@ class RoformerModel:
             return {name: full[k] for k, name in enumerate(self.sources)}
         return None
 
-    def _forward(self, audio, core):
+    def _forward(self, audio, core, autocast: str | None = None):
+        import torch
+
         net = self.net
         spec = net.spectrogram(audio)
-        masks = core(net.features(spec)).float()
+        x = net.features(spec)
+        if autocast:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
+            with torch.autocast(audio.device.type, dtype=dtype):
+                masks = core(x).float()
+        else:
+            masks = core(x).float()
         length = audio.shape[-1] if net.match_input_audio_length else None
         return net.waveform(net.apply_masks(spec, masks), length)
 
