@@ -163,7 +163,7 @@ def music(seconds: float, seed: int = 1, peak: float = 0.5) -> np.ndarray:
     """A stereo test signal with music-like structure: a bass line and chords of
     harmonic tones with note envelopes, a vibrato 'voice', noise-burst drums."""
     rng = np.random.default_rng(seed)
-    n = int(seconds * SR)
+    n = int(round(seconds * SR))
     t = np.arange(n) / SR
     out = np.zeros((2, n))
     beat = 0.5
