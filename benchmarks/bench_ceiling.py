@@ -355,6 +355,7 @@ def analyse(sampler: TreeSampler, roots: dict[str, int], runs: list[dict], tools
     stage_cpu: dict[str, float] = defaultdict(float)
     stage_body: dict[str, float] = defaultdict(float)
     stage_wall: dict[str, float] = defaultdict(float)
+    step_cpu: dict[str, float] = defaultdict(float)
     tool_cpu: dict[tuple[str, str], float] = defaultdict(float)
     tool_n: dict[tuple[str, str], int] = defaultdict(int)
     fixed = defaultdict(float)
@@ -387,6 +388,7 @@ def analyse(sampler: TreeSampler, roots: dict[str, int], runs: list[dict], tools
             stage_cpu[stage_of(key)] += cpu
             stage_body[stage_of(key)] += body
             stage_wall[stage_of(key)] += st["end"] - st["start"]
+            step_cpu[key] += cpu
             fixed["in steps, outside the step's function"] += cpu - body
         first = steps[0][1]["start"] if steps else s[-1][0]
         fixed["process start -> first step"] += at(s, first)
@@ -419,7 +421,7 @@ def analyse(sampler: TreeSampler, roots: dict[str, int], runs: list[dict], tools
     out.update({
         "track_runs": n_track_runs, "steps": n_steps,
         "stage_cpu": dict(stage_cpu), "stage_body_cpu": dict(stage_body),
-        "stage_wall": dict(stage_wall),
+        "stage_wall": dict(stage_wall), "step_cpu": dict(step_cpu),
         "tools": [{"where": w, "role": k, "cpu": c, "count": tool_n[(w, k)]}
                   for (w, k), c in sorted(tool_cpu.items())],
         "run_processes_cpu": run_cpu_total, "catalog_cpu": catalog_cpu,
@@ -505,7 +507,7 @@ def main() -> int:
     p.add_argument("--max-runs", type=int, default=None,
                    help="runs at once (and `gpu` pool) instead of dagster.yaml's 4")
     p.add_argument("--sample-interval", type=float, default=0.05)
-    p.add_argument("--idle-seconds", type=float, default=10.0,
+    p.add_argument("--idle-seconds", type=float, default=15.0,
                    help="resident processes' idle CPU measured over this before the drop")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -706,9 +708,12 @@ def print_report(r: dict, minutes: float) -> None:
     print(f"ratio pipeline CPU / encode floor CPU: {r['ratio_pipeline_to_floor']:.2f} "
           f"(idle rate subtracted: {r['ratio_pipeline_to_floor_idle_adjusted']:.2f}; goal <= 1.25)")
     print("CPU-s per audio minute, per stage (step windows of the run processes):")
+    checks = {k: v for k, v in st["step_cpu"].items() if stage_of(k) == "checks"}
     for name in sorted(st["stage_cpu"], key=lambda k: -st["stage_cpu"][k]):
         print(f"  {name:42s} {per(st['stage_cpu'][name]):6.3f}  (step function only "
               f"{per(st['stage_body_cpu'][name]):6.3f}; wall summed {st['stage_wall'][name]:.1f} s)")
+    for k, v in sorted(checks.items()):
+        print(f"    {k:40s} {per(v):6.3f}")
     print(f"  {'stems store (separation service tree)':42s} {per(c['service']):6.3f}  (of which "
           f"oracle + store wall {r['oracle_separation_wall_s']:.1f} s)")
     print(f"  {'catalog (its runs)':42s} {per(st['catalog_cpu']):6.3f}")
