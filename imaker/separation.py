@@ -68,6 +68,10 @@ def _signature(name: str, repo: Path | None, model) -> str:
 
 def load_model(name: str, repo: Path | None = None, device: str = "auto") -> LoadedModel:
     """Load a demucs model (bag) through ``demucs.pretrained.get_model``; cached per process."""
+    if repo is not None and Path(repo, f"{name}.oracle.json").is_file():
+        from .oracle import load_oracle  # benchmark/test-only model: imaker/oracle.py
+
+        return load_oracle(name, Path(repo))
     device = resolve_device(device)
     key = (name, str(repo) if repo else None, device)
     with _LOCK:
@@ -191,6 +195,8 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
     auto, torch, onnx, openvino) runs the network of our segment loop on a converted
     graph on the CPU in fp32 (``imaker.backends.choose``; converted once, cached beside
     the model repo); it does not apply to demucs' ``apply_model`` (batch 0)."""
+    if getattr(loaded.model, "is_oracle", False):  # imaker/oracle.py: a song's known stems
+        return loaded.model.separate(wav, sink=sink)
     import torch
 
     if wav.ndim != 2 or wav.shape[0] != loaded.channels:
