@@ -203,10 +203,12 @@ class SeparatorClient:
             if preload:
                 cmd.append("--preload")
             # the service serves (and reports) this client's separation settings, whatever
-            # the environment: each field as its own variable
+            # the environment: each field it sets as its own variable (None: the service's)
             env = dict(os.environ)
             for name, info in type(self.separation).model_fields.items():
-                env[info.alias] = as_text(getattr(self.separation, name)) or ""
+                value = as_text(getattr(self.separation, name))
+                if value is not None:
+                    env[info.alias] = value
             with open(log, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                         env=env, start_new_session=True, close_fds=True)
