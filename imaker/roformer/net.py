@@ -1,0 +1,405 @@
+"""BS-RoFormer and Mel-Band RoFormer networks (torch only, no Dagster).
+
+Written for this project from the papers (Lu et al. 2023, "Music Source Separation with
+Band-Split RoPE Transformer"; Wang et al. 2023, "Mel-Band RoFormer") and the layout of the
+community checkpoints (ZFTurbo's Music-Source-Separation-Training, which audio-separator
+and UVR load): the module tree and parameter names are chosen so that those state dicts
+load with ``strict=True``.
+
+The signal path of one window (``b`` items, ``s`` channels, ``n`` stems):
+
+1. STFT of every channel (Hann window, centred); channels are interleaved into the
+   frequency axis (``f`` major, ``s`` minor) and real/imaginary parts into the features.
+2. Band split: each band's features (BS: consecutive bins ``freqs_per_bands``; Mel: the
+   bins under each triangle of a Slaney mel filter bank, overlapping) go through RMSNorm
+   and a Linear layer to ``dim`` features: a ``(b, frames, bands, dim)`` grid.
+3. ``depth`` axial blocks: [linear-attention transformer over the whole grid,] a
+   transformer along time (per band) and one along bands (per frame); attention with
+   rotary position embeddings and per-head sigmoid gates, RMSNorm pre-norm, GELU MLP.
+4. Per stem, a mask estimator (per band: MLP with tanh, then GLU) gives a complex mask
+   per bin (Mel: the estimates of overlapping bands are averaged per bin).
+5. Masked spectrogram -> iSTFT.
+
+Everything between the STFT and the iSTFT is real-valued (``RoformerNet.core``), so the
+heavy part can be exported to other backends on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BS_ROFORMER, MEL_BAND_ROFORMER
+
+
+# ----- building blocks -------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) * self.scale * self.gamma
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding over the full head dimension, pairs interleaved
+    (``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)``), angles ``pos * freqs`` in fp32.
+    ``freqs`` is a (non-trainable) parameter because the checkpoints carry it."""
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+        self.freqs = nn.Parameter(freqs, requires_grad=False)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new freqs: forget cached angles
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def cos_sin(self, n: int, device: torch.device, dtype: torch.dtype):
+        key = (n, str(device), dtype, self.freqs.data_ptr())
+        hit = self._cache.get(key)
+        if hit is None or torch.compiler.is_compiling():
+            pos = torch.arange(n, device=device, dtype=torch.float32)
+            angles = pos[:, None] * self.freqs.to(device=device, dtype=torch.float32)[None, :]
+            angles = angles.repeat_interleave(2, dim=-1)
+            hit = (angles.cos().to(dtype), angles.sin().to(dtype))
+            if not torch.compiler.is_compiling():
+                if len(self._cache) > 8:
+                    self._cache.clear()
+                self._cache[key] = hit
+        return hit
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(..., n, d)``, positions along ``n``."""
+        cos, sin = self.cos_sin(x.shape[-2], x.device, x.dtype)
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, rotary: RotaryEmbedding | None):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = heads * dim_head
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        self.to_gates = nn.Linear(dim, heads)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim, bias=False), nn.Dropout(0.0))
+        self.rotary_embed = rotary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        x = self.norm(x)
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        if self.rotary_embed is not None:
+            q, k = self.rotary_embed.rotate(q), self.rotary_embed.rotate(k)
+        out = F.scaled_dot_product_attention(q, k, v)           # (b, h, n, d)
+        out = out * self.to_gates(x).transpose(1, 2).unsqueeze(-1).sigmoid()
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class LinearAttention(nn.Module):
+    """Cross-covariance ("linear") attention of El-Nouby et al. 2021 (XCiT): attention
+    between feature channels, queries and keys L2-normalised along the sequence, a
+    learned per-head temperature and a fixed softmax scale of 8."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = heads * dim_head
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Sequential(nn.Linear(dim, inner * 3, bias=False))
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.to_out = nn.Sequential(nn.Identity(), nn.Linear(inner, dim, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        x = self.norm(x)
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 4, 1)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)    # (b, h, d, n)
+        q = q * self.temperature.exp()
+        out = F.scaled_dot_product_attention(q, k, v, scale=8.0)  # (b, h, d, n)
+        return self.to_out(out.permute(0, 3, 1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = int(dim * mult)
+        self.net = nn.Sequential(RMSNorm(dim), nn.Linear(dim, inner), nn.GELU(), nn.Dropout(0.0),
+                                 nn.Linear(inner, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, *, dim: int, depth: int, heads: int, dim_head: int, norm_output: bool,
+                 rotary: RotaryEmbedding | None = None, linear: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(depth):
+            attn = (LinearAttention(dim, heads, dim_head) if linear
+                    else Attention(dim, heads, dim_head, rotary))
+            self.layers.append(nn.ModuleList([attn, FeedForward(dim)]))
+        self.norm = RMSNorm(dim) if norm_output else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.norm(x)
+
+
+class BandSplit(nn.Module):
+    def __init__(self, dim: int, dim_inputs: tuple[int, ...]):
+        super().__init__()
+        self.dim_inputs = tuple(dim_inputs)
+        self.to_features = nn.ModuleList(
+            nn.Sequential(RMSNorm(d), nn.Linear(d, dim)) for d in self.dim_inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.split(self.dim_inputs, dim=-1)
+        return torch.stack([net(p) for p, net in zip(parts, self.to_features)], dim=-2)
+
+
+def _mlp(dim_in: int, dim_out: int, dim_hidden: int, hidden_layers: int) -> nn.Sequential:
+    dims = (dim_in, *((dim_hidden,) * hidden_layers), dim_out)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class MaskEstimator(nn.Module):
+    """Per band: an MLP (Linear, tanh, ..., Linear) to twice the band's features, then a
+    GLU. ``hidden_layers``: BS-RoFormer's ``mask_estimator_depth`` counts the Linear
+    layers (depth - 1 hidden layers), Mel-Band RoFormer's counts the hidden layers."""
+
+    def __init__(self, dim: int, dim_inputs: tuple[int, ...], hidden_layers: int,
+                 expansion: int):
+        super().__init__()
+        self.dim_inputs = tuple(dim_inputs)
+        self.to_freqs = nn.ModuleList(
+            nn.Sequential(_mlp(dim, d * 2, dim * expansion, hidden_layers), nn.GLU(dim=-1))
+            for d in self.dim_inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bands = x.unbind(dim=-2)
+        return torch.cat([net(band) for band, net in zip(bands, self.to_freqs)], dim=-1)
+
+
+# ----- mel bands -------------------------------------------------------------------------
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale (linear below 1 kHz, logarithmic above), as librosa computes it."""
+    f_sp = 200.0 / 3
+    mels = hz / f_sp
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    log_t = hz >= min_log_hz
+    mels[log_t] = min_log_mel + np.log(hz[log_t] / min_log_hz) / logstep
+    return mels
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    f_sp = 200.0 / 3
+    freqs = f_sp * mels
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    log_t = mels >= min_log_mel
+    freqs[log_t] = min_log_hz * np.exp(logstep * (mels[log_t] - min_log_mel))
+    return freqs
+
+
+def mel_band_membership(sample_rate: int, n_fft: int, num_bands: int) -> np.ndarray:
+    """``(num_bands, n_fft // 2 + 1)`` bools: which STFT bins each mel band covers — the
+    non-zero entries of the Slaney mel filter bank (``librosa.filters.mel(sr=, n_fft=,
+    n_mels=)`` with its defaults: 0 Hz to Nyquist, Slaney scale and norm), computed the
+    same way in float64, with the first bin of the first band and the last bin of the
+    last band forced on (as the checkpoints were trained)."""
+    fftfreqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sample_rate)
+    lo, hi = _hz_to_mel(np.array([0.0])), _hz_to_mel(np.array([float(sample_rate) / 2]))
+    mel_f = _mel_to_hz(np.linspace(lo[0], hi[0], num_bands + 2))
+    fdiff = np.diff(mel_f)
+    ramps = np.subtract.outer(mel_f, fftfreqs)
+    member = np.zeros((num_bands, len(fftfreqs)), dtype=bool)
+    for i in range(num_bands):
+        lower = -ramps[i] / fdiff[i]
+        upper = ramps[i + 2] / fdiff[i + 1]
+        weight = np.maximum(0, np.minimum(lower, upper)).astype(np.float32)
+        member[i] = weight > 0
+    member[0, 0] = True
+    member[-1, -1] = True
+    return member
+
+
+# ----- the networks ----------------------------------------------------------------------
+class RoformerNet(nn.Module):
+    """BS-RoFormer (``architecture="bs_roformer"``, ``freqs_per_bands``) or Mel-Band
+    RoFormer (``"mel_band_roformer"``, ``num_bands``); keyword arguments as in the
+    ``model`` section of a config (``imaker.roformer.config`` fills in the defaults).
+
+    ``forward(audio)``: ``(batch, channels, samples)`` -> ``(batch, stems, channels, m)``
+    with ``m = hop * (samples // hop)`` (the iSTFT's own length, as the reference
+    implementation returns it) unless ``match_input_audio_length``."""
+
+    def __init__(self, architecture: str, *, dim: int, depth: int, stereo: bool = False,
+                 num_stems: int = 1, time_transformer_depth: int = 2,
+                 freq_transformer_depth: int = 2, linear_transformer_depth: int = 0,
+                 dim_head: int = 64, heads: int = 8, flash_attn: bool = True,
+                 stft_n_fft: int = 2048, stft_hop_length: int = 512, stft_win_length: int = 2048,
+                 stft_normalized: bool = False, mask_estimator_depth: int = 2,
+                 mlp_expansion_factor: int = 4, skip_connection: bool = False,
+                 freqs_per_bands: tuple[int, ...] | None = None, num_bands: int | None = None,
+                 sample_rate: int = 44100, match_input_audio_length: bool = False,
+                 **_ignored: Any):
+        super().__init__()
+        if architecture not in (BS_ROFORMER, MEL_BAND_ROFORMER):
+            raise ValueError(f"unknown RoFormer architecture {architecture!r}")
+        self.architecture = architecture
+        self.mel = architecture == MEL_BAND_ROFORMER
+        self.audio_channels = 2 if stereo else 1
+        self.num_stems = num_stems
+        self.skip_connection = skip_connection
+        self.n_fft, self.hop, self.win = stft_n_fft, stft_hop_length, stft_win_length
+        self.stft_normalized = stft_normalized
+        self.match_input_audio_length = match_input_audio_length and self.mel
+        self.register_buffer("window", torch.hann_window(stft_win_length), persistent=False)
+        n_freqs = stft_n_fft // 2 + 1
+        s = self.audio_channels
+
+        kwargs = dict(dim=dim, heads=heads, dim_head=dim_head,
+                      norm_output=self.mel)  # BS: one final norm instead
+        time_rotary, freq_rotary = RotaryEmbedding(dim_head), RotaryEmbedding(dim_head)
+        self.layers = nn.ModuleList()
+        for _ in range(depth):
+            block = []
+            if linear_transformer_depth > 0:
+                block.append(Transformer(depth=linear_transformer_depth, linear=True, **kwargs))
+            block.append(Transformer(depth=time_transformer_depth, rotary=time_rotary, **kwargs))
+            block.append(Transformer(depth=freq_transformer_depth, rotary=freq_rotary, **kwargs))
+            self.layers.append(nn.ModuleList(block))
+        if not self.mel:
+            self.final_norm = RMSNorm(dim)
+
+        if self.mel:
+            member = torch.from_numpy(mel_band_membership(sample_rate, stft_n_fft, num_bands))
+            if not bool(member.any(dim=0).all()):
+                raise ValueError(f"num_bands={num_bands} with stft_n_fft={stft_n_fft} leaves "
+                                 "STFT bins outside every mel band")
+            bins = torch.arange(n_freqs).expand(num_bands, n_freqs)[member]  # band-major
+            index = (bins[:, None] * s + torch.arange(s)).reshape(-1)        # (f s) layout
+            per_band = member.sum(dim=1).tolist()
+            bands_per_bin = member.sum(dim=0).to(torch.float32)
+            self.register_buffer("freq_indices", index, persistent=False)
+            self.register_buffer("bands_per_bin", bands_per_bin.repeat_interleave(s),
+                                 persistent=False)
+        else:
+            per_band = list(freqs_per_bands)
+            if sum(per_band) != n_freqs:
+                raise ValueError(f"freqs_per_bands sums to {sum(per_band)}, expected {n_freqs}")
+        dim_inputs = tuple(2 * f * s for f in per_band)
+        self.band_split = BandSplit(dim, dim_inputs)
+        self.mask_estimators = nn.ModuleList(
+            MaskEstimator(dim, dim_inputs,
+                          mask_estimator_depth if self.mel else mask_estimator_depth - 1,
+                          mlp_expansion_factor)
+            for _ in range(num_stems))
+
+    # -- spectral front and back ends (fp32, complex) --
+    def spectrogram(self, audio: torch.Tensor) -> torch.Tensor:
+        """``(b, s, t)`` -> ``(b, f * s, frames, 2)`` (bins major, channels minor)."""
+        b, s, t = audio.shape
+        spec = torch.stft(audio.reshape(b * s, t).float(), self.n_fft, self.hop, self.win,
+                          window=self.window, normalized=self.stft_normalized,
+                          return_complex=True)
+        spec = torch.view_as_real(spec)                          # (b s, f, frames, 2)
+        f, frames = spec.shape[1], spec.shape[2]
+        return spec.view(b, s, f, frames, 2).transpose(1, 2).reshape(b, f * s, frames, 2)
+
+    def features(self, spec: torch.Tensor) -> torch.Tensor:
+        """The network's input: ``(b, frames, features)`` from ``spectrogram``."""
+        if self.mel:
+            spec = spec.index_select(1, self.freq_indices)
+        b, fs, frames, _ = spec.shape
+        return spec.transpose(1, 2).reshape(b, frames, fs * 2)
+
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """Band split, transformers and mask estimators: ``(b, frames, features)`` ->
+        ``(b, stems, frames, features)`` (the real-valued masks of the bins in ``x``)."""
+        x = self.band_split(x)                                   # (b, t, bands, d)
+        b, t, f, d = x.shape
+        stored: list[torch.Tensor] = []
+        for block in self.layers:
+            if len(block) == 3:
+                linear, time_tf, freq_tf = block
+                x = linear(x.reshape(b, t * f, d)).view(b, t, f, d)
+            else:
+                time_tf, freq_tf = block
+            if self.skip_connection:
+                for previous in stored:
+                    x = x + previous
+            x = x.transpose(1, 2).reshape(b * f, t, d)
+            x = time_tf(x)
+            x = x.view(b, f, t, d).transpose(1, 2).reshape(b * t, f, d)
+            x = freq_tf(x)
+            x = x.view(b, t, f, d)
+            if self.skip_connection:
+                stored.append(x)
+        if not self.mel:
+            x = self.final_norm(x)
+        return torch.stack([est(x) for est in self.mask_estimators], dim=1)
+
+    def apply_masks(self, spec: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Masked spectrogram ``(b, stems, f * s, frames, 2)``."""
+        b, n, frames, _ = masks.shape
+        masks = masks.view(b, n, frames, -1, 2).transpose(2, 3)  # (b, n, bins, t, 2)
+        if self.mel:
+            summed = masks.new_zeros(b, n, spec.shape[1], frames, 2)
+            summed.index_add_(2, self.freq_indices, masks)
+            masks = summed / self.bands_per_bin.clamp(min=1e-8)[:, None, None]
+        sr, si = spec[:, None, ..., 0], spec[:, None, ..., 1]
+        mr, mi = masks[..., 0], masks[..., 1]
+        return torch.stack((sr * mr - si * mi, sr * mi + si * mr), dim=-1)
+
+    def waveform(self, masked: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """``(b, n, f * s, frames, 2)`` -> ``(b, n, s, samples)``."""
+        b, n, fs, frames, _ = masked.shape
+        s = self.audio_channels
+        spec = masked.view(b, n, fs // s, s, frames, 2).transpose(2, 3)
+        spec = torch.view_as_complex(spec.reshape(b * n * s, fs // s, frames, 2).contiguous())
+        audio = torch.istft(spec, self.n_fft, self.hop, self.win, window=self.window,
+                            normalized=self.stft_normalized, length=length)
+        return audio.view(b, n, s, -1)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        if audio.ndim != 3 or audio.shape[1] != self.audio_channels:
+            raise ValueError(f"expected (batch, {self.audio_channels}, samples), "
+                             f"got {tuple(audio.shape)}")
+        spec = self.spectrogram(audio)
+        masks = self.core(self.features(spec)).float()
+        length = audio.shape[-1] if self.match_input_audio_length else None
+        return self.waveform(self.apply_masks(spec, masks), length)
+
+
+def parameter_count(net: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in net.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
