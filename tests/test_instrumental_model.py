@@ -190,6 +190,7 @@ def test_instrumental_model_end_to_end_stale_and_backfill(imaker_env, repo, sour
 def test_instrumental_only_never_runs_demucs(imaker_env, repo, source_m4a, monkeypatch):
     monkeypatch.setenv("INSTRUMENTAL_MODEL", f"{ROFO_A},{ROFO_B}")   # an ensemble
     monkeypatch.setenv("GENERATE_NO_DRUMS_VARIANT", "false")
+    monkeypatch.setenv("OUTPUT_AUDIO_FORMAT", "flac")
     settings = load_settings()
     write_bundle(settings.paths.queue_youtube_audio, "rofo2", source_m4a)
     result, settings, _ = _materialize("rofo2")
@@ -226,8 +227,8 @@ def test_broken_checkpoint_fails_the_track_with_a_reason_and_nothing_written(
     [failed] = list((settings.paths.archive_dir / "failed").glob("*rofobad*"))
     error = json.loads((failed / "error.json").read_text())
     assert error["stage"] == "stems"
-    assert "cannot load RoFormer model 'bad'" in error["reason"] and reason in error["reason"]
-    assert "\n" not in error["reason"]
+    assert "cannot load RoFormer model 'bad'" in error["error"] and reason in error["error"]
+    assert "\n" not in error["error"]
     folder = settings.paths.stems_dir / "rofobad"
     assert not folder.exists() or not any(folder.iterdir())   # nothing half-written
 
