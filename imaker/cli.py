@@ -221,6 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     ma.add_argument("yaml", type=Path)
     ma.add_argument("--name", default=None, help="its name in the repo (INSTRUMENTAL_MODEL; "
                                                  "default: the checkpoint's file name)")
+    ev = sub.add_parser("eval", help="separation quality on a MUSDB18-HQ-layout folder: "
+                                     "BSS-eval v4 median SDR (museval) and multisong SDR per "
+                                     "stem and for the instrumental")
+    ev.add_argument("path", type=Path, metavar="DIR")
+    ev.add_argument("--model", action="append", dest="models", metavar="NAME",
+                    help="a model in DEMUCS_MODEL_REPO (repeat; default: INSTRUMENTAL_MODEL's "
+                         "and DEMUCS_MODEL)")
+    ev.add_argument("--write", type=Path, default=None, metavar="FILE",
+                    help="append the results table to FILE (e.g. benchmarks/RESULTS.md)")
     dev = sub.add_parser("dev-model", help="write a tiny random HTDemucs model repo (offline "
                                            "demos and tests; not musically useful)")
     dev.add_argument("path", type=Path)
@@ -261,6 +270,27 @@ def main(argv: list[str] | None = None) -> int:
         return _print_settings(settings, args)
     if args.command == "models":
         return _models(settings, args)
+    if args.command == "eval":
+        from . import evaluate
+
+        sep = settings.separation
+        names = args.models or [*sep.instrumental_model, sep.model]
+        try:
+            results = evaluate.evaluate(args.path, names, sep)
+        except Exception as exc:  # noqa: BLE001 - one line for a person
+            print(f"imaker: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        table = evaluate.markdown(results, args.path)
+        if not evaluate.has_museval():
+            table += "\n(BSS-eval v4 left out: `pip install museval`)\n"
+        print(table, end="")
+        if args.write:
+            from .fsutil import atomic_path
+
+            before = args.write.read_text(encoding="utf-8") if args.write.is_file() else ""
+            with atomic_path(args.write) as tmp:
+                Path(tmp).write_text(before + "\n" + table, encoding="utf-8")
+        return 0
     if args.command == "dev-model":
         from .devmodel import build_model_repo
 

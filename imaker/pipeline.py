@@ -316,6 +316,20 @@ def _separate_model(source: Path, folder: Path, name: str, loaded, key: dict, se
     return record
 
 
+def _drop_set(folder: Path) -> None:
+    """Remove the set's ``stems.json`` before its models change (the stems are then
+    absent, never half-made), and the flat ``<stem>.flac`` of a set stored before
+    per-model folders."""
+    try:
+        old = json.loads((folder / stemset.SET_FILE).read_text())
+    except (OSError, ValueError):
+        old = None
+    (folder / stemset.SET_FILE).unlink(missing_ok=True)
+    if isinstance(old, dict) and "models" not in old:
+        for stem in old.get("sources") or []:
+            (folder / f"{stem}.{STEM_FORMAT}").unlink(missing_ok=True)
+
+
 def separate_to_folder(source: Path, folder: Path, job_id: str, separator,
                        progress: Callable[[float], None] | None = None) -> dict:
     """Separate ``source`` with the models of ``separator.plan`` (``imaker.stemset``) and
@@ -347,7 +361,7 @@ def separate_to_folder(source: Path, folder: Path, job_id: str, separator,
                          f"channel count ({sorted(rates)})")
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / stemset.SET_FILE).unlink(missing_ok=True)
+        _drop_set(folder)
     for i, (name, key) in enumerate(todo):
         step = (lambda f, i=i: progress((i + f) / len(todo))) if progress else None
         records[name] = _separate_model(source, folder, name, loaded[name], key, separator, step)
