@@ -330,7 +330,7 @@ def test_eval_agrees_with_museval_on_generated_songs(imaker_env, repo, tmp_path,
     from imaker import devsong, evaluate
 
     songs = tmp_path / "songs"
-    devsong.generate(songs, count=2, seed=3, seconds=4.0)
+    first, _ = devsong.generate(songs, count=2, seed=3, seconds=4.0)
     settings = load_settings()
     loaded = stemset.load(ROFO_A, repo, "cpu")
     for track in evaluate.tracks(songs):
@@ -339,16 +339,20 @@ def test_eval_agrees_with_museval_on_generated_songs(imaker_env, repo, tmp_path,
         assert sorted(ests) == ["instrumental", "other", "vocals"]
         np.testing.assert_allclose(refs["instrumental"], refs["drums"] + refs["bass"] + refs["other"],
                                    atol=1e-6)
+        ests.pop("other")  # museval takes ~2 s per stem and track: two stems are enough
         got = evaluate.score_track(refs, ests)
-        for stem in ("vocals", "instrumental", "other"):
+        for stem in ("vocals", "instrumental"):
             sdr, _, _, _ = museval.evaluate(refs[stem].T[None], ests[stem].T[None])
             assert abs(got["bsseval"][stem] - float(np.nanmedian(sdr))) < 0.01
             ref64, est64 = refs[stem].astype(np.float64), ests[stem].astype(np.float64)
             expected = 10 * np.log10(np.sum(ref64 ** 2) / np.sum((ref64 - est64) ** 2))
             assert abs(got["multisong"][stem] - expected) < 0.01
     results = tmp_path / "RESULTS.md"
-    assert imaker_main(["eval", str(songs), "--model", ROFO_A, "--model", MODEL_NAME,
-                        "--write", str(results)]) == 0
+    results.write_text("# Results\n")
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.move(str(first), one)
+    assert imaker_main(["eval", str(one), "--model", ROFO_A, "--write", str(results)]) == 0
     table = results.read_text()
-    assert f"| {ROFO_A} | instrumental |" in table and f"| {MODEL_NAME} | drums |" in table
-    assert table.strip() in capsys.readouterr().out
+    assert table.startswith("# Results\n") and f"| {ROFO_A} | instrumental |" in table
+    assert table.split("\n", 2)[2].strip() in capsys.readouterr().out
