@@ -414,6 +414,17 @@ def track_variants(options: Output, lib: Library, job_id: str,
                              no_drums=options.no_drums, drums_only=options.drums_only)
 
 
+def stems_cover(lib: Library, job_id: str, variants: list[str]) -> bool:
+    """Whether the stored stems make ``variants`` (a track separated without a drum
+    variant under ``INSTRUMENTAL_MODEL`` has no demucs drums: a backfill that adds
+    ``drums_only`` separates them first)."""
+    try:
+        sources = set(lib.read_json(job_id, "stems.json", stems=True)["sources"])
+    except (StageError, KeyError):
+        return False
+    return all(VARIANTS[v].mentions - {stemset.VOCALS} <= sources for v in variants)
+
+
 def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
     meta = lib.read_json(job_id, "stems.json", stems=True)
     stems = {}

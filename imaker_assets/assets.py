@@ -30,7 +30,7 @@ SERVICE_RETRY_WAIT_S = 10
 
 
 class VariantsConfig(Config):
-    """Run config of `variants` (launchpad: ``ops: variants: config:``)."""
+    """Run config of `variants` and `stems` (launchpad: ``ops: variants: config:``)."""
 
     add_variants: list[str] = []  # variants to make besides the settings' and the bundle's
                                   # (`imaker backfill --variants`)
@@ -101,13 +101,16 @@ with warnings.catch_warnings():  # observable source assets are "beta" in Dagste
                    "(drums, bass, other, vocals) and, with INSTRUMENTAL_MODEL, the RoFormer "
                    "model's. Its data version is the models' identities (name + checkpoint "
                    "sha256) and the source's hash.")
-def stems(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
+def stems(context: AssetExecutionContext, config: VariantsConfig,
+          settings: SettingsResource) -> MaterializeResult:
     s = settings.get()
     client = SeparatorClient.from_settings(s)
     lib = pipeline.Library.from_settings(s)
     try:
         with _stage(context, settings, "stems"):
-            wanted = pipeline.track_variants(s.output, lib, context.partition_key)
+            # the variants choose the models (demucs only for the drum variants)
+            wanted = pipeline.track_variants(s.output, lib, context.partition_key,
+                                             config.add_variants)
             meta = pipeline.separate_stems(lib, context.partition_key, client, wanted)
     except pipeline.TransientError as exc:
         # the service is unreachable or died mid-separation: Dagster retries the step (the

@@ -356,3 +356,26 @@ def test_eval_agrees_with_museval_on_generated_songs(imaker_env, repo, tmp_path,
     table = results.read_text()
     assert table.startswith("# Results\n") and f"| {ROFO_A} | instrumental |" in table
     assert table.split("\n", 2)[2].strip() in capsys.readouterr().out
+
+
+def test_backfill_of_a_drum_variant_separates_the_demucs_drums_it_lacks(
+        imaker_env, repo, source_m4a, monkeypatch, capsys):
+    """An instrumental-only track (demucs never ran) gets `drums_only` by `imaker backfill`:
+    the stems step runs demucs for the drums and reuses the RoFormer stems."""
+    from imaker_assets import operations
+
+    monkeypatch.setenv("INSTRUMENTAL_MODEL", ROFO_A)
+    monkeypatch.setenv("GENERATE_NO_DRUMS_VARIANT", "false")
+    settings = load_settings()
+    write_bundle(settings.paths.queue_youtube_audio, "rofo3", source_m4a)
+    result, settings, instance = _materialize("rofo3")
+    assert result.success
+    folder = settings.paths.stems_dir / "rofo3"
+    rofo_stat = (folder / ROFO_A / "other.flac").stat().st_mtime_ns
+    assert operations.backfill_variants(instance, settings, ["drums_only"], ["rofo3"]) == 0
+    assert "lack what drums_only needs" in capsys.readouterr().out
+    meta = json.loads((folder / "stems.json").read_text())
+    assert meta["separated"] == [MODEL_NAME] and meta["sources"] == ["drums", "vocals", "rest"]
+    assert (folder / ROFO_A / "other.flac").stat().st_mtime_ns == rofo_stat
+    man = json.loads((settings.paths.outputs_dir / "rofo3" / "manifest.json").read_text())
+    assert [a["variant"] for a in man["artifacts"]] == ["instrumental", "drums_only"]
