@@ -23,7 +23,7 @@ def _cell(value):
     return str(value)
 
 
-@asset(group_name="catalog", deps=[manifest], code_version="2", kinds={"pandas", "csv"},
+@asset(group_name="catalog", deps=[manifest], code_version="3", kinds={"pandas", "csv"},
        # refresh whenever any track's manifest changes; failed (missing) tracks do not block it
        automation_condition=AutomationCondition.eager().without(
            ~AutomationCondition.any_deps_missing()),
