@@ -187,7 +187,13 @@ def test_instrumental_model_end_to_end_stale_and_backfill(imaker_env, repo, sour
     assert row["instrumental_model"] == f"{ROFO_B}@{roformer.file_sha256(repo / f'{ROFO_B}.ckpt')[:12]}"
 
 
-def test_instrumental_only_never_runs_demucs(imaker_env, repo, source_m4a, monkeypatch):
+def test_instrumental_only_never_runs_demucs_until_a_drum_variant_is_backfilled(
+        imaker_env, repo, source_m4a, monkeypatch, capsys):
+    """An ensemble instrumental without drum variants: demucs does not run. Then `imaker
+    backfill --variants drums_only`: the stems step runs demucs for the drums and reuses
+    the RoFormer stems."""
+    from imaker_assets import operations
+
     monkeypatch.setenv("INSTRUMENTAL_MODEL", f"{ROFO_A},{ROFO_B}")   # an ensemble
     monkeypatch.setenv("GENERATE_NO_DRUMS_VARIANT", "false")
     monkeypatch.setenv("OUTPUT_AUDIO_FORMAT", "flac")
@@ -206,6 +212,16 @@ def test_instrumental_only_never_runs_demucs(imaker_env, repo, source_m4a, monke
     [art] = [x for x in man["artifacts"] if x["kind"] == "audio"]
     got = _flac(settings.paths.outputs_dir / "rofo2" / art["path"]) / 10 ** (art["gain_db"] / 20)
     assert snr_db((a + b) / 2, got) > 60
+
+    rofo_mtime = (folder / ROFO_A / "other.flac").stat().st_mtime_ns
+    instance = DagsterInstance.get()
+    assert operations.backfill_variants(instance, settings, ["drums_only"], ["rofo2"]) == 0
+    assert "lack what drums_only needs" in capsys.readouterr().out
+    meta = json.loads((folder / "stems.json").read_text())
+    assert meta["separated"] == [MODEL_NAME] and meta["sources"] == ["drums", "vocals", "rest"]
+    assert (folder / ROFO_A / "other.flac").stat().st_mtime_ns == rofo_mtime
+    man = json.loads((settings.paths.outputs_dir / "rofo2" / "manifest.json").read_text())
+    assert [a["variant"] for a in man["artifacts"]] == ["instrumental", "drums_only"]
 
 
 @pytest.mark.parametrize("broken", ["garbage_ckpt", "unsupported_architecture"])
@@ -356,26 +372,3 @@ def test_eval_agrees_with_museval_on_generated_songs(imaker_env, repo, tmp_path,
     table = results.read_text()
     assert table.startswith("# Results\n") and f"| {ROFO_A} | instrumental |" in table
     assert table.split("\n", 2)[2].strip() in capsys.readouterr().out
-
-
-def test_backfill_of_a_drum_variant_separates_the_demucs_drums_it_lacks(
-        imaker_env, repo, source_m4a, monkeypatch, capsys):
-    """An instrumental-only track (demucs never ran) gets `drums_only` by `imaker backfill`:
-    the stems step runs demucs for the drums and reuses the RoFormer stems."""
-    from imaker_assets import operations
-
-    monkeypatch.setenv("INSTRUMENTAL_MODEL", ROFO_A)
-    monkeypatch.setenv("GENERATE_NO_DRUMS_VARIANT", "false")
-    settings = load_settings()
-    write_bundle(settings.paths.queue_youtube_audio, "rofo3", source_m4a)
-    result, settings, instance = _materialize("rofo3")
-    assert result.success
-    folder = settings.paths.stems_dir / "rofo3"
-    rofo_stat = (folder / ROFO_A / "other.flac").stat().st_mtime_ns
-    assert operations.backfill_variants(instance, settings, ["drums_only"], ["rofo3"]) == 0
-    assert "lack what drums_only needs" in capsys.readouterr().out
-    meta = json.loads((folder / "stems.json").read_text())
-    assert meta["separated"] == [MODEL_NAME] and meta["sources"] == ["drums", "vocals", "rest"]
-    assert (folder / ROFO_A / "other.flac").stat().st_mtime_ns == rofo_stat
-    man = json.loads((settings.paths.outputs_dir / "rofo3" / "manifest.json").read_text())
-    assert [a["variant"] for a in man["artifacts"]] == ["instrumental", "drums_only"]
