@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # imported where used: every run process imports this module 
 CATALOG_FILE = "catalog.csv"
 COLUMNS = ["job_id", "artist", "album", "title", "source_type", "source_url", "duration_s",
            "input_peak_dbfs", "variants", "replaygain_db", "stems_kept", "stems_published", "nas_sync", "processed_at", "model",
-           "signature", "device"]
+           "signature", "device", "instrumental_model"]
 
 
 def _nas_state(output_dir: Path) -> str:
@@ -30,6 +30,13 @@ def _nas_state(output_dir: Path) -> str:
     if isinstance(items, list) and items:
         return ",".join(sorted({str(i.get("status")) for i in items if isinstance(i, dict)}))
     return "unknown"
+
+
+def _instrumental(sep: dict) -> str:
+    names = sep.get("instrumental_model") or []
+    models = {m.get("name"): m for m in sep.get("models") or [] if isinstance(m, dict)}
+    return ",".join(f"{n}@{(models.get(n, {}).get('sha256') or '')[:12]}".rstrip("@")
+                    for n in names)
 
 
 def build_catalog(outputs_dir: Path, stems_dir: Path, job_ids: Iterable[str] | None = None
@@ -56,6 +63,9 @@ def build_catalog(outputs_dir: Path, stems_dir: Path, job_ids: Iterable[str] | N
             "nas_sync": _nas_state(folder), "processed_at": prov.get("created_at"),
             "model": sep.get("model"), "signature": sep.get("signature"),
             "device": sep.get("device"),
+            # the model(s) of the instrumental (INSTRUMENTAL_MODEL), with their checkpoint
+            # sha256 prefix; empty when DEMUCS_MODEL made every variant
+            "instrumental_model": _instrumental(sep),
         })
     import pandas as pd
 

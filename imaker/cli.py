@@ -70,27 +70,50 @@ def _instance():
 
 def _models(settings, args) -> int:
     from . import models
+    from .roformer import install
 
     repo = settings.separation.model_repo
     if args.models_command == "list":
         entries = models.installed(repo)
-        if not entries:
+        rofos = install.listing(repo)
+        if not entries and not rofos:
             print(f"no models in {repo} (imaker models fetch [NAME] downloads "
-                  f"{settings.separation.model}; known: {', '.join(models.known_names())})")
+                  f"{settings.separation.model}; known: {', '.join(models.known_names())}; "
+                  f"RoFormer: {', '.join(install.CATALOGUE)})")
         for e in entries:
             state = "complete" if not e.missing else f"incomplete (missing {', '.join(e.missing)})"
             mark = " (DEMUCS_MODEL)" if e.name == settings.separation.model else ""
-            print(f"{e.name}{mark}: {state}, {len(e.files)} file(s), "
+            print(f"{e.name}{mark}: demucs, {state}, {len(e.files)} file(s), "
                   f"{e.size_bytes / 1e6:.1f} MB in {repo}")
+        for r in rofos:
+            mark = " (INSTRUMENTAL_MODEL)" if r["name"] in settings.separation.instrumental_model else ""
+            state = "loads" if r["loads"] else f"does not load: {r['error']}"
+            print(f"{r['name']}{mark}: roformer, {r['architecture'] or '?'}, stems "
+                  f"{','.join(r['stems']) or '?'}, {r['size_bytes'] / 1e6:.1f} MB, sha256 "
+                  f"{r['sha256']}, {state}")
+        return 0 if all(r["loads"] for r in rofos) else 1
+    if args.models_command == "add":
+        try:
+            info = install.add(args.ckpt, args.yaml, repo, name=args.name)
+        except install.InstallError as exc:
+            print(f"imaker: {exc}", file=sys.stderr)
+            return 1
+        print(f"{info['name']}: {info['architecture']}, stems {', '.join(info['stems'])}, "
+              f"sha256 {info['sha256']}, added to {repo}")
         return 0
     names = args.names or [settings.separation.model]
     if args.if_missing:
-        names = [n for n in names if models.missing(n, repo) is not None]
+        names = [n for n in names if models.missing(n, repo) is not None
+                 and not (n in install.CATALOGUE and (repo / f"{n}.ckpt").is_file())]
         if not names:
             return 0
     try:
-        models.fetch(names, repo, root_url=args.url)
-    except models.ModelError as exc:
+        for name in [n for n in names if n in install.CATALOGUE]:
+            install.fetch(name, repo, root_url=args.url, sha256=args.sha256)
+        demucs = [n for n in names if n not in install.CATALOGUE]
+        if demucs:
+            models.fetch(demucs, repo, root_url=args.url)
+    except (models.ModelError, install.InstallError) as exc:
         print(f"imaker: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -185,17 +208,37 @@ def main(argv: list[str] | None = None) -> int:
     mserve.add_argument("--port", type=int, default=None, help="port (default MEDIA_PORT, 8766)")
     sch = sub.add_parser("schema", help="print a published JSON Schema")
     sch.add_argument("name", choices=["job", "manifest"])
-    mdl = sub.add_parser("models", help="demucs weights in DEMUCS_MODEL_REPO "
+    mdl = sub.add_parser("models", help="demucs and RoFormer models in DEMUCS_MODEL_REPO "
                                         "(default $IMAKER_DATA/models)")
     mdl_sub = mdl.add_subparsers(dest="models_command", required=True)
-    mf = mdl_sub.add_parser("fetch", help="download and verify models (default: DEMUCS_MODEL) "
-                                          "through demucs' own download table")
+    mf = mdl_sub.add_parser("fetch", help="download and verify models (default: DEMUCS_MODEL): "
+                                          "demucs' through demucs' own download table, "
+                                          "RoFormer ones from imaker's short catalogue")
     mf.add_argument("names", nargs="*", metavar="NAME")
     mf.add_argument("--url", default=None, help="a mirror of demucs' download root "
-                                                "(https://dl.fbaipublicfiles.com/demucs/)")
+                                                "(https://dl.fbaipublicfiles.com/demucs/), or "
+                                                "of a RoFormer model's files (by file name)")
+    mf.add_argument("--sha256", default=None, help="the RoFormer checkpoint's sha256, where "
+                                                   "the catalogue does not know it")
     mf.add_argument("--if-missing", action="store_true",
                     help="only when the repo lacks them (README command 1)")
-    mdl_sub.add_parser("list", help="the models in the repo, complete or not")
+    mdl_sub.add_parser("list", help="the models in the repo: family, architecture, stems, "
+                                    "size, sha256, whether each loads (exit 1 if one does not)")
+    ma = mdl_sub.add_parser("add", help="import a RoFormer checkpoint + yaml config you "
+                                        "downloaded (checked: loads strict, runs one window)")
+    ma.add_argument("ckpt", type=Path)
+    ma.add_argument("yaml", type=Path)
+    ma.add_argument("--name", default=None, help="its name in the repo (INSTRUMENTAL_MODEL; "
+                                                 "default: the checkpoint's file name)")
+    ev = sub.add_parser("eval", help="separation quality on a MUSDB18-HQ-layout folder: "
+                                     "BSS-eval v4 median SDR (museval) and multisong SDR per "
+                                     "stem and for the instrumental")
+    ev.add_argument("path", type=Path, metavar="DIR")
+    ev.add_argument("--model", action="append", dest="models", metavar="NAME",
+                    help="a model in DEMUCS_MODEL_REPO (repeat; default: INSTRUMENTAL_MODEL's "
+                         "and DEMUCS_MODEL)")
+    ev.add_argument("--write", type=Path, default=None, metavar="FILE",
+                    help="append the results table to FILE (e.g. benchmarks/RESULTS.md)")
     dev = sub.add_parser("dev-model", help="write a tiny random HTDemucs model repo (offline "
                                            "demos and tests; not musically useful)")
     dev.add_argument("path", type=Path)
@@ -236,6 +279,27 @@ def main(argv: list[str] | None = None) -> int:
         return _print_settings(settings, args)
     if args.command == "models":
         return _models(settings, args)
+    if args.command == "eval":
+        from . import evaluate
+
+        sep = settings.separation
+        names = args.models or [*sep.instrumental_model, sep.model]
+        try:
+            results = evaluate.evaluate(args.path, names, sep)
+        except Exception as exc:  # noqa: BLE001 - one line for a person
+            print(f"imaker: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        table = evaluate.markdown(results, args.path)
+        if not evaluate.has_museval():
+            table += "\n(BSS-eval v4 left out: `pip install museval`)\n"
+        print(table, end="")
+        if args.write:
+            from .fsutil import atomic_path
+
+            before = args.write.read_text(encoding="utf-8") if args.write.is_file() else ""
+            with atomic_path(args.write) as tmp:
+                Path(tmp).write_text(before + "\n" + table, encoding="utf-8")
+        return 0
     if args.command == "dev-model":
         from .devmodel import build_model_repo
 

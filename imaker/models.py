@@ -83,8 +83,6 @@ def fetch(names: list[str], repo: Path, *, root_url: str | None = None,
           catalog: Path | None = None, log=print) -> list[str]:
     """Download the bags ``names`` into ``repo`` (files already there are kept), verify,
     and load each from the repo. Returns the names fetched."""
-    import torch.hub
-
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     for bag in plan(names, root_url=root_url, catalog=catalog):
@@ -93,16 +91,7 @@ def fetch(names: list[str], repo: Path, *, root_url: str | None = None,
             if dest.is_file():
                 continue
             log(f"{bag.name}: downloading {url}")
-            fd, part = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".part", dir=repo)
-            os.close(fd)
-            try:
-                torch.hub.download_url_to_file(url, part, hash_prefix=_hash_prefix(file_name),
-                                               progress=False)
-                os.chmod(part, 0o666 & ~_umask())
-                os.replace(part, dest)
-            except Exception as exc:  # noqa: BLE001 - one line for a person, nothing left
-                Path(part).unlink(missing_ok=True)
-                raise ModelError(f"{bag.name}: cannot download {url}: {_reason(exc)}") from None
+            download(url, dest, _hash_prefix(file_name), label=bag.name)
         yaml_dest = repo / f"{bag.name}.yaml"
         tmp = repo / f".{bag.name}.yaml.part"
         tmp.write_text(bag.yaml_text)
@@ -110,6 +99,25 @@ def fetch(names: list[str], repo: Path, *, root_url: str | None = None,
         _load(bag.name, repo)
         log(f"{bag.name}: {', '.join(f for f, _ in bag.files)} in {repo}")
     return names
+
+
+def download(url: str, dest: Path, sha256_prefix: str | None, *, label: str) -> Path:
+    """``url`` to ``dest`` through a temporary name in its folder, checked against
+    ``sha256_prefix`` (a whole sha256 checks the whole digest) before it is renamed into
+    place: a corrupt or partial download leaves nothing. ``ModelError`` (one line) else."""
+    import torch.hub
+
+    dest = Path(dest)
+    fd, part = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    try:
+        torch.hub.download_url_to_file(url, part, hash_prefix=sha256_prefix, progress=False)
+        os.chmod(part, 0o666 & ~_umask())
+        os.replace(part, dest)
+    except Exception as exc:  # noqa: BLE001 - one line for a person, nothing left
+        Path(part).unlink(missing_ok=True)
+        raise ModelError(f"{label}: cannot download {url}: {_reason(exc)}") from None
+    return dest
 
 
 def _reason(exc: Exception) -> str:
@@ -154,6 +162,8 @@ def installed(repo: Path) -> list[Installed]:
     used: set[str] = set()
     out = []
     for bag_yaml in sorted(repo.glob("*.yaml")):
+        if bag_yaml.with_suffix(".ckpt").is_file():
+            continue  # a RoFormer model (imaker.roformer.is_roformer), not a bag
         try:
             sigs = [str(s) for s in yaml.safe_load(bag_yaml.read_text())["models"]]
         except Exception:  # noqa: BLE001 - a foreign yaml is listed as incomplete

@@ -4,13 +4,15 @@ Each stage reads what the previous one stored, so any stage can be re-run on its
 (a variant backfill reads the stored stems and never re-separates)::
 
     library/<job_id>/  job.json, cover.*, source.flac, source.json, variants.json
-    stems/<job_id>/    <stem>.flac (24-bit, scaled by stems.json's "scale"), stems.json
+    stems/<job_id>/    <model>/<stem>.flac (24-bit, scaled by its model.json's "scale") per
+                       model, stems.json (the set: ``imaker.stemset``)
     outputs/<job_id>/  manifest.json, files/audio/*.m4a, files/stems/*.flac (PRESERVE_STEMS)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import audio as audio_mod
+from . import stemset
 from .analysis import SILENCE_FLOOR_DBFS, levels
 from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
 from .fsutil import atomic_path, safe_filename, sha256_file, write_json_atomic
@@ -246,18 +249,36 @@ def read_source(source: Path, samplerate: int = SOURCE_RATE,
 
 
 # ----- stage 2: stems -------------------------------------------------------------------
-def separate_to_folder(source: Path, folder: Path, job_id: str, separator,
-                       progress: Callable[[float], None] | None = None) -> dict:
-    """Separate ``source`` with ``separator`` (an object with ``load()`` returning a
-    ``LoadedModel``, ``separate(wav, sink=, inplace=)`` and its segment/overlap/shifts) and
-    store the stems losslessly in ``folder`` with ``stems.json``. What the separation
-    service runs for each request; ``progress(fraction)`` follows the written samples."""
-    loaded = separator.load()
+def _source_sha256(source: Path) -> str | None:
+    """The input's sha256 from the ``source.json`` beside ``source`` (what the stored
+    stems were separated from), or None."""
+    try:
+        meta = json.loads((Path(source).parent / "source.json").read_text())
+        return f"{meta['input_sha256']}:{meta.get('scale', 1.0)}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _stored_record(folder: Path, name: str) -> dict | None:
+    try:
+        rec = json.loads((folder / name / stemset.MODEL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    files = [folder / name / f"{s}.{STEM_FORMAT}" for s in rec.get("sources", [])]
+    return rec if files and all(f.is_file() for f in files) else None
+
+
+def _separate_model(source: Path, folder: Path, name: str, loaded, key: dict, separator,
+                    progress: Callable[[float], None] | None) -> dict:
+    """One model's stems into ``folder/<name>/`` (built in a hidden folder, renamed into
+    place complete with its ``model.json``)."""
     wav = read_source(source, loaded.samplerate, loaded.channels)
     frames = wav.shape[1]
+    part = folder / f".{name}.part"
+    shutil.rmtree(part, ignore_errors=True)
     # The stems stream out of the model into raw files (the whole-track stems are never in
     # memory), then are encoded to FLAC with one scale for all: 24-bit FLAC holds [-1, 1).
-    writer = RawStemWriter(folder, loaded.sources)
+    writer = RawStemWriter(part, loaded.sources)
 
     def sink(start: int, chunk) -> None:
         writer(start, chunk)
@@ -266,42 +287,141 @@ def separate_to_folder(source: Path, folder: Path, job_id: str, separator,
 
     try:
         start = time.perf_counter()
-        separator.separate(wav, sink=sink, inplace=True)
+        separator.separate(loaded, wav, sink=sink, inplace=True)
         seconds = time.perf_counter() - start
         del wav
         if writer.frames != frames:
-            raise StageError(f"the separation returned {writer.frames} samples for {frames}")
+            raise StageError(f"{name}: the separation returned {writer.frames} samples for "
+                             f"{frames}")
         scale = writer.encode_all(loaded.samplerate, STEM_FORMAT)
-    finally:
+        record = {**separator.describe(loaded), "folder": name, "key": key,
+                  "sources": list(loaded.sources), "scale": scale,
+                  "sample_rate": loaded.samplerate, "channels": loaded.channels,
+                  "frames": frames, "separation_seconds": round(seconds, 3), "at": utcnow()}
+        write_json_atomic(part / stemset.MODEL_FILE, record)
+        dest = folder / name
+        if dest.exists():  # an older separation by this model: replaced whole
+            old = folder / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(part, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(part, dest)
+    except BaseException:
         writer.discard()
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    return record
+
+
+def _drop_set(folder: Path) -> None:
+    """Remove the set's ``stems.json`` before its models change (the stems are then
+    absent, never half-made), and the flat ``<stem>.flac`` of a set stored before
+    per-model folders."""
+    try:
+        old = json.loads((folder / stemset.SET_FILE).read_text())
+    except (OSError, ValueError):
+        old = None
+    (folder / stemset.SET_FILE).unlink(missing_ok=True)
+    if isinstance(old, dict) and "models" not in old:
+        for stem in old.get("sources") or []:
+            (folder / f"{stem}.{STEM_FORMAT}").unlink(missing_ok=True)
+
+
+def separate_to_folder(source: Path, folder: Path, job_id: str, separator,
+                       progress: Callable[[float], None] | None = None) -> dict:
+    """Separate ``source`` with the models of ``separator.plan`` (``imaker.stemset``) and
+    store each model's stems losslessly in ``folder/<model>/``, then the set in
+    ``stems.json``. ``separator``: ``plan``, ``load(name)`` (a loaded model of either
+    family), ``key(loaded)`` (what its stems depend on besides the source),
+    ``describe(loaded)`` (its provenance) and ``separate(loaded, wav, sink=, inplace=)``.
+    A model whose stored stems were made from the same source with the same key is not
+    run again. Every model is loaded before anything is written (a broken checkpoint
+    fails the track with nothing half-written), and ``stems.json`` is removed while the
+    set changes. What the separation service runs for each request; ``progress(fraction)``
+    follows the written samples."""
+    folder = Path(folder)
+    p = separator.plan
+    source_sha = _source_sha256(source)
+    loaded = {name: separator.load(name) for name in p.models}
+    records: dict[str, dict] = {}
+    todo = []
+    for name in p.models:
+        key = {**separator.key(loaded[name]), "source": source_sha}
+        rec = _stored_record(folder, name)
+        if rec is not None and source_sha is not None and rec.get("key") == key:
+            records[name] = rec
+        else:
+            todo.append((name, key))
+    rates = {(loaded[n].samplerate, loaded[n].channels) for n in p.models}
+    if len(rates) > 1:
+        raise StageError(f"the models {', '.join(p.models)} do not share one sample rate and "
+                         f"channel count ({sorted(rates)})")
+    if todo:
+        folder.mkdir(parents=True, exist_ok=True)
+        _drop_set(folder)
+    for i, (name, key) in enumerate(todo):
+        step = (lambda f, i=i: progress((i + f) / len(todo))) if progress else None
+        records[name] = _separate_model(source, folder, name, loaded[name], key, separator, step)
+    stems = stemset.compose(p, records)
+    used = [records[n] for n in p.models]
+    first = used[0]
     meta = {
         "job_id": job_id,
-        "sources": list(loaded.sources),
-        "scale": scale,
-        "sample_rate": loaded.samplerate,
-        "channels": loaded.channels,
-        "duration_s": round(frames / loaded.samplerate, 4),
-        "model": loaded.name,
-        "signature": loaded.signature,
-        "device": str(loaded.device),
+        "sources": list(stems),
+        # one model: its scale (the files of a set each carry their own, in "stems")
+        "scale": first["scale"] if len(used) == 1 else 1.0,
+        "sample_rate": first["sample_rate"],
+        "channels": first["channels"],
+        "duration_s": round(first["frames"] / first["sample_rate"], 4),
+        "model": "+".join(r["name"] for r in used),
+        "signature": "+".join(r["signature"] for r in used),
+        "device": first["device"],
         "segment": separator.segment,
         "overlap": separator.overlap,
         "shifts": separator.shifts,
-        "separation_seconds": round(seconds, 3),
+        "separation_seconds": round(sum(r["separation_seconds"] for r in used), 3),
+        "instrumental_model": list(p.instrumental),
+        "source_sha256": source_sha,
+        "models": used,
+        "stems": stems,
+        "separated": [name for name, _ in todo],
         "at": utcnow(),
     }
-    write_json_atomic(Path(folder) / "stems.json", meta)
+    meta["data_version"] = stemset.data_version(meta)
+    write_json_atomic(folder / stemset.SET_FILE, meta)
     return meta
 
 
-def separate_stems(lib: Library, job_id: str, client) -> dict:
+def separate_stems(lib: Library, job_id: str, client, variants: list[str] | None = None) -> dict:
     """The stems stage: ask the separation service (``client.separate(job_id, source,
-    stems_dir)``, see ``imaker.separator``) to separate the stored source into the stems
-    store; it returns the stems' ``stems.json``."""
+    stems_dir, variants=)``, see ``imaker.separator``) to separate the stored source into
+    the stems store for the ``variants`` the track makes (they choose the models:
+    ``imaker.stemset.plan``); it returns the stems' ``stems.json``."""
     source = lib.track_dir(job_id) / "source.flac"
     if not source.is_file():
         raise StageError(f"track {job_id} has no stored source: materialize source_audio first")
-    return client.separate(job_id, source, lib.stem_dir(job_id))
+    return client.separate(job_id, source, lib.stem_dir(job_id), variants=variants)
+
+
+def track_variants(options: Output, lib: Library, job_id: str,
+                   extra_variants: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The variants a track makes: the settings', the bundle's and ``extra_variants``."""
+    bundle = lib.bundle(job_id)
+    return selected_variants([*(bundle.variants or []), *extra_variants],
+                             no_drums=options.no_drums, drums_only=options.drums_only)
+
+
+def stems_cover(lib: Library, job_id: str, variants: list[str]) -> bool:
+    """Whether the stored stems make ``variants`` (a track separated without a drum
+    variant under ``INSTRUMENTAL_MODEL`` has no demucs drums: a backfill that adds
+    ``drums_only`` separates them first)."""
+    try:
+        sources = set(lib.read_json(job_id, "stems.json", stems=True)["sources"])
+    except (StageError, KeyError):
+        return False
+    return all(VARIANTS[v].mentions - {stemset.VOCALS} <= sources for v in variants)
 
 
 # ----- stage 3: variants ----------------------------------------------------------------
@@ -312,10 +432,8 @@ def make_variants(options: Output, lib: Library, job_id: str,
     bundle = lib.bundle(job_id)
     stems_meta = lib.read_json(job_id, "stems.json", stems=True)
     rate, channels = stems_meta["sample_rate"], stems_meta["channels"]
-    stem_files = {name: lib.stem_dir(job_id) / f"{name}.flac" for name in stems_meta["sources"]}
-    names = selected_variants([*(bundle.variants or []), *extra_variants],
-                              no_drums=options.no_drums,
-                              drums_only=options.drums_only)
+    stem_files = stemset.terms(lib.stem_dir(job_id), stems_meta)
+    names = track_variants(options, lib, job_id, extra_variants)
     fmt = options.audio_format
     base = track_basename(bundle.artist, bundle.title)
     out_dir = lib.output_dir(job_id)
@@ -339,9 +457,8 @@ def make_variants(options: Output, lib: Library, job_id: str,
                                           measure=True)
         for name in names}
     # streamed in chunks (two passes over the stems: peaks, then mix + encode), every
-    # variant's ffmpeg encoding at once (tests/oracles.py: the same as mixing the whole track)
-    gains = stream_mix(stem_files, encoders, samplerate=rate, channels=channels,
-                       scale=stems_meta["scale"])
+    # variant's ffmpeg encoding at once; (tests/oracles.py: the same as mixing the whole track)
+    gains = stream_mix(stem_files, encoders, samplerate=rate, channels=channels)
     records = []
     for spec, encoder in encoders.items():
         loud, rg = encoder.loudness, encoder.tags.replaygain
@@ -362,13 +479,16 @@ def make_variants(options: Output, lib: Library, job_id: str,
         records.append({"kind": "video", "variant": "instrumental", "label": "Video (instrumental)",
                         "path": rel})
     if options.preserve_stems:
-        for stem in stems_meta["sources"]:
-            rel = f"files/stems/{base} ({stem}).flac"
+        files = stemset.stored_files(lib.stem_dir(job_id), stems_meta)
+        several = len({model for model, *_ in files}) > 1
+        for model, stem, path, scale in files:
+            shown = f"{stem}, {model}" if several else stem
+            rel = f"files/stems/{base} ({shown}).flac"
             dest = out_dir / rel
             with atomic_path(dest) as tmp:
-                shutil.copyfile(lib.stem_dir(job_id) / f"{stem}.flac", tmp)
-            records.append({"kind": "stems", "variant": stem, "label": f"Stem ({stem})",
-                            "path": rel, "scale": stems_meta["scale"]})
+                shutil.copyfile(path, tmp)
+            records.append({"kind": "stems", "variant": stem, "label": f"Stem ({shown})",
+                            "path": rel, "scale": scale, "model": model})
     meta = {"job_id": job_id, "format": fmt, "artifacts": records,
             "stems_preserved": options.preserve_stems, "at": utcnow()}
     write_json_atomic(lib.track_dir(job_id) / "variants.json", meta)
@@ -417,7 +537,10 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
                            "device": stems_meta["device"], "segment": stems_meta["segment"],
                            "shifts": stems_meta["shifts"], "overlap": stems_meta["overlap"],
                            "seconds": stems_meta["separation_seconds"],
-                           "separated_at": stems_meta["at"]},
+                           "separated_at": stems_meta["at"],
+                           "instrumental_model": stems_meta.get("instrumental_model") or [],
+                           "models": [_model_provenance(m) for m in
+                                      stems_meta.get("models") or []]},
             "software": software_versions(),
             "code_versions": dict(code_versions or {}),
             "created_at": utcnow(),
@@ -426,6 +549,15 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
     if drop_id:
         store.archive_done(job_id, drop_id)
     return manifest
+
+
+def _model_provenance(record: dict) -> dict:
+    """One model of the separation in the manifest (``model.json``'s own fields)."""
+    keys = ("name", "family", "architecture", "sha256", "signature", "stems", "device",
+            "precision")
+    out = {k: record.get(k) for k in keys}
+    out["stems"] = list(record.get("stems") or record.get("sources") or [])
+    return out
 
 
 def _finite(value):

@@ -185,6 +185,13 @@ class Separation(Group):
     sends its ``separation`` group with every request)."""
 
     model: str = setting("htdemucs", "model (bag) name", "DEMUCS_MODEL", min_length=1)
+    instrumental_model: Annotated[tuple[str, ...], BeforeValidator(_split)] = setting(
+        (), "RoFormer model(s) in `DEMUCS_MODEL_REPO` (`<name>.ckpt` + `<name>.yaml`, see "
+            "*Models*) that make the `instrumental` variant (their non-vocal output); `a,b` "
+            "averages several (an ensemble). `no_drums` is then that instrumental minus the "
+            "`DEMUCS_MODEL` drums and `drums_only` those drums: `DEMUCS_MODEL` runs only when "
+            "a drum variant is made. Unset: `DEMUCS_MODEL` makes every variant",
+        "INSTRUMENTAL_MODEL", shown="—")
     model_repo: AbsPath | None = setting(
         None, "the folder of weights (`<sig>-<hash>.th` + `<name>.yaml`, demucs' `--repo` "
               "layout; `imaker models fetch` fills it). A model missing there fails the track "

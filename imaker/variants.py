@@ -32,6 +32,11 @@ class VariantSpec:
     def tagged_title(self, title: str) -> str:
         return self.title_tag.format(title=title)
 
+    @property
+    def mentions(self) -> set[str]:
+        """The stems this variant names (what a separation must give it)."""
+        return set(self.include or ()) | set(self.exclude)
+
     def stems_for(self, available: list[str]) -> list[str]:
         chosen = [s for s in available
                   if (self.include is None or s in self.include) and s not in self.exclude]
@@ -84,13 +89,58 @@ class StemLengthError(audio_mod.AudioError):
     """Stems of one track that do not have the same number of frames."""
 
 
-def _lockstep(paths: Mapping[str, Path], samplerate: int, channels: int, scale: float,
+@dataclass(frozen=True)
+class Term:
+    """One stored file in a stem: ``weight * samples / scale`` (``imaker.stemset``: a stem
+    of several models' files, e.g. an ensemble's average or an instrumental minus drums)."""
+    path: Path
+    weight: float = 1.0
+    scale: float = 1.0
+
+
+Stems = Mapping[str, "Path | list[Term] | tuple[Term, ...]"]
+
+
+def _as_terms(paths: Stems, scale: float) -> dict[str, tuple[Term, ...]]:
+    """Stem name -> its terms (a plain path is the stem's file divided by ``scale``)."""
+    return {name: (Term(Path(v), 1.0, scale),) if isinstance(v, (str, Path)) else tuple(v)
+            for name, v in paths.items()}
+
+
+def _lockstep(paths: Stems, samplerate: int, channels: int, scale: float,
               chunk_frames: int, pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
     """Chunks of every stem, aligned: ``{name: float32 (channels, n)}`` divided by
-    ``scale`` (``stems.json``), the same ``n`` for all. Each stem is read
-    by its own ffmpeg process in ``pool``, one chunk ahead of the consumer."""
-    names = list(paths)
-    iters = {n: audio_mod.iter_decode(paths[n], samplerate, channels, chunk_frames) for n in names}
+    ``scale`` (``stems.json``), the same ``n`` for all. Each file is read
+    by its own ffmpeg process in ``pool``, one chunk ahead of the consumer. A stem given
+    as terms (``Term``) is their weighted sum (each file decoded once)."""
+    stems = _as_terms(paths, scale)
+    files: dict[Path, float] = {}
+    for parts in stems.values():
+        for t in parts:
+            if files.setdefault(t.path, t.scale) != t.scale:
+                raise ValueError(f"{t.path}: two scales")
+    for chunks in _lockstep_files(files, samplerate, channels, chunk_frames, pool):
+        out = {}
+        for name, parts in stems.items():
+            if len(parts) == 1 and parts[0].weight == 1.0:
+                out[name] = chunks[parts[0].path]
+                continue
+            acc = np.zeros_like(chunks[parts[0].path])
+            for t in parts:
+                acc += np.float32(t.weight) * chunks[t.path]
+            out[name] = acc
+        yield out
+
+
+def _lockstep_files(scales: Mapping[Path, float], samplerate: int, channels: int,
+                    chunk_frames: int, pool: ThreadPoolExecutor
+                    ) -> Iterator[dict[Path, np.ndarray]]:
+    """Chunks of every file, aligned, each divided by its scale."""
+    names = list(scales)
+    one_folder = len({Path(n).parent for n in names}) == 1
+    label = {n: Path(n).stem if one_folder else f"{Path(n).parent.name}/{Path(n).stem}"
+             for n in names}
+    iters = {n: audio_mod.iter_decode(n, samplerate, channels, chunk_frames) for n in names}
 
     def fetch() -> dict[str, Future]:
         return {n: pool.submit(next, it, None) for n, it in iters.items()}
@@ -107,17 +157,21 @@ def _lockstep(paths: Mapping[str, Path], samplerate: int, channels: int, scale: 
             if ended or len(set(sizes.values())) > 1:
                 short = ended or [n for n, k in sizes.items() if k == min(sizes.values())]
                 longer = [n for n in names if n not in short]
-                raise StemLengthError(f"stems differ in length: {', '.join(short)} ended "
-                                      f"before {', '.join(longer)}")
+                raise StemLengthError(f"stems differ in length: {', '.join(label[n] for n in short)} "
+                                      f"ended before {', '.join(label[n] for n in longer)}")
             pending = fetch()  # the next chunks decode while this one is used
-            for chunk in chunks.values():
-                chunk /= scale
+            for n, chunk in chunks.items():
+                chunk /= scales[n]
             yield chunks
     finally:
         if pending is not None:  # no decoder may be running in a thread when it is closed
             wait(pending.values())
         for it in iters.values():
             it.close()  # kills ffmpeg when the stem was not read to the end
+
+
+def _file_count(paths: Stems) -> int:
+    return len({t.path for parts in _as_terms(paths, 1.0).values() for t in parts})
 
 
 def _variant_sum(chunks: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
@@ -128,7 +182,7 @@ def _variant_sum(chunks: Mapping[str, np.ndarray], names: list[str]) -> np.ndarr
     return out
 
 
-def stream_peaks(paths: Mapping[str, Path], specs: Iterable[VariantSpec], *, samplerate: int,
+def stream_peaks(paths: Stems, specs: Iterable[VariantSpec], *, samplerate: int,
                  channels: int, scale: float = 1.0,
                  chunk_frames: int = audio_mod.CHUNK_FRAMES) -> dict[str, float]:
     """Pass 1 of ``stream_mix``: the sample peak of every variant's sum, ``{name: peak}``,
@@ -138,7 +192,7 @@ def stream_peaks(paths: Mapping[str, Path], specs: Iterable[VariantSpec], *, sam
     peaks = dict.fromkeys(plan, 0.0)
     if not plan:
         return peaks
-    with ThreadPoolExecutor(max_workers=len(needed)) as pool, \
+    with ThreadPoolExecutor(max_workers=_file_count(needed)) as pool, \
             closing(_lockstep(needed, samplerate, channels, scale, chunk_frames, pool)) as steps:
         for chunks in steps:
             for name, used in plan.items():
@@ -147,14 +201,14 @@ def stream_peaks(paths: Mapping[str, Path], specs: Iterable[VariantSpec], *, sam
     return peaks
 
 
-def stream_mix(paths: Mapping[str, Path], outputs: Mapping[VariantSpec, audio_mod.Encoder], *,
+def stream_mix(paths: Stems, outputs: Mapping[VariantSpec, audio_mod.Encoder], *,
                samplerate: int, channels: int, scale: float = 1.0,
                chunk_frames: int = audio_mod.CHUNK_FRAMES) -> dict[str, float]:
     """Mix every variant from stem files straight into its encoder, in bounded memory;
     returns ``{variant name: gain}``.
 
     ``paths``: stem name -> FLAC (stems.json order; the stored samples are divided by
-    ``scale`` of ``stems.json``). ``outputs``: variant -> an unopened
+    ``scale`` of ``stems.json``), or -> its ``Term`` list. ``outputs``: variant -> an unopened
     ``audio.Encoder``. Pass 1 decodes every needed stem once, in chunks, and takes each
     variant's peak of the same float32 sums pass 2 computes, hence its exact gain; pass 2
     decodes again and writes ``sum * gain`` of every variant to its encoder, all encoders
@@ -173,7 +227,7 @@ def stream_mix(paths: Mapping[str, Path], outputs: Mapping[VariantSpec, audio_mo
         for encoder in outputs.values():
             stack.enter_context(encoder)
         # the pool is left (every write finished) before the encoders close
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=len(needed) + len(specs)))
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=_file_count(needed) + len(specs)))
         steps = stack.enter_context(closing(
             _lockstep(needed, samplerate, channels, scale, chunk_frames, pool)))
         writing: list[Future] = []

@@ -8,10 +8,12 @@ stage archives the job to ``failed/`` with the stage and reason.
 
 from contextlib import contextmanager
 
-from dagster import (AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue,
-                     RetryRequested, asset)
+import warnings
 
-from imaker import analysis, media, pipeline
+from dagster import (AssetExecutionContext, BetaWarning, Config, DataVersion, MaterializeResult,
+                     MetadataValue, RetryRequested, asset, observable_source_asset)
+
+from imaker import analysis, media, pipeline, stemset
 from imaker.queues import QueueStore
 from imaker.separator.client import SeparatorClient
 from resources import SettingsResource
@@ -29,7 +31,7 @@ SERVICE_RETRY_WAIT_S = 10
 
 
 class VariantsConfig(Config):
-    """Run config of `variants` (launchpad: ``ops: variants: config:``)."""
+    """Run config of `variants` and `stems` (launchpad: ``ops: variants: config:``)."""
 
     add_variants: list[str] = []  # variants to make besides the settings' and the bundle's
                                   # (`imaker backfill --variants`)
@@ -90,17 +92,38 @@ def source_audio(context: AssetExecutionContext, settings: SettingsResource) -> 
         data_version=DataVersion(meta["input_sha256"]))
 
 
+def _models_identity(settings: SettingsResource) -> DataVersion:
+    return DataVersion(stemset.settings_identity(settings.get().separation))
+
+
+with warnings.catch_warnings():  # observable source assets are "beta" in Dagster 1.13
+    warnings.simplefilter("ignore", BetaWarning)
+    separation_models = observable_source_asset(
+        group_name=GROUP, name="separation_models",
+        description="The models the settings separate with (DEMUCS_MODEL, INSTRUMENTAL_MODEL: "
+                    "names and checkpoint sha256), observed by the models sensor: a change "
+                    "marks every track's stems stale (a backfill re-separates with the new "
+                    "model only; stored stems of unchanged models are reused).")(_models_identity)
+
+
 @track_asset(
-    deps=[source_audio], pool="gpu", kinds={"demucs", "pytorch"},
-    description="Demucs stems (drums, bass, other, vocals), stored losslessly so that "
-                "variants can be re-mixed without separating again.")
-def stems(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
+    deps=[source_audio, separation_models], pool="gpu", kinds={"demucs", "pytorch"},
+    description="Stems stored losslessly (per model: stems/<job_id>/<model>/) so that "
+                "variants can be re-mixed without separating again: DEMUCS_MODEL's "
+                "(drums, bass, other, vocals) and, with INSTRUMENTAL_MODEL, the RoFormer "
+                "model's. Its data version is the models' identities (name + checkpoint "
+                "sha256) and the source's hash.")
+def stems(context: AssetExecutionContext, config: VariantsConfig,
+          settings: SettingsResource) -> MaterializeResult:
     s = settings.get()
     client = SeparatorClient.from_settings(s)
+    lib = pipeline.Library.from_settings(s)
     try:
         with _stage(context, settings, "stems"):
-            meta = pipeline.separate_stems(pipeline.Library.from_settings(s),
-                                           context.partition_key, client)
+            # the variants choose the models (demucs only for the drum variants)
+            wanted = pipeline.track_variants(s.output, lib, context.partition_key,
+                                             config.add_variants)
+            meta = pipeline.separate_stems(lib, context.partition_key, client, wanted)
     except pipeline.TransientError as exc:
         # the service is unreachable or died mid-separation: Dagster retries the step (the
         # bundle stays claimed); after the last attempt the run fails with this message
@@ -112,7 +135,11 @@ def stems(context: AssetExecutionContext, settings: SettingsResource) -> Materia
         "signature": meta["signature"], "device": meta["device"],
         "duration_s": meta["duration_s"], "separation_seconds": meta["separation_seconds"],
         "realtime_factor": round(meta["duration_s"] / max(meta["separation_seconds"], 1e-9), 2),
-    })
+        "separated": ", ".join(meta["separated"]) or "none (stored stems reused)",
+        "models": MetadataValue.json([{k: m.get(k) for k in ("name", "family", "architecture",
+                                                               "sha256", "device", "precision")}
+                                      for m in meta["models"]]),
+    }, data_version=DataVersion(meta["data_version"]))
 
 
 @track_asset(

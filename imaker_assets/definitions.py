@@ -7,9 +7,9 @@ from dagster import Definitions
 from imaker.fsutil import apply_umask
 from imaker.settings import Settings, load_settings
 from resources import build_resources
-from sensors import notify_sensors, queue_sensor
+from sensors import models_sensor, notify_sensors, queue_sensor
 
-from .assets import track_assets
+from .assets import separation_models, track_assets
 from .catalog import catalog, catalog_automation
 from .checks import track_checks
 from .jobs import ingest_track
@@ -23,13 +23,13 @@ def build_defs(settings: Settings | None = None) -> Definitions:
     settings = settings or load_settings()
     apply_umask(settings.paths.umask)
     return Definitions(
-        assets=[*track_assets, nas_copy, catalog],
+        assets=[*track_assets, separation_models, nas_copy, catalog],
         asset_checks=track_checks,
         jobs=[ingest_track, retrieve],
         # the daemon that `imaker ingest` starts only drives its claims (it refreshes the
         # catalog itself when its jobs are done) and notifies their outcomes (NOTIFY_URLS)
         sensors=([queue_sensor, *notify_sensors] if os.environ.get("IMAKER_INGEST_ONLY") == "1"
-                 else [queue_sensor, *notify_sensors, catalog_automation]),
+                 else [queue_sensor, *notify_sensors, catalog_automation, models_sensor]),
         resources=build_resources(settings),
     )
 

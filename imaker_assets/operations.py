@@ -13,6 +13,7 @@ from typing import Iterable, TextIO
 
 from dagster import AssetSelection, DagsterInstance, DagsterRunStatus, materialize
 
+from imaker import pipeline
 from imaker.pipeline import Library
 from imaker.queues import Claim, QueueStore
 from imaker.settings import Settings
@@ -280,10 +281,17 @@ def backfill_variants(instance: DagsterInstance, settings: Settings, add_variant
         if not lib.has_stems(job_id):
             print(f"{job_id}: stems were purged: separating again first", file=out, flush=True)
             selection.insert(0, stems)
+        elif not pipeline.stems_cover(lib, job_id, pipeline.track_variants(
+                settings.output, lib, job_id, add_variants)):
+            print(f"{job_id}: the stored stems lack what {', '.join(add_variants)} needs: "
+                  "separating first (stored models are reused)", file=out, flush=True)
+            selection.insert(0, stems)
+        added = {"config": {"add_variants": list(add_variants)}}
         result = _materialize(
             [*track_assets, *track_checks], instance=instance, partition_key=job_id,
             selection=AssetSelection.assets(*selection), resources=resources,
-            run_config={**QUIET, "ops": {"variants": {"config": {"add_variants": list(add_variants)}}}},
+            run_config={**QUIET, "ops": {"variants": added,
+                                         **({"stems": added} if stems in selection else {})}},
             raise_on_error=False,
             tags={"imaker/job_id": job_id, "imaker/trigger": "imaker-backfill"})
         if result.success:

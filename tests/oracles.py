@@ -16,11 +16,19 @@ def codec_name(fmt: str) -> str:
 
 
 def load_stems(lib: Library, job_id: str) -> tuple[dict[str, np.ndarray], dict]:
-    """A track's stored stems decoded whole and divided by their scale (``stems.json``)."""
+    """A track's stored stems decoded whole: each stem the weighted sum of its stored files
+    divided by their scale (``imaker.stemset.terms`` of ``stems.json``)."""
+    from imaker import stemset
+
     meta = lib.read_json(job_id, "stems.json", stems=True)
-    folder = lib.stem_dir(job_id)
-    stems = {name: audio_mod.decode(folder / f"{name}.flac", meta["sample_rate"], meta["channels"])
-             / meta["scale"] for name in meta["sources"]}
+    stems = {}
+    for name, parts in stemset.terms(lib.stem_dir(job_id), meta).items():
+        out = None
+        for t in parts:
+            wav = audio_mod.decode(t.path, meta["sample_rate"], meta["channels"]) / t.scale
+            wav = wav if t.weight == 1.0 else np.float32(t.weight) * wav
+            out = wav if out is None else out + wav
+        stems[name] = out
     return stems, meta
 
 

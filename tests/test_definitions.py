@@ -25,10 +25,11 @@ def test_definitions_contents(imaker_env):
     assert job.partitions_def.name == "tracks"
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"source_audio", "stems", "variants", "manifest", "nas_copy", "catalog"}
+    assert keys == {"source_audio", "stems", "variants", "manifest", "nas_copy", "catalog",
+                    "separation_models"}
     sensors = {s.name for s in defs.sensors}
     assert sensors == {"queue_sensor", "notify_done", "notify_failed", "notify_canceled",
-                       "catalog_automation"}
+                       "catalog_automation", "models_sensor"}
     from imaker_assets.assets import stems
 
     assert stems.op.pool == "gpu"

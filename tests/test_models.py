@@ -119,7 +119,7 @@ def test_cli_fetch_offline_is_one_clear_line_and_list_shows_the_repo(tmp_path, m
     listed = _imaker("models", "list", env={"DEMUCS_MODEL_REPO": str(model_repo),
                                             "DEMUCS_MODEL": MODEL_NAME})
     assert listed.returncode == 0
-    assert listed.stdout.startswith(f"{MODEL_NAME} (DEMUCS_MODEL): complete, 1 file(s), ")
+    assert listed.stdout.startswith(f"{MODEL_NAME} (DEMUCS_MODEL): demucs, complete, 1 file(s), ")
     empty = _imaker("models", "list", env={"DEMUCS_MODEL_REPO": str(repo)})
     assert empty.stdout.startswith(f"no models in {repo}")
     # --if-missing: nothing to do when the repo has the model (README command 1)

@@ -230,12 +230,15 @@ class SeparatorClient:
                 f"(exit code {proc.poll()}); its log: {log}")
 
     # ----- the call --------------------------------------------------------------------
-    def separate(self, job_id: str, source: Path, stems_dir: Path, on_event=None) -> dict:
-        """Separate ``source`` into ``stems_dir`` on the service; returns ``stems.json``."""
+    def separate(self, job_id: str, source: Path, stems_dir: Path, on_event=None,
+                 variants: list[str] | None = None) -> dict:
+        """Separate ``source`` into ``stems_dir`` on the service for the ``variants`` the
+        track makes (None: every variant); returns ``stems.json``."""
         self.ensure_running()
         body = json.dumps({"job_id": job_id, "source": str(Path(source).resolve()),
                            "stems_dir": str(Path(stems_dir).resolve()),
-                           "separation": self.separation.model_dump(mode="json")}).encode()
+                           "separation": self.separation.model_dump(mode="json"),
+                           "variants": variants}).encode()
         conn = self._conn(CONNECT_TIMEOUT_S)
         where = f"the separation service at {self.address}"
         try:

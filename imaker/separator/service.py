@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .. import pipeline, separation
+from .. import pipeline, separation, stemset
 from ..settings import Separation
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class SeparateRequest(BaseModel):
     source: str
     stems_dir: str
     separation: Separation = Field(default_factory=Separation)
+    #: the variants the track makes (they choose the models: ``stemset.plan``); None: all
+    variants: list[str] | None = None
 
 
 class Preload(BaseModel):
@@ -79,25 +81,44 @@ class Cancelled(Exception):
 
 
 class _Separator:
-    """What ``pipeline.separate_to_folder`` expects, for one request."""
+    """What ``pipeline.separate_to_folder`` expects, for one request: the plan of models
+    (``stemset.plan``), each family loaded once per process and run its own way."""
 
     def __init__(self, service: "Service", req: SeparateRequest, cancel: threading.Event):
         self.service, self.req, self.cancel = service, req, cancel
         o = req.separation
         self.segment, self.overlap, self.shifts = o.segment, o.overlap, o.shifts
+        self.plan = stemset.plan(o, req.variants)
 
-    def load(self) -> separation.LoadedModel:
+    def load(self, name: str | None = None):
         o = self.req.separation
-        return separation.load_model(o.model, o.model_repo, o.device)
+        return stemset.load(name or o.model, o.model_repo, o.device)
+
+    def key(self, loaded) -> dict:
+        return stemset.key(loaded, self.req.separation)
+
+    def precision(self, loaded) -> str:
+        if stemset.is_roformer_model(loaded):
+            return "fp32"  # the verified path (RoFormer bf16/fp16 is not enabled here)
+        o = self.req.separation
+        _, dtype = separation.inference_plan(loaded.device, o.batch_size, o.autocast,
+                                             o.cpu_autocast)
+        return dtype or "fp32"
+
+    def describe(self, loaded) -> dict:
+        return stemset.describe(loaded, self.precision(loaded))
 
     def threads(self) -> int:
         if self.cancel.is_set():
             raise Cancelled("the client went away")
         return max(1, self.service.cores // max(1, self.service.active))
 
-    def separate(self, wav, *, sink=None, inplace=False):
+    def separate(self, loaded, wav, *, sink=None, inplace=False):
         o = self.req.separation
-        loaded = self.load()
+        if stemset.is_roformer_model(loaded):
+            # chunked overlap-add with the config's chunk size and overlap, streamed to
+            # the sink (bounded memory), the CPU threads split like demucs'
+            return loaded.separate(wav, sink=sink, threads=self.threads)
         return separation.separate(loaded, wav, segment=o.segment, overlap=o.overlap,
                                    shifts=o.shifts, batch_size=o.batch_size,
                                    autocast=o.autocast, sink=sink, inplace=inplace,
@@ -172,7 +193,7 @@ class Service:
             "active": self.active, "completed": self.completed,
             "concurrency": self.concurrency, "cores": self.cores,
             "models": [{"name": m.name, "device": str(m.device), "signature": m.signature}
-                       for m in separation._CACHE.values()],
+                       for m in stemset.loaded_models()],
             "shared_passes": sum(b.merged for b in self.batchers.values()),
             # converted-backend engines compiled so far (a preloaded service compiles
             # before it answers, not in the first track)
@@ -260,6 +281,11 @@ class Service:
 
     def _warm_up(self, preload: Preload) -> None:
         o = preload.separation
+        for name in o.instrumental_model:  # loaded once and kept, like demucs below
+            try:
+                stemset.load(name, o.model_repo, o.device)
+            except Exception as exc:  # noqa: BLE001 - the first separation reports it
+                log.warning("preloading %s failed: %s", name, exc)
         loaded = separation.load_model(o.model, o.model_repo, o.device)
         # one second of noise through the path the first track takes: a converted backend
         # is compiled now (OpenVINO on 2 cores: 1.2 s for htdemucs' 7.8 s segment, 9-10 s for a
