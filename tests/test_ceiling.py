@@ -68,8 +68,9 @@ def test_a_generated_song_through_the_pipeline_with_the_oracle(songs, imaker_env
     assert meta["model"] == "oracle" and meta["sources"] == list(devsong.SOURCES)
     assert meta["scale"] == 1.0  # the songs peak at -1 dBFS
     known = {s: devsong.read_wav(song / f"{s}.wav")[0].T for s in devsong.SOURCES}
+    # each model's stems are stored in its own folder (stems/<job_id>/<model>/)
     for name, ref in known.items():
-        stored = audio.decode(stems_dir / f"{name}.flac", SR, 2)
+        stored = audio.decode(stems_dir / "oracle" / f"{name}.flac", SR, 2)
         assert stored.shape == ref.shape
         assert np.max(np.abs(stored - ref)) <= LSB24, name
     # and the variants are made from them: the instrumental is the song without its vocals
