@@ -25,7 +25,9 @@ Needs ``pretty-midi`` and ``pyfluidsynth`` (the ``test`` extra) and the FluidSyn
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import hashlib
 import json
 import math
@@ -298,10 +300,19 @@ def compose(seed: int = 0, seconds: float = 30.0) -> Song:
 # ---------------------------------------------------------------------------------------
 # rendering
 
+def _quietly_import(name: str):
+    """Import ``pretty_midi`` or ``fluidsynth``: pyfluidsynth (which pretty_midi imports)
+    prints where it found the library when CI is set in the environment."""
+    import importlib
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return importlib.import_module(name)
+
+
 def soundfont_path() -> Path:
     """pretty-midi's General MIDI soundfont (TimGM6mb, 6 MB)."""
     try:
-        import pretty_midi
+        pretty_midi = _quietly_import("pretty_midi")
     except ImportError as exc:  # pragma: no cover - the test extra installs it
         raise DevSongError("dev songs need pretty-midi (pip install -e '.[test]')") from exc
     path = Path(pretty_midi.__file__).parent / "TimGM6mb.sf2"
@@ -329,7 +340,7 @@ def _fluidsynth():
 
 def _load_fluidsynth():
     try:
-        import fluidsynth
+        fluidsynth = _quietly_import("fluidsynth")
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise DevSongError("dev songs need pyfluidsynth and the FluidSynth library "
                            "(Debian: libfluidsynth3; scripts/setup.sh --test)") from exc
@@ -541,7 +552,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_midi(song: Song, path: Path) -> None:
-    import pretty_midi
+    pretty_midi = _quietly_import("pretty_midi")
 
     pm = pretty_midi.PrettyMIDI(initial_tempo=song.tempo)
     for part in song.parts:

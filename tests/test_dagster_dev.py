@@ -32,7 +32,8 @@ def test_dagster_dev_sensor_processes_a_dropped_bundle(imaker_env, source_m4a, t
                    for repo in data["repositoriesOrError"]["nodes"] for s in repo["sensors"]}
         assert sensors["queue_sensor"] == "RUNNING" and sensors["catalog_automation"] == "RUNNING"
         assets = sorted(a["assetKey"]["path"][-1] for a in data["assetNodes"])
-        assert assets == ["catalog", "manifest", "nas_copy", "source_audio", "stems", "variants"]
+        assert assets == ["catalog", "manifest", "nas_copy", "separation_models", "source_audio",
+                          "stems", "variants"]
 
         dropped = time.time()
         write_bundle(settings.paths.queue_youtube_audio, "dev_drop", source_m4a)
