@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import BundleError, read_json_file, read_manifest
-from .queues import ERROR_FILE
 
 #: the outcomes a notification can be sent for (``NOTIFY_ON``)
 EVENTS = ("done", "failed")
-_MAX_JSON = 4 * 1024 * 1024
 _MAX_FIELD = 300   # a hostile job.json must not make a huge message
 _MAX_REASON = 1500
 
@@ -80,20 +78,6 @@ def outcome_done(outputs_dir: Path, job_id: str) -> TrackOutcome:
     return TrackOutcome(job_id=job_id, state="done", title=_text(data.get("title")),
                         artist=_text(data.get("artist")), album=_text(data.get("album")),
                         variants=tuple(variants), folder=str(folder))
-
-
-def read_failure(bundle_dir: Path | None) -> tuple[str, str] | None:
-    """(stage, reason) from the ``error.json`` a failed step left in ``archive/failed/``."""
-    if bundle_dir is None:
-        return None
-    try:
-        data = read_json_file(Path(bundle_dir) / ERROR_FILE, max_bytes=_MAX_JSON)
-    except BundleError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("error"), str):
-        return None
-    stage = data.get("stage")
-    return (stage if isinstance(stage, str) else "unknown"), data["error"]
 
 
 def outcome_failed(job_id: str, stage: str, reason: str,

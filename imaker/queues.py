@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .bundle import BUNDLE_PREFIX, job_id_from_folder
+from .bundle import BUNDLE_PREFIX, BundleError, job_id_from_folder, read_json_file
 from .fsutil import fsync_dir, rename_noreplace, write_json_atomic
 
 CLAIM_DIR = ".imaker"
@@ -345,8 +345,26 @@ class QueueStore:
         fsync_dir(dest.parent)
         return dest
 
-    def read_error(self, job_id: str) -> dict | None:
-        try:
-            return json.loads((self.failed_dir / self.folder(job_id) / ERROR_FILE).read_text())
-        except (OSError, ValueError):
-            return None
+    def read_failure(self, job_id: str) -> tuple[str, str] | None:
+        """(stage, reason) of the failed bundle of ``job_id`` (``read_failure``)."""
+        return read_failure(self.failed_dir / self.folder(job_id))
+
+
+#: an error.json is a few hundred bytes; a bigger one is not ours
+_MAX_ERROR_JSON = 4 * 1024 * 1024
+
+
+def read_failure(bundle_dir: Path | None) -> tuple[str, str] | None:
+    """(stage, reason) from the ``error.json`` a failed step left beside a bundle in
+    ``archive/failed/`` (read defensively: the folder is user-writable); None when there is
+    none or it is not ours."""
+    if bundle_dir is None:
+        return None
+    try:
+        data = read_json_file(Path(bundle_dir) / ERROR_FILE, max_bytes=_MAX_ERROR_JSON)
+    except BundleError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("error"), str):
+        return None
+    stage = data.get("stage")
+    return (stage if isinstance(stage, str) else "unknown"), data["error"]

@@ -22,7 +22,7 @@ from dagster._core.definitions.run_status_sensor_definition import RunStatusSens
 from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 
 from imaker import notify
-from imaker.queues import QueueStore
+from imaker.queues import QueueStore, read_failure
 from imaker.settings import Settings
 
 from .assets import DROP_TAG
@@ -56,7 +56,7 @@ def run_outcome(instance: DagsterInstance, run: DagsterRun,
     store = QueueStore.from_settings(settings)
     drop = run.tags.get(DROP_TAG)
     where = store.settled(job_id, drop) if drop else None
-    failure = notify.read_failure(where[1]) if where and where[0] == "failed" else None
+    failure = read_failure(where[1]) if where and where[0] == "failed" else None
     if failure is None:
         # a dead or canceled run (the queue sensor archives it with this same reason), or a
         # step after the manifest (nas_copy: the bundle is in done/, the outputs exist)

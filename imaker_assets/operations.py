@@ -155,9 +155,8 @@ def outcome(instance: DagsterInstance, store: QueueStore, claim: Claim,
         return None  # e.g. nas_copy still running after the manifest archived the bundle
     state, path = where
     if state == "failed":
-        error = store.read_error(claim.job_id) or {}
-        return False, (f"{claim.job_id}: failed: {error.get('stage', '?')}: "
-                       f"{error.get('error', 'unknown reason')}")
+        stage, reason = store.read_failure(claim.job_id) or ("?", "unknown reason")
+        return False, f"{claim.job_id}: failed: {stage}: {reason}"
     if newest is not None and newest.status != DagsterRunStatus.SUCCESS:
         stage, reason = failure_reason(instance, newest)
         return False, f"{claim.job_id}: failed: {stage}: {reason}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_bundle
-from imaker import notify
+from imaker import notify, queues
 from imaker.settings import SettingsError, load_settings
 
 ROOT = Path(__file__).parents[1]
@@ -106,7 +106,7 @@ def test_messages_from_manifest_and_error_json(tmp_path):
     (bundle / "job.json").write_text(json.dumps({"title": "T" * 5000, "artist": "X"}))
     (bundle / "error.json").write_text(json.dumps(
         {"job_id": "j2", "stage": "source_audio", "error": "cannot read audio.m4a: junk"}))
-    stage, reason = notify.read_failure(bundle)
+    stage, reason = queues.read_failure(bundle)
     failed = notify.outcome_failed("j2", stage, reason, bundle_dir=bundle)
     title, body = notify.message(failed)
     assert title.startswith("Instrumental failed: X - TTT") and len(title) < 400
@@ -117,7 +117,7 @@ def test_messages_from_manifest_and_error_json(tmp_path):
     assert notify.message(notify.outcome_failed("j2", "run", "x", bundle))[0] == \
         "Instrumental failed: j2"
     assert notify.outcome_done(out, "missing").name == "missing"
-    assert notify.read_failure(tmp_path / "nowhere") is None
+    assert queues.read_failure(tmp_path / "nowhere") is None
 
 
 def test_send_posts_json_and_a_dead_receiver_is_a_result_not_an_error(receiver):
