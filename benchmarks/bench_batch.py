@@ -14,7 +14,7 @@ file on its own — it runs, on the same inputs, model repo, device and segment:
   them; a Dagster daemon's queue sensor requests one ``ingest_track`` run per track, the run
   queue runs up to 4 at once; each run: decode, separation in the separation service —
   started fresh for the measurement, model loaded once —, FLAC stems, variants encoded +
-  tagged, manifest, 4 asset checks, loudness + waveform metadata; then the catalog);
+  tagged, manifest, the asset checks, loudness + waveform metadata; then the catalog);
 * ours, sensor path: ``dagster dev`` already running (not timed), the bundles dropped at
   once, timed until the last bundle is archived with its manifest;
 

@@ -439,7 +439,10 @@ def encode_floor(songs: list[Path], work: Path, names: list[str], fmt: str, bitr
     import numpy as np
 
     from imaker import audio, devsong
-    from imaker.variants import VARIANTS, mix
+    from imaker.variants import VARIANTS
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from oracles import mix  # the whole-track mix (the pipeline streams it)
 
     wavs = []
     src = work / "floor_wav"

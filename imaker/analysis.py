@@ -4,10 +4,8 @@ peaks, RMS, waveform pictures, and per-track output checks."""
 from __future__ import annotations
 
 import base64
-import re
 import subprocess
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ loudness = audio_mod.loudness  # measured where the files are encoded and tagged
 
 
 def _db(x: float) -> float:
-    return round(20 * np.log10(x), 2) if x > 0 else float("-inf")
+    return audio_mod.dbfs(x)
 
 
 def levels(wav: np.ndarray) -> dict:
@@ -34,11 +32,13 @@ def levels(wav: np.ndarray) -> dict:
     return {"peak_dbfs": _db(peak), "rms_dbfs": _db(rms)}
 
 
-def waveform_png(path: Path, *, width: int = 800, height: int = 120, color: str = "0x2f6fdf") -> bytes:
-    """A waveform picture of the file, rendered by ffmpeg's showwavespic."""
+def waveform_png(path: Path, *, color: str = "0x2f6fdf") -> bytes:
+    """A waveform picture of a file, rendered by ffmpeg's showwavespic (a decode of its own:
+    the pipeline draws its pictures while encoding, ``audio.Encoder(waveform=...)``; this is
+    for files stored before it did)."""
     proc = subprocess.run(
         ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-filter_complex",
-         f"[0:a:0]aformat=channel_layouts=mono,showwavespic=s={width}x{height}:colors={color}[v]",
+         f"[0:a:0]{audio_mod.waveform_filter(color)}[v]",
          "-map", "[v]", "-frames:v", "1", "-f", "image2", "-c:v", "png", "pipe:1"], capture_output=True)
     if proc.returncode != 0 or not proc.stdout.startswith(b"\x89PNG"):
         raise audio_mod.AudioError(f"cannot draw the waveform of {Path(path).name}")
@@ -51,21 +51,20 @@ def markdown_images(pictures: dict[str, bytes]) -> str:
                        f"{base64.b64encode(png).decode()})" for title, png in pictures.items())
 
 
-@lru_cache(maxsize=32)
-def file_levels(path: str, mtime_ns: int, size: int) -> dict:
-    """``levels`` of a file, decoded once per content version (the clipping and silence
-    checks of a track run in one process and share the decode). Streamed: peak and sum of
-    squares are taken chunk by chunk, so memory does not grow with the track's length."""
-    info = audio_mod.probe(Path(path))
-    peak, squares, count = 0.0, 0.0, 0
-    for chunk in audio_mod.iter_decode(Path(path), info["audio"]["sample_rate"],
-                                       info["audio"]["channels"]):
+def measure_file(path: Path, samplerate: int, channels: int) -> dict:
+    """One read of a file: a single ffmpeg decodes it at ``samplerate``/``channels`` (known
+    from its record: no ffprobe) and its duration (decoded frames / rate), sample peak and
+    RMS are taken chunk by chunk, so memory does not grow with the track's length."""
+    peak, squares, count, frames = 0.0, 0.0, 0, 0
+    for chunk in audio_mod.iter_decode(Path(path), samplerate, channels):
         peak = max(peak, float(np.max(np.abs(chunk))))
         flat = chunk.ravel().astype(np.float64)
         squares += float(np.dot(flat, flat))
         count += flat.size
+        frames += chunk.shape[1]
     rms = float(np.sqrt(squares / count)) if count else 0.0
-    return {"peak_dbfs": _db(peak), "rms_dbfs": _db(rms)}
+    return {"duration_s": round(frames / samplerate, 4), "peak_dbfs": _db(peak),
+            "rms_dbfs": _db(rms)}
 
 
 # ----- checks --------------------------------------------------------------------------
@@ -80,45 +79,62 @@ def _audio(artifacts: list[dict]) -> list[dict]:
     return [a for a in artifacts if a.get("kind") == "audio"]
 
 
-def check_durations(output_dir: Path, artifacts: list[dict], source_duration_s: float,
-                    tolerance_s: float = DURATION_TOLERANCE_S) -> CheckOutcome:
-    """Every audio variant lasts as long as the source (± 50 ms), measured with ffprobe."""
-    off = {}
-    measured = {}
-    for art in _audio(artifacts):
-        info = audio_mod.probe(Path(output_dir) / art["path"])
-        measured[art["variant"]] = info["duration_s"]
-        if info["duration_s"] is None or abs(info["duration_s"] - source_duration_s) > tolerance_s:
-            off[art["variant"]] = info["duration_s"]
-    text = (f"all variants within {tolerance_s * 1000:.0f} ms of the source ({source_duration_s:.3f} s)"
-            if not off else f"variants off the source duration {source_duration_s:.3f} s: {off}")
-    return CheckOutcome(not off, text, {"source_s": source_duration_s, "variants_s": measured})
+#: the checks of the published variants, all from one decode of each file (``check_variants``)
+VARIANT_CHECKS = ("duration", "clipping", "silence")
 
 
-def check_levels(output_dir: Path, artifacts: list[dict], *, floor_dbfs: float = SILENCE_FLOOR_DBFS
-                 ) -> tuple[CheckOutcome, CheckOutcome]:
-    """(no clipping: sample peak <= 0 dBFS, not silent: RMS above the floor) for every variant."""
-    clipped, silent, per = {}, {}, {}
+def check_variants(output_dir: Path, artifacts: list[dict], source_duration_s: float, *,
+                   samplerate: int = 44100, channels: int = 2,
+                   tolerance_s: float = DURATION_TOLERANCE_S,
+                   floor_dbfs: float = SILENCE_FLOOR_DBFS) -> dict[str, CheckOutcome]:
+    """The checks of the published audio variants, ``{"duration", "clipping", "silence"}``:
+    every variant lasts as long as the source (± 50 ms), none peaks above 0 dBFS (sample
+    peak), none is silent (RMS above the floor). Each file is read once: one ffmpeg decodes
+    it (``measure_file``) at the rate and channel count of its record (``samplerate`` and
+    ``channels`` for a record without them). The published file itself is measured, never
+    the PCM the encoder was sent: AAC decoding can overshoot 0 dBFS where the PCM did not.
+    A file that cannot be decoded fails all three, saying why."""
+    measured, broken = {}, {}
     for art in _audio(artifacts):
         path = Path(output_dir) / art["path"]
-        st = path.stat()
-        lv = file_levels(str(path), st.st_mtime_ns, st.st_size)
-        per[art["variant"]] = lv
-        if lv["peak_dbfs"] > 0.0:
-            clipped[art["variant"]] = lv["peak_dbfs"]
-        if lv["rms_dbfs"] <= floor_dbfs:
-            silent[art["variant"]] = lv["rms_dbfs"]
-    no_clip = CheckOutcome(not clipped, "no variant peaks above 0 dBFS" if not clipped
-                           else f"clipping (peak dBFS): {clipped}", {"levels": per})
-    not_silent = CheckOutcome(not silent, f"every variant's RMS is above {floor_dbfs} dBFS"
-                              if not silent else f"silent variants (RMS dBFS): {silent}",
-                              {"levels": per})
-    return no_clip, not_silent
+        try:
+            measured[art["variant"]] = measure_file(
+                path, int(art.get("sample_rate") or samplerate), int(art.get("channels") or channels))
+        except (audio_mod.AudioError, OSError) as exc:
+            broken[art["variant"]] = str(exc)
+    durations = {v: m["duration_s"] for v, m in measured.items()}
+    per = {v: {"peak_dbfs": m["peak_dbfs"], "rms_dbfs": m["rms_dbfs"]} for v, m in measured.items()}
+    off = {v: d for v, d in durations.items() if abs(d - source_duration_s) > tolerance_s}
+    clipped = {v: lv["peak_dbfs"] for v, lv in per.items() if lv["peak_dbfs"] > 0.0}
+    silent = {v: lv["rms_dbfs"] for v, lv in per.items() if lv["rms_dbfs"] <= floor_dbfs}
+    def outcome(bad: dict, good: str, bad_text: str, details: dict) -> CheckOutcome:
+        if broken:
+            details = {**details, "unreadable": broken}
+        if not bad and not broken:
+            return CheckOutcome(True, good, details)
+        parts = ([bad_text] if bad else []) + ([f"unreadable variants: {broken}"] if broken else [])
+        return CheckOutcome(False, "; ".join(parts), details)
+
+    return {
+        "duration": outcome(
+            off, f"all variants within {tolerance_s * 1000:.0f} ms of the source "
+                 f"({source_duration_s:.3f} s)",
+            f"variants off the source duration {source_duration_s:.3f} s: {off}",
+            {"source_s": source_duration_s, "variants_s": durations}),
+        "clipping": outcome(clipped, "no variant peaks above 0 dBFS",
+                            f"clipping (peak dBFS): {clipped}", {"levels": per}),
+        "silence": outcome(silent, f"every variant's RMS is above {floor_dbfs} dBFS",
+                           f"silent variants (RMS dBFS): {silent}", {"levels": per}),
+    }
 
 
-def check_manifest(output_dir: Path) -> CheckOutcome:
+def check_manifest(output_dir: Path, listed: dict[str, dict] | None = None) -> CheckOutcome:
     """manifest.json validates against its schema and every listed file exists with the
-    listed size and sha256."""
+    listed size and sha256. ``listed``: what the manifest's writer recorded of each file
+    (``{path: {"sha256", "size_bytes", "mtime_ns"}}``); a file whose sha256 there is the
+    manifest's and whose size and mtime are still the recorded ones is trusted without
+    reading it again, any other file is hashed (appending to a file, replacing it, changes
+    its size or mtime; a rewrite that keeps both is not seen)."""
     try:
         manifest = read_manifest(output_dir)
     except BundleError as exc:
@@ -126,13 +142,24 @@ def check_manifest(output_dir: Path) -> CheckOutcome:
     errors = schema_errors("manifest", manifest)
     if errors:
         return CheckOutcome(False, "manifest does not match its schema: " + "; ".join(errors[:3]))
-    problems = []
+    problems, hashed = [], 0
     for art in manifest["artifacts"]:
         file = Path(output_dir) / art["path"]
         if not file.is_file():
             problems.append(f"{art['path']}: missing")
-        elif file.stat().st_size != art["size_bytes"] or sha256_file(file) != art["sha256"]:
+            continue
+        st = file.stat()
+        known = (listed or {}).get(art["path"]) or {}
+        if st.st_size != art["size_bytes"]:
             problems.append(f"{art['path']}: sha256/size differs from the manifest")
+        elif known.get("sha256") == art["sha256"] and known.get("size_bytes") == st.st_size \
+                and known.get("mtime_ns") == st.st_mtime_ns:
+            continue  # unchanged since its hash was taken
+        else:
+            hashed += 1
+            if sha256_file(file) != art["sha256"]:
+                problems.append(f"{art['path']}: sha256/size differs from the manifest")
     if problems:
         return CheckOutcome(False, "; ".join(problems), {"problems": problems})
-    return CheckOutcome(True, f"schema valid; {len(manifest['artifacts'])} files match their sha256")
+    return CheckOutcome(True, f"schema valid; {len(manifest['artifacts'])} files match their "
+                              f"sha256", {"rehashed": hashed})

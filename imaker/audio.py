@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -11,7 +13,7 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 
@@ -108,6 +110,59 @@ def write_failure(returncode: int, stderr: bytes) -> str | None:
     return None
 
 
+
+#: ``-loglevel level+<level>`` prefixes each message with its level: the measuring encoder
+#: logs at ``info`` (ebur128's summary) and still tells an error from the rest
+_LOG_LEVEL = re.compile(r"^((?:\[[^\]]* @ [^\]]*\] )*)\[(panic|fatal|error|warning|info|"
+                        r"verbose|debug|trace)\] ")
+_ERROR_LEVELS = ("panic", "fatal", "error")
+
+
+def error_lines(stderr: bytes) -> bytes:
+    """The lines of a ``-loglevel level+...`` stderr logged at ``error`` or worse (what
+    ``-v error`` would have printed). A line without a level prefix continues the message
+    before it (a multi-line message is prefixed once)."""
+    level, out = "info", []
+    for line in stderr.decode("utf-8", "replace").splitlines():
+        m = _LOG_LEVEL.match(line)
+        if m:
+            level = m.group(2)
+            line = m.group(1) + line[m.end():]  # as -v error prints it
+        if level in _ERROR_LEVELS:
+            out.append(line)
+    return "\n".join(out).encode()
+
+
+def parse_ebur128(log: str) -> dict:
+    """Integrated loudness (LUFS), loudness range (LU) and true peak (dBTP) from the last
+    ``Summary:`` that ffmpeg's ebur128 filter logs (at ``info``) when it ends."""
+    at = log.rfind("Summary:")
+    summary = log[at:] if at >= 0 else ""
+
+    def grab(label: str) -> float | None:
+        m = re.search(r"\b" + label + r":\s+(-?[\d.]+|-inf)", summary)
+        if not m:
+            return None
+        return float("-inf") if m.group(1) == "-inf" else float(m.group(1))
+
+    return {"integrated_lufs": grab("I"), "loudness_range_lu": grab("LRA"),
+            "true_peak_dbtp": grab("Peak")}
+
+
+def dbfs(x: float) -> float:
+    """A linear amplitude in dBFS, rounded to 0.01 dB (``-inf`` for 0)."""
+    return round(float(20 * np.log10(x)), 2) if x > 0 else float("-inf")
+
+
+#: the waveform picture drawn for the UI (``Encoder(waveform=...)``, ``analysis.waveform_png``)
+WAVEFORM_SIZE = (800, 120)
+
+
+def waveform_filter(color: str, width: int = WAVEFORM_SIZE[0],
+                    height: int = WAVEFORM_SIZE[1]) -> str:
+    """The filter chain that draws an audio stream's waveform picture (mono, one frame)."""
+    return (f"aformat=channel_layouts=mono,showwavespic=s={width}x{height}:colors={color}")
+
 def _read_stderr(fh: IO[bytes]) -> str:
     fh.seek(0)
     return stderr_tail(fh.read())
@@ -174,48 +229,97 @@ class Encoder:
 
     ffmpeg writes to a temporary name beside ``dest`` (``fsutil.atomic_path``); on any
     failure (ffmpeg exits with an error, an exception inside the block, a failed tag)
-    ffmpeg is killed, the temporary file removed, and nothing appears under ``dest``."""
+    ffmpeg is killed, the temporary file removed, and nothing appears under ``dest``.
+
+    Every file is measured as it is written, never decoded again: the sample peak, RMS and
+    frame count of the chunks in Python (``peak``, ``rms``, ``frames``); with
+    ``measure=True`` also the EBU R128 loudness and true peak (``loudness``: ffmpeg's
+    ebur128 filter on a branch of the same ffmpeg's input, ``asplit``) and the ReplayGain
+    tags from it; with ``digest=True`` the sha256, size and mtime of the finished, tagged
+    file (``sha256``, ``size_bytes``, ``mtime_ns``: our own write, hashed before the
+    rename, which keeps the mtime); with ``waveform=<color>``
+    the waveform picture of the written audio (``waveform``: PNG bytes, drawn by the same
+    ffmpeg). ``measurements()`` gathers them for a record."""
 
     def __init__(self, dest: Path, samplerate: int, channels: int, fmt: str,
-                 bitrate: str = "256k", tags: "Tags | None" = None, *, measure: bool = False):
+                 bitrate: str = "256k", tags: "Tags | None" = None, *, measure: bool = False,
+                 digest: bool = False, waveform: str | None = None):
         if fmt not in FORMATS:
             raise AudioError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
-        ext, self._codec_args, _ = FORMATS[fmt]
+        ext, self._codec_args, self.codec = FORMATS[fmt]
         self.dest = Path(dest)
         if self.dest.suffix != ext:
             raise AudioError(f"{self.dest.name}: a {fmt} file must end in {ext}")
         self.samplerate, self.channels, self.fmt = samplerate, channels, fmt
         self.bitrate, self.tags = bitrate, tags
-        self.measure = measure
-        self.loudness: dict | None = None  # measure=True: ``loudness`` of the encoded file
+        self.measure, self.digest = measure, digest
+        self.waveform_color = waveform
+        self.loudness: dict | None = None  # measure=True: ``loudness`` of the written audio
+        self.waveform: bytes | None = None  # waveform=<color>: the PNG
         self.frames = 0  # written so far
+        self.peak = 0.0  # sample peak of what was written (linear)
+        self._squares = 0.0
+        self.sha256: str | None = None  # digest=True: of the final (tagged) file
+        self.size_bytes: int | None = None
+        self.mtime_ns: int | None = None  # of the published file (after the rename)
+        #: called with the temporary file once it is complete and tagged, before the rename
+        #: (what must read the file, e.g. a mux, reads it before it is published)
+        self.on_finished: Callable[[Path], None] | None = None
         self._stack: ExitStack | None = None
         self._proc: subprocess.Popen | None = None
         self._stderr: IO[bytes] | None = None
         self._tmp: Path | None = None
+        self._png: Path | None = None
         self._finished = False
+
+    def _command(self) -> list[str]:
+        bitrate_args = [] if self.fmt == "flac" else ["-b:a", self.bitrate]
+        head = [tool_path("ffmpeg"), "-nostdin", "-hide_banner", "-nostats", "-y",
+                "-loglevel", f"level+{'info' if self.measure else 'error'}",
+                "-f", "f32le", "-ar", str(self.samplerate), "-ac", str(self.channels),
+                "-i", "pipe:0"]
+        if not self.measure and self.waveform_color is None:
+            return [*head, *self._codec_args, *bitrate_args, str(self._tmp)]
+        branches = ["enc"] + (["m"] if self.measure else []) + \
+            (["w"] if self.waveform_color is not None else [])
+        graph = [f"[0:a]asplit={len(branches)}" + "".join(f"[{b}]" for b in branches)]
+        if self.measure:  # framelog=verbose: only the summary at the end is logged at info
+            graph.append("[m]ebur128=peak=true:framelog=verbose,anullsink")
+        if self.waveform_color is not None:
+            graph.append(f"[w]{waveform_filter(self.waveform_color)}[v]")
+        cmd = [*head, "-filter_complex", ";".join(graph),
+               "-map", "[enc]", *self._codec_args, *bitrate_args, str(self._tmp)]
+        if self.waveform_color is not None:
+            cmd += ["-map", "[v]", "-frames:v", "1", "-c:v", "png", "-f", "image2",
+                    "-update", "1", str(self._png)]
+        return cmd
 
     def __enter__(self) -> "Encoder":
         if self._stack is not None:
             raise RuntimeError("an Encoder is used once")
-        bitrate_args = [] if self.fmt == "flac" else ["-b:a", self.bitrate]
         with ExitStack() as stack:
             self._tmp = stack.enter_context(atomic_path(self.dest))
             self._stderr = stack.enter_context(tempfile.TemporaryFile())
+            if self.waveform_color is not None:
+                fd, png = tempfile.mkstemp(prefix="imaker-waveform-", suffix=".png")
+                os.close(fd)
+                self._png = Path(png)
+                stack.callback(self._png.unlink, missing_ok=True)
             self._proc = subprocess.Popen(
-                [tool_path("ffmpeg"), "-nostdin", "-v", "error", "-y", "-f", "f32le",
-                 "-ar", str(self.samplerate), "-ac", str(self.channels), "-i", "pipe:0",
-                 *self._codec_args, *bitrate_args, str(self._tmp)],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr, bufsize=0)
+                self._command(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=self._stderr, bufsize=0)
             stack.callback(self._proc.stdin.close)  # unbuffered: closing never flushes
             stack.callback(_reap, self._proc)  # runs first
             self._stack = stack.pop_all()
         return self
 
+    def _log(self) -> bytes:
+        self._stderr.seek(0)
+        return self._stderr.read()
+
     def _failed(self) -> AudioError:
         _reap(self._proc)
-        self._stderr.seek(0)
-        why = write_failure(self._proc.returncode, self._stderr.read()) or "no message"
+        why = write_failure(self._proc.returncode, error_lines(self._log())) or "no message"
         return AudioError(f"cannot encode {self.dest}: {why}")
 
     def write(self, chunk: np.ndarray) -> None:
@@ -224,13 +328,25 @@ class Encoder:
             raise RuntimeError("Encoder.write outside its with block or after finish")
         if chunk.ndim != 2 or chunk.shape[0] != self.channels:
             raise ValueError(f"expected ({self.channels}, n) samples, got {chunk.shape}")
-        data = memoryview(np.ascontiguousarray(chunk.T, dtype="<f4")).cast("B")
+        samples = np.ascontiguousarray(chunk.T, dtype="<f4")
+        data = memoryview(samples).cast("B")
         try:
             while data:  # an unbuffered pipe write may be partial
                 data = data[self._proc.stdin.write(data):]
         except BrokenPipeError:  # ffmpeg exited: report its message
             raise self._failed() from None
+        if samples.size:  # the levels of exactly what ffmpeg was sent
+            flat = samples.ravel()
+            self.peak = max(self.peak, float(np.max(np.abs(flat))))
+            wide = flat.astype(np.float64)
+            self._squares += float(np.dot(wide, wide))
         self.frames += chunk.shape[1]
+
+    @property
+    def rms(self) -> float:
+        """RMS of the written samples (linear, every channel)."""
+        count = self.frames * self.channels
+        return float(np.sqrt(self._squares / count)) if count else 0.0
 
     def finish(self) -> None:
         """End the input, wait for ffmpeg and tag the temporary file; the rename into place
@@ -242,16 +358,55 @@ class Encoder:
             raise RuntimeError("Encoder.finish outside its with block")
         self._proc.stdin.close()
         self._proc.wait()
-        self._stderr.seek(0)
-        if write_failure(self._proc.returncode, self._stderr.read()) is not None:
+        log = self._log()
+        if write_failure(self._proc.returncode, error_lines(log)) is not None:
             raise self._failed()
-        if self.measure:  # of the encoded file, so the ReplayGain tags describe what plays
-            self.loudness = loudness(self._tmp)
+        if self.waveform_color is not None:
+            png = self._png.read_bytes()
+            if not png.startswith(b"\x89PNG"):
+                raise AudioError(f"cannot draw the waveform of {self.dest.name}")
+            self.waveform = png
+        if self.measure:
+            # ReplayGain describes the PCM that was encoded, measured on its way into the
+            # encoder (no second decode): AAC at 256k moves the integrated loudness by far
+            # less than 0.1 LU; its true peak can come out a little higher than the PCM's
+            # (lossy codecs overshoot, most at abrupt onsets), which is why the clipping
+            # check decodes the published file rather than trusting these numbers
+            self.loudness = parse_ebur128(log.decode("utf-8", "replace"))
+            if self.loudness["integrated_lufs"] is None:
+                raise AudioError(f"cannot measure the loudness of {self.dest.name}: "
+                                 f"{stderr_tail(log)}")
             if self.tags is not None:
                 self.tags.replaygain = replaygain(self.loudness)
         if self.tags is not None:
             self.tags.write(self._tmp, self.fmt)
+        if self.digest:  # the file as published: our own write, hashed before the rename
+            digest = hashlib.sha256()
+            with open(self._tmp, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    digest.update(block)
+            self.sha256 = digest.hexdigest()
+            self.size_bytes = self._tmp.stat().st_size
+        if self.on_finished is not None:
+            self.on_finished(self._tmp)
         self._finished = True
+
+    def measurements(self) -> dict:
+        """What the encoding measured, for a record (``variants.json``, ``source.json``):
+        duration (written frames / rate), sample peak and RMS in dBFS, the format, and with
+        ``measure=True`` the loudness and true peak, with ``digest=True`` the sha256, size
+        and mtime of the file."""
+        out = {"duration_s": round(self.frames / self.samplerate, 4), "frames": self.frames,
+               "sample_rate": self.samplerate, "channels": self.channels, "codec": self.codec,
+               "peak_dbfs": dbfs(self.peak), "rms_dbfs": dbfs(self.rms)}
+        if self.loudness is not None:
+            out.update({"loudness_lufs": self.loudness["integrated_lufs"],
+                        "loudness_range_lu": self.loudness["loudness_range_lu"],
+                        "true_peak_dbtp": self.loudness["true_peak_dbtp"]})
+        if self.sha256 is not None:
+            out.update({"sha256": self.sha256, "size_bytes": self.size_bytes,
+                        "mtime_ns": self.mtime_ns})
+        return out
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         stack, self._stack = self._stack, None
@@ -264,7 +419,11 @@ class Encoder:
                 if not stack.__exit__(type(err), err, err.__traceback__):
                     raise
                 return False
-        return stack.__exit__(exc_type, exc, tb)
+        suppressed = stack.__exit__(exc_type, exc, tb)
+        if exc_type is None and self.digest:
+            # the rename keeps the mtime: with the size, what the manifest check trusts
+            self.mtime_ns = self.dest.stat().st_mtime_ns
+        return suppressed
 
 
 def encode(audio: np.ndarray, samplerate: int, dest: Path, fmt: str, bitrate: str = "256k",
@@ -404,23 +563,16 @@ def replaygain(loud: dict) -> dict | None:
 
 
 def loudness(path: Path) -> dict:
-    """Integrated loudness (LUFS), loudness range (LU) and true peak (dBTP) with ffmpeg's
-    ebur128 filter."""
+    """Integrated loudness (LUFS), loudness range (LU) and true peak (dBTP) of a file with
+    ffmpeg's ebur128 filter (a decode of its own: the pipeline measures while encoding,
+    ``Encoder(measure=True)``)."""
     proc = subprocess.run(
         [tool_path("ffmpeg"), "-nostdin", "-hide_banner", "-nostats", "-i", str(path), "-map",
-         "0:a:0", "-af", "ebur128=peak=true", "-f", "null", "-"], capture_output=True, text=True)
+         "0:a:0", "-af", "ebur128=peak=true:framelog=verbose", "-f", "null", "-"],
+        capture_output=True, text=True)
     if proc.returncode != 0:
         raise AudioError(f"cannot measure loudness of {path}")
-    summary = proc.stderr[proc.stderr.rfind("Summary:"):]
-
-    def grab(label: str) -> float | None:
-        m = re.search(label + r":\s+(-?[\d.]+|-inf)", summary)
-        if not m:
-            return None
-        return float("-inf") if m.group(1) == "-inf" else float(m.group(1))
-
-    return {"integrated_lufs": grab("I"), "loudness_range_lu": grab("LRA"),
-            "true_peak_dbtp": grab("Peak")}
+    return parse_ebur128(proc.stderr)
 
 
 class Tags:

@@ -22,6 +22,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def copy_hashing(src: Path, dest: Path, chunk: int = 1 << 20) -> str:
+    """Copy ``src`` to ``dest`` (replacing it) and return the sha256 of the bytes copied: one
+    read of ``src``, none of ``dest``."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while block := fin.read(chunk):
+            digest.update(block)
+            fout.write(block)
+    return digest.hexdigest()
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -27,7 +27,7 @@ from . import audio as audio_mod
 from . import stemset
 from .analysis import SILENCE_FLOOR_DBFS, levels
 from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
-from .fsutil import atomic_path, safe_filename, sha256_file, write_json_atomic
+from .fsutil import atomic_path, copy_hashing, safe_filename, sha256_file, write_json_atomic
 from .queues import QueueStore, utcnow
 from .settings import Output, Settings
 from .stemstore import RawStemWriter
@@ -37,6 +37,14 @@ from .video import mux_video
 SOURCE_RATE = 44100
 SOURCE_CHANNELS = 2
 STEM_FORMAT = "flac"
+#: waveform pictures kept in the track library (drawn by the ffmpeg that encodes the file)
+SOURCE_WAVEFORM = "source.png"
+SOURCE_WAVEFORM_COLOR = "0x2f6fdf"
+VARIANT_WAVEFORM = "{variant}.png"  # the instrumental's
+VARIANT_WAVEFORM_COLOR = "0xe0602f"
+#: what ``write_manifest`` recorded of every file it listed (sha256, size, mtime), in the
+#: track library: ``manifest_matches_files`` trusts a file whose size and mtime are unchanged
+MANIFEST_FILES = "manifest_files.json"
 
 
 class StageError(RuntimeError):
@@ -205,7 +213,15 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
         scale = 1.0 if peak < ceiling else float(ceiling / peak)
         if scale != 1.0:
             wav *= np.float32(scale)
-        audio_mod.encode(wav, SOURCE_RATE, track / "source.flac", STEM_FORMAT)
+        # measured and drawn by the ffmpeg that encodes it (its loudness and waveform for
+        # the UI): source.flac is never decoded again for them
+        with audio_mod.Encoder(track / "source.flac", SOURCE_RATE, SOURCE_CHANNELS,
+                               STEM_FORMAT, measure=True, waveform=SOURCE_WAVEFORM_COLOR) as enc:
+            for start in range(0, wav.shape[1], audio_mod.CHUNK_FRAMES):
+                enc.write(wav[:, start:start + audio_mod.CHUNK_FRAMES])
+        with atomic_path(track / SOURCE_WAVEFORM) as tmp:
+            tmp.write_bytes(enc.waveform)
+        loud = enc.loudness
         meta = {
             "job_id": job_id,
             "duration_s": round(duration, 4),
@@ -218,6 +234,10 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
             "input_peak": round(peak, 6),
             "input_peak_dbfs": round(float(20 * np.log10(peak)), 2) if peak > 0 else None,
             "input_rms_dbfs": rms_dbfs,
+            # of source.flac as written (scaled like it), measured while it was encoded
+            "loudness_lufs": _finite(loud["integrated_lufs"]),
+            "true_peak_dbtp": _finite(loud["true_peak_dbtp"]),
+            "waveform": SOURCE_WAVEFORM,
             "source_tags": audio_mod.read_tags(src).copied,
             "scale": scale,
             "input_file": bundle.audio,
@@ -450,34 +470,53 @@ def make_variants(options: Output, lib: Library, job_id: str,
 
     rels = {name: f"files/audio/{base}{VARIANTS[name].suffix}{audio_mod.extension(fmt)}"
             for name in names}
-    # each file is measured (EBU R128) once encoded, for its ReplayGain tags and the records
+    # each file is measured as it is encoded (levels, duration, EBU R128 for its ReplayGain
+    # tags, sha256 and size of the tagged file) and never decoded again here: the records
+    # carry the measurements to the manifest; the instrumental's waveform is drawn by its
+    # own ffmpeg
     encoders = {
-        VARIANTS[name]: audio_mod.Encoder(out_dir / rels[name], rate, channels, fmt,
-                                          options.audio_bitrate, tags(VARIANTS[name]),
-                                          measure=True)
+        VARIANTS[name]: audio_mod.Encoder(
+            out_dir / rels[name], rate, channels, fmt, options.audio_bitrate,
+            tags(VARIANTS[name]), measure=True, digest=True,
+            waveform=VARIANT_WAVEFORM_COLOR if name == "instrumental" else None)
         for name in names}
+    video_rel = f"files/video/{base}.mp4" if bundle.video else None
+    staged = out_dir / "files" / "video" / f".{base[:40]}.staged.mp4" if video_rel else None
+    if video_rel:
+        # muxed from the instrumental's finished temporary file (before its rename), so
+        # the published audio is read back only by the checks; the video is renamed into
+        # place with the variants, never when one of them failed
+        instrumental = encoders[VARIANTS["instrumental"]]
+        instrumental.on_finished = lambda tmp: mux_video(
+            bundle.media_path("video"), tmp, staged, audio_bitrate=options.audio_bitrate,
+            audio_codec=instrumental.codec, tags=tags(VARIANTS["instrumental"]))
     # streamed in chunks (two passes over the stems: peaks, then mix + encode), every
     # variant's ffmpeg encoding at once; (tests/oracles.py: the same as mixing the whole track)
-    gains = stream_mix(stem_files, encoders, samplerate=rate, channels=channels)
+    try:
+        gains = stream_mix(stem_files, encoders, samplerate=rate, channels=channels)
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
     records = []
     for spec, encoder in encoders.items():
-        loud, rg = encoder.loudness, encoder.tags.replaygain
+        rg = encoder.tags.replaygain
+        if encoder.waveform is not None:
+            with atomic_path(lib.track_dir(job_id)
+                             / VARIANT_WAVEFORM.format(variant=spec.name)) as tmp:
+                tmp.write_bytes(encoder.waveform)
         records.append({
             "kind": "audio", "variant": spec.name, "label": spec.label, "path": rels[spec.name],
             "gain_db": round(20 * np.log10(gains[spec.name]), 3),
             "stems": spec.stems_for(list(stem_files)),
             "title_tag": encoder.tags.title,
-            "loudness_lufs": loud["integrated_lufs"], "true_peak_dbtp": loud["true_peak_dbtp"],
+            **encoder.measurements(),
             "replaygain_track_gain_db": rg["gain_db"] if rg else None,
             "replaygain_track_peak": rg["peak"] if rg else None})
-    if bundle.video:
-        instrumental = next(r for r in records if r["variant"] == "instrumental")
-        rel = f"files/video/{base}.mp4"
-        mux_video(bundle.media_path("video"), out_dir / instrumental["path"], out_dir / rel,
-                  audio_bitrate=options.audio_bitrate,
-                  tags=tags(VARIANTS["instrumental"]))
+    if video_rel:
+        os.replace(staged, out_dir / video_rel)
         records.append({"kind": "video", "variant": "instrumental", "label": "Video (instrumental)",
-                        "path": rel})
+                        "path": video_rel})
     if options.preserve_stems:
         files = stemset.stored_files(lib.stem_dir(job_id), stems_meta)
         several = len({model for model, *_ in files}) > 1
@@ -486,9 +525,13 @@ def make_variants(options: Output, lib: Library, job_id: str,
             rel = f"files/stems/{base} ({shown}).flac"
             dest = out_dir / rel
             with atomic_path(dest) as tmp:
-                shutil.copyfile(path, tmp)
+                digest = copy_hashing(path, tmp)  # hashed as it is copied
+            st = dest.stat()
             records.append({"kind": "stems", "variant": stem, "label": f"Stem ({shown})",
-                            "path": rel, "scale": scale, "model": model})
+                            "path": rel, "scale": scale, "model": model,
+                            "codec": STEM_FORMAT, "sample_rate": rate, "channels": channels,
+                            "duration_s": stems_meta["duration_s"], "sha256": digest,
+                            "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     meta = {"job_id": job_id, "format": fmt, "artifacts": records,
             "stems_preserved": options.preserve_stems, "at": utcnow()}
     write_json_atomic(lib.track_dir(job_id) / "variants.json", meta)
@@ -498,32 +541,47 @@ def make_variants(options: Output, lib: Library, job_id: str,
 # ----- stage 4: manifest ----------------------------------------------------------------
 def write_manifest(store: QueueStore, lib: Library, job_id: str, drop_id: str | None = None,
                    code_versions: dict[str, str] | None = None) -> JobManifest:
-    """Describe every artifact (probed + hashed), write manifest.json last and atomically,
-    then archive the bundle to done/."""
+    """Describe every artifact, write manifest.json last and atomically, then archive the
+    bundle to done/. A file the variants step measured as it wrote it (its record holds
+    the codec, duration, sha256, size and mtime) is described from its record when its
+    size and mtime are still the recorded ones; others (the video, a record made before
+    the measurements, a file changed since) are probed and hashed here. What was listed
+    is kept in the library (``MANIFEST_FILES``) for the ``manifest_matches_files`` check."""
     bundle = lib.bundle(job_id)
     source = lib.read_json(job_id, "source.json")
     stems_meta = lib.read_json(job_id, "stems.json", stems=True)
     variants = lib.read_json(job_id, "variants.json")
     out_dir = lib.output_dir(job_id)
     artifacts = []
+    listed = {}
     for rec in variants["artifacts"]:
         path = out_dir / rec["path"]
         if not path.is_file():
             raise StageError(f"{rec['path']} listed by the variants step is missing")
-        info = audio_mod.probe(path)
-        if info["audio"] is None:
-            raise StageError(f"{rec['path']} has no audio stream")
-        codec = info["audio"]["codec"]
-        if rec["kind"] == "video" and info["video"]:
-            codec = f"{info['video']['codec']}+{codec}"
+        st = path.stat()
+        if _as_recorded(rec, st):
+            codec, duration, rate, channels = (rec["codec"], rec["duration_s"],
+                                               rec["sample_rate"], rec["channels"])
+            size, digest = rec["size_bytes"], rec["sha256"]
+        else:
+            info = audio_mod.probe(path)
+            if info["audio"] is None:
+                raise StageError(f"{rec['path']} has no audio stream")
+            codec = info["audio"]["codec"]
+            if rec["kind"] == "video" and info["video"]:
+                codec = f"{info['video']['codec']}+{codec}"
+            duration, rate, channels = (info["duration_s"] or 0.0, info["audio"]["sample_rate"],
+                                        info["audio"]["channels"])
+            size, digest = st.st_size, sha256_file(path)
+        listed[rec["path"]] = {"sha256": digest, "size_bytes": size, "mtime_ns": st.st_mtime_ns}
         artifacts.append(ArtifactMetadata(
             kind=rec["kind"], variant=rec["variant"], label=rec["label"], path=rec["path"],
-            codec=codec, duration_s=round(info["duration_s"] or 0.0, 3),
-            sample_rate=info["audio"]["sample_rate"], channels=info["audio"]["channels"],
-            size_bytes=path.stat().st_size, sha256=sha256_file(path),
+            codec=codec, duration_s=round(duration, 3), sample_rate=rate, channels=channels,
+            size_bytes=size, sha256=digest,
             gain_db=rec.get("gain_db"), loudness_lufs=_finite(rec.get("loudness_lufs")),
             replaygain_track_gain_db=rec.get("replaygain_track_gain_db"),
             replaygain_track_peak=rec.get("replaygain_track_peak")))
+    write_json_atomic(lib.track_dir(job_id) / MANIFEST_FILES, {"job_id": job_id, "files": listed})
     manifest = JobManifest(
         job_id=job_id, source_type=bundle.source_type, artist=bundle.artist, album=bundle.album,
         title=bundle.title, stems_preserved=bool(variants.get("stems_preserved")),
@@ -549,6 +607,14 @@ def write_manifest(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
     if drop_id:
         store.archive_done(job_id, drop_id)
     return manifest
+
+
+def _as_recorded(rec: dict, st: os.stat_result) -> bool:
+    """Whether ``rec`` (variants.json) measured the file and it is unchanged since: same
+    size and mtime as when its sha256 was taken."""
+    keys = ("codec", "duration_s", "sample_rate", "channels", "size_bytes", "sha256", "mtime_ns")
+    return all(rec.get(k) is not None for k in keys) and rec["size_bytes"] == st.st_size \
+        and rec["mtime_ns"] == st.st_mtime_ns
 
 
 def _model_provenance(record: dict) -> dict:

@@ -15,22 +15,26 @@ class VideoError(AudioError):
 
 
 def mux_video(video_src: Path, instrumental_audio: Path, dest: Path, *,
-              audio_bitrate: str = "256k", tags: Tags | None = None) -> Path:
+              audio_bitrate: str = "256k", tags: Tags | None = None,
+              audio_codec: str | None = None) -> Path:
     """Write ``dest`` (.mp4): the first video stream of ``video_src`` stream-copied (never
     re-encoded) plus the first audio stream of ``instrumental_audio`` as AAC (copied when
     it already is AAC, else encoded at ``audio_bitrate``). Any audio of the source video is
     dropped. Written under a temporary name and renamed into place; tagged with ``tags``
-    (mutagen) before the rename."""
+    (mutagen) before the rename. ``audio_codec``: the audio's codec when the caller knows
+    it (it wrote the file), else ffprobe tells."""
     video_src, instrumental_audio, dest = Path(video_src), Path(instrumental_audio), Path(dest)
     if dest.suffix.lower() != ".mp4":
         raise VideoError(f"{dest.name}: the video artifact must end in .mp4")
     vinfo = probe(video_src)
     if vinfo["video"] is None:
         raise VideoError(f"{video_src.name} has no video stream")
-    ainfo = probe(instrumental_audio)
-    if ainfo["audio"] is None:
-        raise VideoError(f"{instrumental_audio.name} has no audio stream")
-    audio_args = (["-c:a", "copy"] if ainfo["audio"]["codec"] == "aac"
+    if audio_codec is None:
+        ainfo = probe(instrumental_audio)
+        if ainfo["audio"] is None:
+            raise VideoError(f"{instrumental_audio.name} has no audio stream")
+        audio_codec = ainfo["audio"]["codec"]
+    audio_args = (["-c:a", "copy"] if audio_codec == "aac"
                   else ["-c:a", "aac", "-b:a", audio_bitrate])
     with atomic_path(dest) as tmp:
         proc = subprocess.run(

@@ -71,8 +71,6 @@ def source_audio(context: AssetExecutionContext, settings: SettingsResource) -> 
     meta = pipeline.prepare_source(QueueStore.from_settings(s), lib, job_id, drop_id(context),
                                    tolerance=(s.retrievers.ytdl_duration_tol_sec,
                                               s.retrievers.ytdl_duration_tol_pct))
-    source = lib.track_dir(job_id) / "source.flac"
-    loud = analysis.loudness(source)
     bundle = meta["original_bundle"]
     return MaterializeResult(
         metadata={
@@ -85,9 +83,10 @@ def source_audio(context: AssetExecutionContext, settings: SettingsResource) -> 
             else "silent",
             "source_url": MetadataValue.url(meta["source_url"]) if meta["source_url"] else "",
             "play": MetadataValue.url(media.source_url(s.media.base_url, job_id)),
-            "loudness_lufs": loud["integrated_lufs"], "true_peak_dbtp": loud["true_peak_dbtp"],
+            # measured and drawn while source.flac was encoded (no decode of it here)
+            "loudness_lufs": meta["loudness_lufs"], "true_peak_dbtp": meta["true_peak_dbtp"],
             "waveform": MetadataValue.md(analysis.markdown_images(
-                {"Source": analysis.waveform_png(source)})),
+                {"Source": (lib.track_dir(job_id) / meta["waveform"]).read_bytes()})),
         },
         data_version=DataVersion(meta["input_sha256"]))
 
@@ -158,15 +157,21 @@ def variants(context: AssetExecutionContext, config: VariantsConfig,
     audio_arts = [a for a in meta["artifacts"] if a["kind"] == "audio"]
     per_variant = {
         art["variant"]: {
-            "file": art["path"], "bytes": (out / art["path"]).stat().st_size,
+            "file": art["path"], "bytes": art["size_bytes"],
             "title_tag": art["title_tag"], "gain_db": art["gain_db"],
             "loudness_lufs": art["loudness_lufs"], "true_peak_dbtp": art["true_peak_dbtp"],
             "replaygain_track_gain_db": art["replaygain_track_gain_db"],
             "replaygain_track_peak": art["replaygain_track_peak"]}
         for art in audio_arts}
-    pictures = {"Source": analysis.waveform_png(lib.track_dir(job_id) / "source.flac")}
+    # the pictures drawn while the files were encoded (a track stored before they were
+    # kept: drawn from its files)
+    track = lib.track_dir(job_id)
+    pictures = {"Source": _picture(track / pipeline.SOURCE_WAVEFORM, track / "source.flac",
+                                   pipeline.SOURCE_WAVEFORM_COLOR)}
     instrumental = next((a for a in audio_arts if a["variant"] == "instrumental"), audio_arts[0])
-    pictures[instrumental["label"]] = analysis.waveform_png(out / instrumental["path"], color="0xe0602f")
+    pictures[instrumental["label"]] = _picture(
+        track / pipeline.VARIANT_WAVEFORM.format(variant=instrumental["variant"]),
+        out / instrumental["path"], pipeline.VARIANT_WAVEFORM_COLOR)
     # links that play each file in the browser (the media server, `imaker media serve`)
     base = s.media.base_url
     links = {"play_source": MetadataValue.url(media.source_url(base, job_id))}
@@ -180,6 +185,13 @@ def variants(context: AssetExecutionContext, config: VariantsConfig,
         "format": meta["format"], "stems_preserved": meta["stems_preserved"],
         "waveforms": MetadataValue.md(analysis.markdown_images(pictures)),
     })
+
+
+def _picture(stored, audio_file, color: str) -> bytes:
+    try:
+        return stored.read_bytes()
+    except FileNotFoundError:
+        return analysis.waveform_png(audio_file, color=color)
 
 
 @track_asset(

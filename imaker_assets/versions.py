@@ -28,16 +28,23 @@ History (why each version is what it is):
 * variants 2: version titles from the variant table, album artist, the input's tags copied,
   ReplayGain 2.0 track gain and peak tags; the anti-clipping gain from the streamed mix.
 * manifest 2: ``loudness_lufs`` and ReplayGain per artifact, the input peak in the provenance.
+* source_audio 3, variants 3, manifest 3 (issue 22, each file decoded once per stage): the
+  loudness and waveform of source.flac measured and drawn while it is encoded (source.json
+  ``loudness_lufs``/``true_peak_dbtp``/``waveform``, source.png); every variant measured as it
+  is encoded (variants.json: duration, peak/RMS, codec, rate, channels, sha256, size, mtime;
+  ReplayGain from the PCM sent to the encoder, not from a decode of the file), the
+  instrumental's picture beside it; the manifest's durations are the written frames / rate
+  (not ffprobe's container duration) and ``manifest_files.json`` records what it listed.
 * nas_copy 1: unchanged since it was added.
 * catalog 2: also writes the library page (index.html); 3: the ``input_peak_dbfs`` and
   ``replaygain_db`` columns.
 """
 
 CODE_VERSIONS: dict[str, str] = {
-    "source_audio": "2",
+    "source_audio": "3",
     "stems": "2",
-    "variants": "2",
-    "manifest": "2",
+    "variants": "3",
+    "manifest": "3",
     "nas_copy": "1",
     "catalog": "3",
 }

@@ -16,6 +16,7 @@ from mutagen import File as MutagenFile
 
 from conftest import make_audio
 from imaker import analysis, audio
+from imaker.fsutil import sha256_file
 from imaker.pipeline import Library, make_variants
 from imaker.settings import Output
 from imaker.variants import PEAK_CEILING, VARIANTS, StemLengthError, stream_mix, stream_peaks
@@ -167,12 +168,40 @@ def test_encoder_leaves_nothing_when_the_caller_fails_mid_write(tmp_path, fmt):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_file_levels_streams_to_the_same_levels(tmp_path):
+def test_measure_file_streams_to_the_same_levels(tmp_path):
     for path in (make_audio(tmp_path / "a.flac", 15.0), make_audio(tmp_path / "b.m4a", 2.0)):
-        st = path.stat()
         info = audio.probe(path)
-        whole = audio.decode(path, info["audio"]["sample_rate"], info["audio"]["channels"])
-        assert analysis.file_levels(str(path), st.st_mtime_ns, st.st_size) == analysis.levels(whole)
+        rate, channels = info["audio"]["sample_rate"], info["audio"]["channels"]
+        whole = audio.decode(path, rate, channels)
+        measured = analysis.measure_file(path, rate, channels)
+        assert measured == {**analysis.levels(whole),
+                            "duration_s": round(whole.shape[1] / rate, 4)}
+
+
+@pytest.mark.parametrize("fmt", ["flac", "m4a", "mp3"])
+def test_the_encoder_measures_what_it_writes(tmp_path, fmt):
+    """Levels, duration, loudness, sha256 and the waveform come from the encoding itself
+    (one ffmpeg, the chunks in Python): they match what a decode of the file gives."""
+    wav = _stems(4.0, loud=False)["bass"]
+    tags = audio.Tags("AC/DC", "Song")
+    dest = tmp_path / f"m{audio.extension(fmt)}"
+    with audio.Encoder(dest, RATE, 2, fmt, tags=tags, measure=True, digest=True,
+                       waveform="0xe0602f") as enc:
+        for start in range(0, wav.shape[1], 10000):
+            enc.write(wav[:, start:start + 10000])
+    got = enc.measurements()
+    assert got["frames"] == wav.shape[1] and got["duration_s"] == round(wav.shape[1] / RATE, 4)
+    assert got["codec"] == audio.FORMATS[fmt][2] and (got["sample_rate"], got["channels"]) == (RATE, 2)
+    assert {k: got[k] for k in ("peak_dbfs", "rms_dbfs")} == analysis.levels(
+        wav.astype(np.float32))
+    assert got["sha256"] == sha256_file(dest) and got["size_bytes"] == dest.stat().st_size
+    assert got["mtime_ns"] == dest.stat().st_mtime_ns
+    published = audio.loudness(dest)  # the file's own loudness, by a decode of it
+    assert abs(got["loudness_lufs"] - published["integrated_lufs"]) <= 0.1
+    assert tags.replaygain["gain_db"] == round(-18.0 - got["loudness_lufs"], 2)
+    assert enc.waveform.startswith(b"\x89PNG") and len(enc.waveform) > 200
+    assert [p.name for p in tmp_path.iterdir()] == [dest.name]  # no temporary file left
+    assert not _ffmpeg_children()
 
 
 # ----- streaming mixer ------------------------------------------------------------------

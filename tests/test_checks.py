@@ -9,6 +9,7 @@ from dagster import DagsterInstance
 
 from conftest import claim_tags, write_bundle
 from imaker import analysis, audio, pipeline
+from imaker.fsutil import sha256_file
 from imaker.settings import load_settings
 from imaker_assets.definitions import build_defs
 from imaker_assets.versions import CODE_VERSIONS
@@ -47,6 +48,96 @@ def test_checks_pass_on_a_good_track_and_metadata_is_rich(processed):
     assert record.asset_materialization.tags["dagster/data_version"] == \
         man["provenance"]["source"]["input_sha256"]
     _a_new_code_version_marks_the_track_stale(instance)
+
+
+class _Reads:
+    """Who reads the watched files, in this process: Python opens for reading and the
+    subprocesses (ffmpeg, ffprobe) whose arguments name one, each while the file exists
+    under its final name (the encoders write under a temporary one)."""
+
+    def __init__(self, monkeypatch):
+        import builtins
+        import io
+        import os
+
+        self.watched: set[str] = set()
+        self.log: list[tuple[str, str]] = []  # (path, what read it)
+        real_open, real_os_open = builtins.open, os.open
+        real_popen_init = subprocess.Popen.__init__
+
+        def hit(path) -> str | None:
+            if isinstance(path, int):
+                return None
+            try:
+                name = os.path.abspath(os.fsdecode(path))
+            except TypeError:
+                return None
+            return name if name in self.watched and os.path.exists(name) else None
+
+        def counting_open(file, mode="r", *args, **kwargs):
+            name = hit(file)
+            if name and ("r" in mode or "+" in mode):
+                self.log.append((name, f"open({mode!r})"))
+            return real_open(file, mode, *args, **kwargs)
+
+        def counting_os_open(path, flags, *args, **kwargs):
+            name = hit(path)
+            if name and flags & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR):
+                self.log.append((name, "os.open"))
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def counting_popen_init(popen, args, *rest, **kwargs):
+            argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+            tool = os.path.basename(os.fsdecode(argv[0]))
+            for arg in argv[1:]:
+                for name in self.watched:
+                    if name in os.fsdecode(arg) and os.path.exists(name):
+                        self.log.append((name, tool))
+            return real_popen_init(popen, args, *rest, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", counting_open)
+        monkeypatch.setattr(io, "open", counting_open)
+        monkeypatch.setattr(os, "open", counting_os_open)
+        monkeypatch.setattr(subprocess.Popen, "__init__", counting_popen_init)
+
+    def of(self, path) -> list[str]:
+        return [what for name, what in self.log if name == str(path)]
+
+
+def test_each_variant_is_read_back_once_after_it_is_written(imaker_env, source_m4a, cover_jpg,
+                                                            monkeypatch):
+    """Issue 22: measured while encoded, every published variant is read back exactly once
+    in the whole run (by the one decode of the blocking checks: no ffprobe, no loudness or
+    waveform decode, no hash by the manifest), and the stored source is not decoded again
+    after it is written (its loudness and picture come from its encoding; the separation
+    service reads it in its own process)."""
+    monkeypatch.setenv("GENERATE_DRUMS_ONLY_VARIANT", "true")
+    settings = load_settings()
+    out = settings.paths.outputs_dir / "once"
+    names = {"instrumental": "", "no_drums": " (no drum)", "drums_only": " (drums only)"}
+    variant_files = {v: out / "files" / "audio" / f"AC_DC - Test Song{suffix}.m4a"
+                     for v, suffix in names.items()}
+    source = settings.paths.library_dir / "once" / "source.flac"
+    reads = _Reads(monkeypatch)
+    reads.watched = {str(p) for p in [*variant_files.values(), source]}
+    write_bundle(settings.paths.queue_other, "once", source_m4a, cover=cover_jpg)
+    evals = _ingest("once")
+    monkeypatch.undo()
+    assert {name: e.passed for name, e in evals.items()} == {
+        "variants_match_source_duration": True, "variants_do_not_clip": True,
+        "variants_are_not_silent": True, "manifest_matches_files": True}
+    man = json.loads((out / "manifest.json").read_text())
+    assert sorted(out / a["path"] for a in man["artifacts"]) == sorted(variant_files.values())
+    for variant, path in variant_files.items():
+        assert reads.of(path) == ["ffmpeg"], (variant, reads.of(path))  # the checks' decode
+    assert reads.of(source) == []
+    # the manifest took the measurements of the encoding: they are the files'
+    source_s = json.loads(source.with_name("source.json").read_text())["duration_s"]
+    for art in man["artifacts"]:
+        path = out / art["path"]
+        assert art["sha256"] == sha256_file(path) and art["size_bytes"] == path.stat().st_size
+        assert abs(art["duration_s"] - source_s) <= 0.001 and art["codec"] == "aac"
+        assert (art["sample_rate"], art["channels"]) == (44100, 2)
 
 
 def _a_new_code_version_marks_the_track_stale(instance):
@@ -129,11 +220,41 @@ def test_clipped_and_silent_files_fail(tmp_path):
     audio.encode(np.zeros((2, 44100), np.float32), 44100, tmp_path / "quiet.m4a", "m4a")
     arts = [{"kind": "audio", "variant": "instrumental", "path": "clip.m4a"},
             {"kind": "audio", "variant": "no_drums", "path": "quiet.m4a"}]
-    no_clip, not_silent = analysis.check_levels(tmp_path, arts)
+    checks = analysis.check_variants(tmp_path, arts, 1.0)
+    no_clip, not_silent = checks["clipping"], checks["silence"]
     assert not no_clip.passed and "instrumental" in no_clip.description
+    assert "no_drums" not in no_clip.description
     assert not not_silent.passed and "no_drums" in not_silent.description
-    assert analysis.check_durations(tmp_path, arts, 1.0).passed
-    assert not analysis.check_durations(tmp_path, arts, 2.0).passed
+    assert "instrumental" not in not_silent.description
+    assert checks["duration"].passed
+    assert not analysis.check_variants(tmp_path, arts, 2.0)["duration"].passed
+
+
+def test_clipping_is_measured_on_the_published_file_not_the_pcm(tmp_path):
+    """AAC decoding overshoots full scale where the PCM sent to the encoder did not: the
+    encoder's own numbers say no clipping, the check (a decode of the file) says clipping."""
+    t = np.arange(2 * 44100) / 44100
+    square = np.sign(np.sin(2 * np.pi * 100 * t)) * 0.999  # sample peak just under 0 dBFS
+    wav = np.stack([square, square]).astype(np.float32)
+    with audio.Encoder(tmp_path / "sq.m4a", 44100, 2, "m4a", measure=True, digest=True) as enc:
+        enc.write(wav)
+    record = {"kind": "audio", "variant": "instrumental", "path": "sq.m4a",
+              **enc.measurements()}
+    assert record["peak_dbfs"] <= 0.0  # what was sent
+    outcome = analysis.check_variants(tmp_path, [record], 2.0)["clipping"]
+    assert not outcome.passed and "instrumental" in outcome.description
+    assert outcome.details["levels"]["instrumental"]["peak_dbfs"] > 0.0
+
+
+def test_an_undecodable_variant_fails_every_variant_check(tmp_path):
+    (tmp_path / "x.m4a").write_bytes(b"not audio at all" * 100)
+    arts = [{"kind": "audio", "variant": "instrumental", "path": "x.m4a",
+             "sample_rate": 44100, "channels": 2}]
+    checks = analysis.check_variants(tmp_path, arts, 1.0)
+    assert set(checks) == set(analysis.VARIANT_CHECKS)
+    for outcome in checks.values():
+        assert not outcome.passed and "unreadable" in outcome.description
+        assert "instrumental" in outcome.description
 
 
 def test_manifest_check_catches_schema_and_missing_files(tmp_path):

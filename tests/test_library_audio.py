@@ -15,8 +15,10 @@ from mutagen import File as MutagenFile
 from conftest import make_audio, write_bundle
 from imaker import audio
 from imaker.catalog import build_catalog
+from imaker.pipeline import Library
 from imaker.settings import load_settings
 from imaker.variants import VARIANTS
+from oracles import load_stems, mix
 from test_pipeline import _materialize  # one way to run a track in-process
 from imaker_assets.assets import source_audio, stems
 
@@ -81,6 +83,7 @@ def test_every_version_is_tagged_for_media_libraries(imaker_env, tmp_path, monke
     arts = {a["variant"]: a for a in manifest["artifacts"]}
     assert sorted(arts) == ["drums_only", "instrumental", "no_drums"]
     titles = {}
+    stems, meta = load_stems(Library.from_settings(settings), "tagged")
     for name, art in arts.items():
         path = out / art["path"]
         easy = MutagenFile(path, easy=True)
@@ -98,9 +101,20 @@ def test_every_version_is_tagged_for_media_libraries(imaker_env, tmp_path, monke
         gain, peak = _replaygain(path, fmt)
         assert abs(gain - (-18.0 - art["loudness_lufs"])) <= 0.1
         assert gain == art["replaygain_track_gain_db"] and peak == art["replaygain_track_peak"]
-        measured = audio.loudness(path)  # independently, by ffmpeg on the published file
+        # ReplayGain describes the PCM sent to the encoder (measured while encoding, never
+        # by a decode of the file: issue 22): mixed again here from the stored stems and
+        # measured independently by ffmpeg
+        pcm = tmp_path / f"pcm_{fmt}_{name}.flac"
+        audio.encode(mix(stems, VARIANTS[name])[0], meta["sample_rate"], pcm, "flac")
+        measured = audio.loudness(pcm)
         assert abs(gain - (-18.0 - measured["integrated_lufs"])) <= 0.1
         assert abs(peak - 10 ** (measured["true_peak_dbtp"] / 20)) <= 0.01
+        # and the published file is that PCM: identical in FLAC; through a lossy codec this
+        # 3 s test signal 50 dB below full scale, with 20 LU of loudness range, moves its
+        # gated loudness by up to about 1 LU (music at usual levels: far less than 0.1)
+        published = audio.loudness(path)
+        assert abs(published["integrated_lufs"] - measured["integrated_lufs"]) <= \
+            (0.1 if fmt == "flac" else 1.5)
     assert titles == {"instrumental": "Back in Black (Instrumental)",
                       "no_drums": "Back in Black (Instrumental, no drums)",
                       "drums_only": "Back in Black (Drums only)"}
