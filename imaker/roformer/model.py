@@ -318,6 +318,7 @@ def load(ckpt: Path | str, yaml_path: Path | str, device: str = "cpu", *,
                             f"({config.architecture}): {_mismatch(exc)}") from None
     net.eval()
     net.to(device)
+    net.prepare()  # the fused weights (imaker/roformer/net.py), built once here
     del state
     digest = sha256 or file_sha256(ckpt)
     return RoformerModel(name=name or ckpt.stem, config=config, net=net, device=str(device),
