@@ -111,6 +111,21 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> str:
+    """The bf16/AMX/AVX-512 flags of this CPU (what decides the bf16 speed)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    keep = [f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f",
+                                                              "avx512_fp16", "avx2"))]
+                    return " ".join(keep) or "none of amx/avx512/avx2"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=[*MODELS, "all"], default="kim")
@@ -133,8 +148,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores, torch threads {args.threads}, "
-          f"load average {load:.1f}")
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores ({cpu_flags()}), torch "
+          f"{torch.__version__}, threads {args.threads}, load average {load:.1f}")
     results = []
     names = list(MODELS) if args.model == "all" else [args.model]
     for key in names:
@@ -174,6 +189,7 @@ def main() -> int:
                                              "ours_bf16": []}
             outs: dict[str, dict] = {}
             for _ in range(args.repeat):
+                # alternating runs: ours, reference[, OpenVINO][, bf16]
                 t = time.perf_counter()
                 outs["ours"] = ours.separate(wav)
                 times["ours"].append(time.perf_counter() - t)
@@ -191,7 +207,9 @@ def main() -> int:
             row = {"model": name, "architecture": config.architecture, "parameters": params,
                    "seconds": round(seconds, 2), "chunk_size": config.chunk_size,
                    "num_overlap": config.num_overlap, "threads": args.threads,
-                   "cpu": cpu_name(), "load_average_start": round(load, 1)}
+                   "cpu": cpu_name(), "load_average_start": round(load, 1),
+                   "load_average_end": round(os.getloadavg()[0], 1),
+                   "runs_s": {k: [round(t, 2) for t in v] for k, v in times.items() if v}}
             ref_best = min(times["reference"])
             for what, ts in times.items():
                 if not ts:

@@ -530,7 +530,14 @@ class RoformerNet(nn.Module):
     def core(self, x: torch.Tensor) -> torch.Tensor:
         """Band split, transformers and mask estimators: ``(b, frames, features)`` ->
         ``(b, stems, frames, features)`` (the real-valued masks of the bins in ``x``)."""
-        x = self.band_split(x)                                   # (b, t, bands, d)
+        if torch.is_autocast_enabled(x.device.type):
+            # under autocast the band split stays fp32: rounding the spectrogram features
+            # to bf16 is most of bf16's error (BS-RoFormer ep_317 size: 37.5 dB against
+            # fp32 with it in bf16, 43 dB without; it is ~1 % of the FLOPs)
+            with torch.autocast(x.device.type, enabled=False):
+                x = self.band_split(x.float())
+        else:
+            x = self.band_split(x)                               # (b, t, bands, d)
         b, t, f, d = x.shape
         stored: list[torch.Tensor] = []
         for block in self.layers:
