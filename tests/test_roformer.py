@@ -381,14 +381,14 @@ def test_fused_weights_follow_the_parameters(repo, name):
 
 
 def test_precision_settings_govern_roformer():
-    """DEMUCS_AUTOCAST (CUDA) and DEMUCS_CPU_AUTOCAST (CPU; auto = native bf16) pick the
-    RoFormer network's autocast as they do demucs'."""
+    """DEMUCS_AUTOCAST (CUDA) and DEMUCS_CPU_AUTOCAST (CPU) pick the RoFormer network's
+    autocast as they do demucs' (its auto: AMX-BF16 only)."""
     from imaker import separation
 
     assert separation.roformer_autocast("cpu", True, True) == "bf16"
     assert separation.roformer_autocast("cpu", True, False) is None
-    assert separation.roformer_autocast("cpu", False, None) == (
-        "bf16" if separation.cpu_has_native_bf16() else None)
+    assert separation.roformer_autocast("cpu", False, None) == (    # auto: AMX only
+        "bf16" if separation.cpu_has_amx_bf16() else None)
     assert separation.roformer_autocast("cuda", True, False) == "bf16"
     assert separation.roformer_autocast("cuda:0", False, True) is None
 
