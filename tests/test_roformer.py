@@ -374,10 +374,18 @@ def test_fused_weights_follow_the_parameters(repo, name):
         for key, p in model.net.named_parameters():
             if key.endswith("gamma") or p.ndim >= 2:
                 p.mul_(1.1)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.net(x)                                        # bf16 copies of the weights
+    with torch.no_grad():
+        for key, p in model.net.named_parameters():
+            if key.endswith("gamma") or p.ndim >= 2:
+                p.mul_(1.1)
     fresh = RoformerNet(config.architecture, **config.model).eval()
     fresh.load_state_dict(model.net.state_dict(), strict=True)
     with torch.inference_mode():
         assert snr_db(fresh(x).numpy(), model.net(x).numpy()) > 100
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert snr_db(fresh(x).float().numpy(), model.net(x).float().numpy()) > 100
 
 
 def test_precision_settings_govern_roformer():

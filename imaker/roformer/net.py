@@ -65,11 +65,39 @@ class _Fused(nn.Module):
             self.__dict__["_fused_cache"] = cache
         return cache[1]
 
+    def _derived_as(self, dtype: torch.dtype | None):
+        """``_derived()`` cast to ``dtype`` (autocast's; None: as built), the cast kept
+        beside them (autocast would otherwise cast every weight on every window)."""
+        base = self._derived()
+        if dtype is None:
+            return base
+        cache = self.__dict__.get("_fused_cast")
+        if cache is None or cache[0] is not base or cache[1] != dtype:
+            cache = (base, dtype, _cast(base, dtype))
+            if torch.compiler.is_compiling():
+                return cache[2]
+            self.__dict__["_fused_cast"] = cache
+        return cache[2]
+
     def _fused_from(self) -> list:
         return list(self.parameters())
 
     def _build(self):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _cast(tree, dtype: torch.dtype):
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_cast(t, dtype) for t in tree)
+    return tree
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in effect for ``x``'s device, or None."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +211,7 @@ class Attention(_Fused):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, dim = x.shape
         h, d = self.heads, self.dim_head
-        w_in, b_in, w_out = self._derived()
+        w_in, b_in, w_out = self._derived_as(_autocast_dtype(x))
         y = F.linear(_unit_rows(x), w_in, b_in)                  # (b, n, 3 h d + h)
         qkv = y[..., :3 * h * d].view(b, n, 3, h, d)
         gates = y[..., 3 * h * d:]
@@ -198,7 +226,7 @@ class Attention(_Fused):
         torch.mul(out.transpose(1, 2), gates.sigmoid().unsqueeze(-1).to(out.dtype), out=gated)
         res = x.reshape(b * n, dim)
         if gated.dtype != res.dtype or w_out.dtype != res.dtype:  # autocast
-            return res.view(b, n, dim) + self.to_out(gated.view(b, n, h * d))
+            return x + F.linear(gated.view(b, n, h * d), w_out.t())
         return torch.addmm(res, gated.view(b * n, h * d), w_out).view(b, n, dim)
 
 
@@ -243,11 +271,11 @@ class FeedForward(_Fused):
         return first.weight * (norm.gamma * norm.scale), first.bias, last.weight.t(), last.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w1, b1, w2, b2 = self._derived()
+        w1, b1, w2, b2 = self._derived_as(_autocast_dtype(x))
         hidden = F.gelu(F.linear(_unit_rows(x), w1, b1))
         dim = x.shape[-1]
         if hidden.dtype != x.dtype or w2.dtype != x.dtype:  # autocast
-            return x + self.net[4](hidden)
+            return x + F.linear(hidden, w2.t(), b2)
         out = x + b2
         out.view(-1, dim).addmm_(hidden.view(-1, hidden.shape[-1]), w2)
         return out
@@ -358,7 +386,7 @@ class MaskEstimator(_Fused):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., bands, dim)`` -> ``(..., sum of dim_inputs)``: per band the MLP and GLU,
         bands batched (``CHUNK_ELEMENTS`` bounds the hidden activations held at once)."""
-        hidden, last = self._derived()
+        hidden, last = self._derived_as(_autocast_dtype(x))
         *lead, bands, dim = x.shape
         rows = x.reshape(-1, bands, dim)
         n = rows.shape[0]
@@ -369,14 +397,14 @@ class MaskEstimator(_Fused):
             hi = min(bands, lo + step)
             h = rows[:, lo:hi].transpose(0, 1)                  # (bands, rows, dim)
             for weight, bias in hidden:
-                h = torch.baddbmm(bias[lo:hi].to(h.dtype), h, weight[lo:hi].to(h.dtype))
+                h = torch.baddbmm(bias[lo:hi], h, weight[lo:hi])
                 h = h.tanh_() if not h.requires_grad else h.tanh()
             for first, count, weight, bias in last:
                 a, b = max(first, lo), min(first + count, hi)
                 if a >= b:
                     continue
-                y = torch.baddbmm(bias[a - first:b - first].to(h.dtype), h[a - lo:b - lo],
-                                  weight[a - first:b - first].to(h.dtype))
+                y = torch.baddbmm(bias[a - first:b - first], h[a - lo:b - lo],
+                                  weight[a - first:b - first])
                 y = F.glu(y, dim=-1)                            # (bands, rows, size)
                 outs.append(y.transpose(0, 1).reshape(n, -1))
         return torch.cat(outs, dim=-1).view(*lead, -1)
