@@ -401,6 +401,21 @@ def test_precision_settings_govern_roformer():
     assert separation.roformer_autocast("cuda:0", False, True) is None
 
 
+def test_converted_backends_do_not_apply_to_roformer(caplog):
+    """DEMUCS_BACKEND: RoFormer runs on torch; a converted backend named explicitly is
+    warned about once per setting."""
+    from imaker import stemset
+
+    stemset._BACKEND_WARNED.discard("openvino")
+    with caplog.at_level(logging.WARNING, logger="imaker.stemset"):
+        assert stemset.roformer_backend("auto", None) == "torch"
+        assert stemset.roformer_backend("torch", None) == "torch"
+        assert not caplog.records
+        assert stemset.roformer_backend("openvino", None) == "torch"
+        assert stemset.roformer_backend("OpenVINO", None) == "torch"
+    assert len(caplog.records) == 1 and "does not apply to RoFormer" in caplog.text
+
+
 @pytest.mark.parametrize("name", ["tiny_bs_roformer", "tiny_mel_band_roformer"])
 def test_bf16_autocast_separation_close_to_fp32(repo, track, name):
     """bf16 autocast of the network core (DEMUCS_CPU_AUTOCAST) against the fp32 path: the

@@ -57,11 +57,14 @@ class _Fused(nn.Module):
         key = _param_key(params)
         cache = self.__dict__.get("_fused_cache")
         if cache is None or cache[0] != key or torch.compiler.is_compiling():
-            with torch.no_grad():
+            # normal tensors even when first used under inference_mode (the parameters
+            # may become views into them; a later in-place update must stay possible)
+            with torch.inference_mode(False), torch.no_grad():
                 built = self._build()
             if torch.compiler.is_compiling():
                 return built
-            cache = (key, built)
+            # the key after building: _build may re-point parameters (MaskEstimator)
+            cache = (_param_key(self._fused_from()), built)
             self.__dict__["_fused_cache"] = cache
         return cache[1]
 
@@ -73,7 +76,8 @@ class _Fused(nn.Module):
             return base
         cache = self.__dict__.get("_fused_cast")
         if cache is None or cache[0] is not base or cache[1] != dtype:
-            cache = (base, dtype, _cast(base, dtype))
+            with torch.inference_mode(False), torch.no_grad():
+                cache = (base, dtype, _cast(base, dtype))
             if torch.compiler.is_compiling():
                 return cache[2]
             self.__dict__["_fused_cast"] = cache
@@ -374,12 +378,20 @@ class MaskEstimator(_Fused):
     def _build(self):
         mlps = [net[0] for net in self.to_freqs]
         linears = [[m for m in mlp if isinstance(m, nn.Linear)] for mlp in mlps]
-        hidden = [(torch.stack([ls[i].weight.t() for ls in linears]),      # (bands, in, out)
-                   torch.stack([ls[i].bias for ls in linears])[:, None])   # (bands, 1, out)
-                  for i in range(len(linears[0]) - 1)]
-        last = [(first, count, torch.stack([ls[-1].weight.t() for ls in
-                                            linears[first:first + count]]),
-                 torch.stack([ls[-1].bias for ls in linears[first:first + count]])[:, None])
+
+        def stacked(layers: list[nn.Linear]):
+            # one (bands, out, in) tensor; each band's parameters become views into it
+            # (no second copy of the weights: ~90 % of a Mel-Band model's parameters are
+            # here), so load_state_dict and in-place updates write into the stack itself
+            weight = torch.stack([lin.weight for lin in layers])
+            bias = torch.stack([lin.bias for lin in layers])
+            for k, lin in enumerate(layers):
+                lin.weight.data = weight[k]
+                lin.bias.data = bias[k]
+            return weight.transpose(1, 2), bias[:, None]      # (bands, in, out), (bands, 1, out)
+
+        hidden = [stacked([ls[i] for ls in linears]) for i in range(len(linears[0]) - 1)]
+        last = [(first, count, *stacked([ls[-1] for ls in linears[first:first + count]]))
                 for first, count, _ in _runs(self.dim_inputs)]
         return hidden, last
 
