@@ -13,7 +13,11 @@ depth 6, 60 bands; inference dim_t 256 -> 2.55 s windows, num_overlap 2) and
 folder pre-seeded with ``download_checks.json`` (offline), through
 ``Separator.load_model`` and the loaded ``MDXCSeparator.demix``; ours through
 ``RoformerModel.separate``. Runs alternate (ours, reference, ...) and the best of
-``--repeat`` is reported, as seconds of computation per second of audio.
+``--repeat`` is reported, as seconds of computation per second of audio: wall-clock
+(``*_s_per_audio_s``) and this process's CPU time (``*_cpu_s_per_audio_s``, user +
+system of all its threads). On a machine shared with other work, ``--threads 1`` and the
+CPU-time figures measure the work itself (a descheduled thread does not count); with
+several threads, OpenMP's spin-waiting inflates CPU time, so read wall-clock there.
 """
 
 from __future__ import annotations
@@ -111,6 +115,21 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> str:
+    """The bf16/AMX/AVX-512 flags of this CPU (what decides the bf16 speed)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    keep = [f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f",
+                                                              "avx512_fp16", "avx2"))]
+                    return " ".join(keep) or "none of amx/avx512/avx2"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=[*MODELS, "all"], default="kim")
@@ -133,8 +152,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores, torch threads {args.threads}, "
-          f"load average {load:.1f}")
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores ({cpu_flags()}), torch "
+          f"{torch.__version__}, threads {args.threads}, load average {load:.1f}")
     results = []
     names = list(MODELS) if args.model == "all" else [args.model]
     for key in names:
@@ -172,33 +191,40 @@ def main() -> int:
                 print(f"{name}: OpenVINO conversion + compile {ov.convert_seconds:.1f} s")
             times: dict[str, list[float]] = {"ours": [], "reference": [], "ours_openvino": [],
                                              "ours_bf16": []}
+            cpu: dict[str, list[float]] = {k: [] for k in times}
+
+            def timed(what: str, fn) -> None:
+                t, c = time.perf_counter(), time.process_time()
+                outs[what] = fn()
+                cpu[what].append(time.process_time() - c)
+                times[what].append(time.perf_counter() - t)
+
             outs: dict[str, dict] = {}
             for _ in range(args.repeat):
-                t = time.perf_counter()
-                outs["ours"] = ours.separate(wav)
-                times["ours"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                outs["reference"] = ref_model.demix(wav.copy())
-                times["reference"].append(time.perf_counter() - t)
+                # alternating runs: ours, reference[, OpenVINO][, bf16]
+                timed("ours", lambda: ours.separate(wav))
+                timed("reference", lambda: ref_model.demix(wav.copy()))
                 if ov is not None:
-                    t = time.perf_counter()
-                    outs["ours_openvino"] = ours.separate(wav, runner=ov)
-                    times["ours_openvino"].append(time.perf_counter() - t)
+                    timed("ours_openvino", lambda: ours.separate(wav, runner=ov))
                 if args.bf16:
-                    t = time.perf_counter()
-                    outs["ours_bf16"] = ours.separate(wav, autocast="bf16")
-                    times["ours_bf16"].append(time.perf_counter() - t)
+                    timed("ours_bf16", lambda: ours.separate(wav, autocast="bf16"))
             row = {"model": name, "architecture": config.architecture, "parameters": params,
                    "seconds": round(seconds, 2), "chunk_size": config.chunk_size,
                    "num_overlap": config.num_overlap, "threads": args.threads,
-                   "cpu": cpu_name(), "load_average_start": round(load, 1)}
+                   "cpu": cpu_name(), "load_average_start": round(load, 1),
+                   "load_average_end": round(os.getloadavg()[0], 1),
+                   "runs_s": {k: [round(t, 2) for t in v] for k, v in times.items() if v},
+                   "runs_cpu_s": {k: [round(t, 2) for t in v] for k, v in cpu.items() if v}}
             ref_best = min(times["reference"])
+            ref_cpu = min(cpu["reference"])
             for what, ts in times.items():
                 if not ts:
                     continue
                 best = min(ts)
                 row[f"{what}_s_per_audio_s"] = round(best / seconds, 3)
                 row[f"{what}_speedup_vs_reference"] = round(ref_best / best, 2)
+                row[f"{what}_cpu_s_per_audio_s"] = round(min(cpu[what]) / seconds, 3)
+                row[f"{what}_cpu_speedup_vs_reference"] = round(ref_cpu / min(cpu[what]), 2)
                 if what != "reference":
                     row[f"{what}_snr_db"] = {
                         s: round(snr_db(outs["reference"][s], outs[what][s]), 1)

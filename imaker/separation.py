@@ -152,6 +152,31 @@ def inference_plan(device: str, batch_size: int | None, autocast: bool,
     return batch_size, ("bf16" if wanted and batch_size > 0 else None)
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 tile units (Sapphire Rapids and later Xeons)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
+def roformer_autocast(device: str, autocast: bool, cpu_autocast: bool | None) -> str | None:
+    """The autocast dtype of a RoFormer network (``imaker.roformer``), by the same settings
+    as demucs' (``inference_plan``): bf16 on CUDA when ``autocast`` (``DEMUCS_AUTOCAST``), on
+    the CPU when ``cpu_autocast`` (``DEMUCS_CPU_AUTOCAST``). Its ``auto`` (None) is narrower
+    than demucs': bf16 only where the CPU has AMX-BF16 — measured there ~2x faster than fp32
+    at >= 40 dB SNR against the fp32 reference (benchmarks/RESULTS.md, issue 21); on a CPU
+    with AVX512-BF16 but no AMX, bf16 RoFormer ran slower than fp32 (docs/roformer.md), so
+    fp32. The band split, STFT, masking, iSTFT and overlap-add stay fp32 under autocast."""
+    if cpu_autocast is None and str(device) == "cpu":
+        cpu_autocast = cpu_has_amx_bf16()
+    return inference_plan(device, 1, autocast, cpu_autocast)[1]
+
+
 def _mono_stats(mix, chunk: int = 1 << 20):
     """Mean and (unbiased) standard deviation of the mono mix ``mix.mean(0)``, as float32
     0-d tensors like demucs' ``ref.mean()``/``ref.std()``, computed chunk by chunk in

@@ -209,13 +209,15 @@ class Separation(Group):
               "output as `apply_model`): auto = 8 on CUDA, 1 on CPU (same speed as "
               "`apply_model`, ~45 % less peak memory on long tracks); `0` = demucs' own "
               "`apply_model`", "DEMUCS_BATCH_SIZE", shown="`auto`", ge=0)
-    autocast: bool = setting(True, "on CUDA, bf16 autocast with the STFT/iSTFT kept in fp32",
-                             "DEMUCS_AUTOCAST")
+    autocast: bool = setting(True, "on CUDA, bf16 autocast with the STFT/iSTFT kept in fp32 "
+                                   "(demucs and RoFormer models)", "DEMUCS_AUTOCAST")
     cpu_autocast: Annotated[bool | None, BeforeValidator(_auto_none)] = setting(
         None, "bf16 autocast on the CPU: `auto` = on when the CPU computes bf16 natively (AMX / "
               "AVX512-BF16; ≈ 1.4× faster separation there, 42–53 dB SNR against fp32 — the "
               "same ≥ 40 dB bar as the GPU path, tested), off elsewhere (emulated bf16 is "
-              "slower); `false` = fp32, demucs' own numbers", "DEMUCS_CPU_AUTOCAST", shown="`auto`")
+              "slower); `false` = fp32, demucs' own numbers. RoFormer models: `auto` = on only "
+              "with AMX-BF16 (≈ 2× faster there at ≥ 40 dB against fp32, the band split kept "
+              "fp32; benchmarks/RESULTS.md)", "DEMUCS_CPU_AUTOCAST", shown="`auto`")
     backend: Annotated[Backend, Lower] = setting(
         "auto", "what runs the network on the CPU in our segment loop (`imaker/backends.py`): "
                 "`auto` = OpenVINO (a dependency, in the image too) for HTDemucs models, in fp32 "
@@ -224,7 +226,8 @@ class Separation(Group):
                 "needs a C++ compiler, ~1–2 min to compile). The network is converted once per "
                 "model and cached in `<DEMUCS_MODEL_REPO>/.imaker-cache/` (or "
                 "`~/.cache/imaker/` when the repo is read-only); figures in "
-                "benchmarks/RESULTS.md", "DEMUCS_BACKEND")
+                "benchmarks/RESULTS.md. RoFormer models run on PyTorch (another backend named "
+                "here is warned about once)", "DEMUCS_BACKEND")
 
 
 class Service(Group):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from pathlib import Path
 from typing import Iterable
 
 from .variants import VARIANTS, Term
+
+log = logging.getLogger(__name__)
 
 #: the model families of the model folder
 DEMUCS, ROFORMER = "demucs", "roformer"
@@ -253,6 +256,22 @@ def loaded_models() -> list:
     return [*separation._CACHE.values(), *_ROFORMERS.values()]
 
 
+_BACKEND_WARNED: set[str] = set()
+
+
+def roformer_backend(setting: str | None, loaded) -> str:
+    """What runs a RoFormer network: PyTorch. ``DEMUCS_BACKEND=auto``/``torch`` choose it;
+    a converted backend named explicitly (``openvino``, ``onnx``, ``aoti``) does not apply
+    to RoFormer models (benchmarks/RESULTS.md, issue 21: OpenVINO converts Kim's Mel-Band
+    RoFormer in 6-8 minutes and ~9 GB): a warning, once per setting, then PyTorch."""
+    setting = (setting or "auto").lower()
+    if setting not in ("auto", "torch") and setting not in _BACKEND_WARNED:
+        _BACKEND_WARNED.add(setting)
+        log.warning("DEMUCS_BACKEND=%s does not apply to RoFormer models (%s); using torch",
+                    setting, getattr(loaded, "name", "?"))
+    return "torch"
+
+
 def is_roformer_model(loaded) -> bool:
     from .roformer import RoformerModel
 
@@ -262,7 +281,7 @@ def is_roformer_model(loaded) -> bool:
 def describe(loaded, precision: str = "fp32") -> dict:
     """A loaded model's provenance (``model.json``, the manifest)."""
     if is_roformer_model(loaded):
-        return {**loaded.describe(), "signature": loaded.signature}
+        return {**loaded.describe(), "precision": precision, "signature": loaded.signature}
     files = demucs_files(loaded.name, loaded.repo)
     digests = {f.name: checkpoint_sha256(f) for f in files}
     sha = (next(iter(digests.values())) if len(digests) == 1 else

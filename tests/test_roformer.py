@@ -354,6 +354,82 @@ def test_network_output_equals_reference_network(repo, name):
     assert snr_db(ref.numpy(), ours.numpy()) > 80
 
 
+@pytest.mark.parametrize("name", ["tiny_bs_roformer", "tiny_mel_band_roformer"])
+def test_fused_weights_follow_the_parameters(repo, name):
+    """The forward runs on weights derived from the parameters (folded norms, stacked
+    bands): loading other weights into a used network gives what a fresh network with
+    those weights gives, and so does an in-place change under no_grad or a fresh copy."""
+    config = roformer.read_config(repo / f"{name}.yaml")
+    model = roformer.load(repo / f"{name}.ckpt", repo / f"{name}.yaml")
+    x = torch.from_numpy(music(1.0, seed=6))[None]
+    torch.manual_seed(11)
+    other = RoformerNet(config.architecture, **config.model).eval()
+    with torch.inference_mode():
+        before = model.net(x)
+        model.net.load_state_dict(other.state_dict(), strict=True)
+        after, expect = model.net(x), other(x)
+    assert snr_db(expect.numpy(), after.numpy()) > 100
+    assert snr_db(before.numpy(), after.numpy()) < 20      # it did change
+    with torch.no_grad():
+        for key, p in model.net.named_parameters():
+            if key.endswith("gamma") or p.ndim >= 2:
+                p.mul_(1.1)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.net(x)                                        # bf16 copies of the weights
+    with torch.no_grad():
+        for key, p in model.net.named_parameters():
+            if key.endswith("gamma") or p.ndim >= 2:
+                p.mul_(1.1)
+    fresh = RoformerNet(config.architecture, **config.model).eval()
+    fresh.load_state_dict(model.net.state_dict(), strict=True)
+    with torch.inference_mode():
+        assert snr_db(fresh(x).numpy(), model.net(x).numpy()) > 100
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert snr_db(fresh(x).float().numpy(), model.net(x).float().numpy()) > 100
+
+
+def test_precision_settings_govern_roformer():
+    """DEMUCS_AUTOCAST (CUDA) and DEMUCS_CPU_AUTOCAST (CPU) pick the RoFormer network's
+    autocast as they do demucs' (its auto: AMX-BF16 only)."""
+    from imaker import separation
+
+    assert separation.roformer_autocast("cpu", True, True) == "bf16"
+    assert separation.roformer_autocast("cpu", True, False) is None
+    assert separation.roformer_autocast("cpu", False, None) == (    # auto: AMX only
+        "bf16" if separation.cpu_has_amx_bf16() else None)
+    assert separation.roformer_autocast("cuda", True, False) == "bf16"
+    assert separation.roformer_autocast("cuda:0", False, True) is None
+
+
+def test_converted_backends_do_not_apply_to_roformer(caplog):
+    """DEMUCS_BACKEND: RoFormer runs on torch; a converted backend named explicitly is
+    warned about once per setting."""
+    from imaker import stemset
+
+    stemset._BACKEND_WARNED.discard("openvino")
+    with caplog.at_level(logging.WARNING, logger="imaker.stemset"):
+        assert stemset.roformer_backend("auto", None) == "torch"
+        assert stemset.roformer_backend("torch", None) == "torch"
+        assert not caplog.records
+        assert stemset.roformer_backend("openvino", None) == "torch"
+        assert stemset.roformer_backend("OpenVINO", None) == "torch"
+    assert len(caplog.records) == 1 and "does not apply to RoFormer" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["tiny_bs_roformer", "tiny_mel_band_roformer"])
+def test_bf16_autocast_separation_close_to_fp32(repo, track, name):
+    """bf16 autocast of the network core (DEMUCS_CPU_AUTOCAST) against the fp32 path: the
+    same stems to the 40 dB bar (the published sizes: benchmarks/RESULTS.md)."""
+    model = roformer.load(repo / f"{name}.ckpt", repo / f"{name}.yaml")
+    fp32 = model.separate(track)
+    bf16 = model.separate(track, autocast="bf16")
+    for stem in model.sources:
+        snr = snr_db(fp32[stem], bf16[stem])
+        print(f"{name} {stem}: bf16 {snr:.1f} dB")
+        # measured 44.2/55.8 dB (BS) and 46.2/45.4 dB (Mel); < 200: bf16 really ran
+        assert 40 <= snr < 200, (stem, snr)
+
+
 # ----- separation ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["tiny_bs_roformer", "tiny_mel_band_roformer"])
 def test_separation_equals_audio_separator_mdxc(repo, track, tmp_path, name):

@@ -167,8 +167,9 @@ class RoformerModel:
         forward pass on the CPU, the torch threads to use; ``chunk_size``/``num_overlap``
         override the config's windowing; ``runner(batch) -> masks`` replaces the network's
         ``core`` (another backend); ``autocast`` ("bf16" or "fp16"): run ``core`` under
-        torch autocast (the STFT, masking and iSTFT stay fp32; not part of the verified
-        fp32 path). Several threads may separate with one model at once (the network
+        torch autocast (the STFT, band split, masking and iSTFT stay fp32; bf16 measured
+        at 43-44 dB against the fp32 reference at the published sizes,
+        benchmarks/RESULTS.md; the service passes ``separation.roformer_autocast``). Several threads may separate with one model at once (the network
         holds no per-call state)."""
         import torch
 
@@ -318,6 +319,7 @@ def load(ckpt: Path | str, yaml_path: Path | str, device: str = "cpu", *,
                             f"({config.architecture}): {_mismatch(exc)}") from None
     net.eval()
     net.to(device)
+    net.prepare()  # the fused weights (imaker/roformer/net.py), built once here
     del state
     digest = sha256 or file_sha256(ckpt)
     return RoformerModel(name=name or ckpt.stem, config=config, net=net, device=str(device),

@@ -40,6 +40,7 @@ class OpenVinoCore:
         self.shape = (batch, frames, features)
         start = time.perf_counter()
         example = torch.randn(*self.shape) * 0.1
+        net.prepare()  # the fused weights exist before tracing: constants of the graph
         with torch.no_grad():
             model = ov.convert_model(_Core(net).eval(), example_input=example)
         core = ov.Core()

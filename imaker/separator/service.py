@@ -97,13 +97,18 @@ class _Separator:
     def key(self, loaded) -> dict:
         return stemset.key(loaded, self.req.separation)
 
-    def precision(self, loaded) -> str:
-        if stemset.is_roformer_model(loaded):
-            return "fp32"  # the verified path (RoFormer bf16/fp16 is not enabled here)
+    def autocast(self, loaded) -> str | None:
+        """The autocast dtype of the network (None: fp32), for both families:
+        ``DEMUCS_AUTOCAST`` on CUDA, ``DEMUCS_CPU_AUTOCAST`` on the CPU."""
         o = self.req.separation
+        if stemset.is_roformer_model(loaded):
+            return separation.roformer_autocast(loaded.device, o.autocast, o.cpu_autocast)
         _, dtype = separation.inference_plan(loaded.device, o.batch_size, o.autocast,
                                              o.cpu_autocast)
-        return dtype or "fp32"
+        return dtype
+
+    def precision(self, loaded) -> str:
+        return self.autocast(loaded) or "fp32"
 
     def describe(self, loaded) -> dict:
         return stemset.describe(loaded, self.precision(loaded))
@@ -118,7 +123,9 @@ class _Separator:
         if stemset.is_roformer_model(loaded):
             # chunked overlap-add with the config's chunk size and overlap, streamed to
             # the sink (bounded memory), the CPU threads split like demucs'
-            return loaded.separate(wav, sink=sink, threads=self.threads)
+            stemset.roformer_backend(o.backend, loaded)
+            return loaded.separate(wav, sink=sink, threads=self.threads,
+                                   autocast=self.autocast(loaded))
         return separation.separate(loaded, wav, segment=o.segment, overlap=o.overlap,
                                    shifts=o.shifts, batch_size=o.batch_size,
                                    autocast=o.autocast, sink=sink, inplace=inplace,
