@@ -120,6 +120,11 @@ def make_audio(path: Path, seconds: float = 3.0, *, freq: int = 440, fmt_args=()
     return path
 
 
+#: an "audio file" no demuxer accepts, the same every run (random bytes were sometimes
+#: probed as a container without an audio stream, which changed the failure reason)
+JUNK_AUDIO = b"this is not an m4a file\n" * 170
+
+
 def make_cover(path: Path) -> Path:
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
                     "color=c=red:s=64x64", "-frames:v", "1", str(path)], check=True)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import write_bundle
+from conftest import JUNK_AUDIO, write_bundle
 from imaker.settings import load_settings
 
 ROOT = Path(__file__).parents[1]
@@ -28,7 +28,7 @@ def test_ingest_once_processes_good_and_fails_hostile_without_losing_anything(
     write_bundle(s.paths.queue_other, "bad_path", source_m4a, audio="../../../etc/passwd")
     write_bundle(s.paths.queue_youtube_video, "bad_missing", None)
     junk = tmp_path / "junk.m4a"
-    junk.write_bytes(os.urandom(4096))
+    junk.write_bytes(JUNK_AUDIO)
     write_bundle(s.paths.queue_other, "bad_audio", junk)
     write_bundle(s.paths.queue_other, "bad_version", source_m4a, schema_version=7)
     write_bundle(s.paths.queue_other, "bad_huge", source_m4a, artist="A" * 50_000)

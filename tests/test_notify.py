@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_bundle
+from conftest import JUNK_AUDIO, write_bundle
 from imaker import notify, queues
 from imaker.settings import SettingsError, load_settings
 
@@ -221,7 +221,7 @@ def test_ingest_once_notifies_each_outcome_once_and_a_dead_receiver_does_not_mat
     s = load_settings()
     write_bundle(s.paths.queue_other, "good", source_m4a, title="Good Song")
     junk = tmp_path / "junk.m4a"
-    junk.write_bytes(os.urandom(4096))
+    junk.write_bytes(JUNK_AUDIO)
     write_bundle(s.paths.queue_other, "bad", junk, title="Bad Song")
 
     proc = _imaker("ingest", "--once")
