@@ -18,7 +18,6 @@ DURATION_TOLERANCE_S = 0.050
 SILENCE_FLOOR_DBFS = -60.0
 
 
-loudness = audio_mod.loudness  # measured where the files are encoded and tagged
 
 
 def _db(x: float) -> float:

@@ -562,19 +562,6 @@ def replaygain(loud: dict) -> dict | None:
     return out
 
 
-def loudness(path: Path) -> dict:
-    """Integrated loudness (LUFS), loudness range (LU) and true peak (dBTP) of a file with
-    ffmpeg's ebur128 filter (a decode of its own: the pipeline measures while encoding,
-    ``Encoder(measure=True)``)."""
-    proc = subprocess.run(
-        [tool_path("ffmpeg"), "-nostdin", "-hide_banner", "-nostats", "-i", str(path), "-map",
-         "0:a:0", "-af", "ebur128=peak=true:framelog=verbose", "-f", "null", "-"],
-        capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AudioError(f"cannot measure loudness of {path}")
-    return parse_ebur128(proc.stderr)
-
-
 class Tags:
     """Tags of one output, written with mutagen for m4a, mp3 and flac (and the mp4 video):
     title (marking the version), artist, album, album artist, the input's ``COPIED_TAGS``,

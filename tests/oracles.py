@@ -3,6 +3,9 @@ with (moved out of the product modules, which stream and never hold a track whol
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 
 from imaker import audio as audio_mod
@@ -44,3 +47,17 @@ def mix(stems: dict[str, np.ndarray], spec: VariantSpec) -> tuple[np.ndarray, fl
     if gain != 1.0:
         out *= gain
     return out, gain
+
+
+def loudness(path: Path) -> dict:
+    """Integrated loudness (LUFS), loudness range (LU) and true peak (dBTP) of a file by a
+    decode of its own with ffmpeg's ebur128 filter (the pipeline measures while encoding,
+    ``audio.Encoder(measure=True)``: this is the independent measurement tests compare
+    with)."""
+    proc = subprocess.run(
+        [audio_mod.tool_path("ffmpeg"), "-nostdin", "-hide_banner", "-nostats", "-i", str(path),
+         "-map", "0:a:0", "-af", "ebur128=peak=true:framelog=verbose", "-f", "null", "-"],
+        capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise audio_mod.AudioError(f"cannot measure loudness of {path}")
+    return audio_mod.parse_ebur128(proc.stderr)

@@ -20,6 +20,7 @@ from imaker.fsutil import sha256_file
 from imaker.pipeline import Library, make_variants
 from imaker.settings import Output
 from imaker.variants import PEAK_CEILING, VARIANTS, StemLengthError, stream_mix, stream_peaks
+import oracles
 from oracles import load_stems, mix
 
 RATE = 44100
@@ -196,7 +197,7 @@ def test_the_encoder_measures_what_it_writes(tmp_path, fmt):
         wav.astype(np.float32))
     assert got["sha256"] == sha256_file(dest) and got["size_bytes"] == dest.stat().st_size
     assert got["mtime_ns"] == dest.stat().st_mtime_ns
-    published = audio.loudness(dest)  # the file's own loudness, by a decode of it
+    published = oracles.loudness(dest)  # the file's own loudness, by a decode of it
     assert abs(got["loudness_lufs"] - published["integrated_lufs"]) <= 0.1
     assert tags.replaygain["gain_db"] == round(-18.0 - got["loudness_lufs"], 2)
     assert enc.waveform.startswith(b"\x89PNG") and len(enc.waveform) > 200

@@ -18,6 +18,7 @@ from imaker.catalog import build_catalog
 from imaker.pipeline import Library
 from imaker.settings import load_settings
 from imaker.variants import VARIANTS
+import oracles
 from oracles import load_stems, mix
 from test_pipeline import _materialize  # one way to run a track in-process
 from imaker_assets.assets import source_audio, stems
@@ -106,13 +107,13 @@ def test_every_version_is_tagged_for_media_libraries(imaker_env, tmp_path, monke
         # measured independently by ffmpeg
         pcm = tmp_path / f"pcm_{fmt}_{name}.flac"
         audio.encode(mix(stems, VARIANTS[name])[0], meta["sample_rate"], pcm, "flac")
-        measured = audio.loudness(pcm)
+        measured = oracles.loudness(pcm)
         assert abs(gain - (-18.0 - measured["integrated_lufs"])) <= 0.1
         assert abs(peak - 10 ** (measured["true_peak_dbtp"] / 20)) <= 0.01
         # and the published file is that PCM: identical in FLAC; through a lossy codec this
         # 3 s test signal 50 dB below full scale, with 20 LU of loudness range, moves its
         # gated loudness by up to about 1 LU (music at usual levels: far less than 0.1)
-        published = audio.loudness(path)
+        published = oracles.loudness(path)
         assert abs(published["integrated_lufs"] - measured["integrated_lufs"]) <= \
             (0.1 if fmt == "flac" else 1.5)
     assert titles == {"instrumental": "Back in Black (Instrumental)",
