@@ -10,28 +10,14 @@ must not fail or hold up the track.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import BundleError, read_json_file, read_manifest
 
 #: the outcomes a notification can be sent for (``NOTIFY_ON``)
-EVENTS = ("done", "failed")
 _MAX_FIELD = 300   # a hostile job.json must not make a huge message
 _MAX_REASON = 1500
-
-
-def split_urls(raw: str | None) -> tuple[str, ...]:
-    """``NOTIFY_URLS``: Apprise URLs separated by commas, spaces or newlines."""
-    return tuple(u for u in re.split(r"[,\s]+", raw or "") if u)
-
-
-def invalid_urls(urls: tuple[str, ...]) -> list[str]:
-    """The URLs Apprise cannot use (unknown scheme, missing host or token, ...)."""
-    import apprise
-
-    return [u for u in urls if not apprise.Apprise().add(u)]
 
 
 def _text(value, limit: int = _MAX_FIELD) -> str | None:
