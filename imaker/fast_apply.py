@@ -84,8 +84,10 @@ class WindowBatcher:
     with the same model, window shape, device and autocast dtype are concatenated (up to
     ``max_items`` windows) and run once by one of the callers (the leader), and each gets
     its own rows back. HTDemucs treats every item of a batch on its own (it normalises per
-    item), so the result is what separate passes give, up to float rounding. One leader
-    at a time: when its own windows are done it hands the role to a waiting caller."""
+    item), as do RoFormer networks (``RoformerModel.separate(batcher=)``: per-item STFT and
+    transformers), so the result is what separate passes give, up to float rounding. The
+    service keeps one per model (``Service.batcher_for``). One leader at a time: when its
+    own windows are done it hands the role to a waiting caller."""
 
     def __init__(self, max_items: int = 16, gather_s: float = 0.02):
         self.max_items = max(1, int(max_items))

@@ -509,6 +509,57 @@ def test_streamed_output_equals_whole_output_in_order(repo):
     np.testing.assert_allclose(whole["other"], wav - whole["vocals"], atol=1e-6)
 
 
+
+@pytest.mark.parametrize("name", ["tiny_bs_roformer", "tiny_mel_band_roformer"])
+def test_service_runs_concurrent_roformer_separations_in_shared_passes(repo, name):
+    """What the separation service does on CUDA (issue 21), forced on the CPU: two RoFormer
+    separations at once go through the model's one WindowBatcher, whose passes hold
+    windows of both, and each gets what it gets alone (fp32: >= 100 dB)."""
+    import threading
+
+    from imaker.separator.service import SeparateRequest, Service, _Separator
+    from imaker.settings import Separation
+
+    model = roformer.load(repo / f"{name}.ckpt", repo / f"{name}.yaml")
+    wavs = [music(9.0, seed=5), music(7.0, seed=6, peak=0.25)]
+    alone = [model.separate(w) for w in wavs]
+    assert Service(concurrency=2).batcher_for(model) is None   # CPU: the cores split
+    service = Service(concurrency=2, cross_batch=True)
+    batcher = service.batcher_for(model)
+    assert batcher is not None and service.batcher_for(model) is batcher  # one per model
+    batcher.gather_s = 0.2   # a busy test machine: give the other's windows time
+    req = SeparateRequest(job_id="x", source="/s", stems_dir="/d",
+                          separation=Separation(cpu_autocast=False))
+    both = threading.Barrier(2)
+    together: list = [None, None]
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            both.wait()
+            together[i] = _Separator(service, req, threading.Event()).separate(model, wavs[i])
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+    windows = sum(len(roformer.window_starts(w.shape[1], model.chunk_size,
+                                             model.chunk_size // model.num_overlap))
+                  for w in wavs)
+    print(f"{name}: {batcher.passes} passes for {windows} windows, {batcher.merged} shared")
+    assert batcher.merged > 0 and batcher.passes < windows, (batcher.passes, batcher.merged)
+    for got, ref in zip(together, alone):
+        for stem in model.sources:
+            assert got[stem].shape == ref[stem].shape
+            snr = snr_db(ref[stem], got[stem])
+            print(f"{name} {stem}: shared passes {snr:.1f} dB")
+            assert snr >= 100, (stem, snr)
+
+
 def test_model_identity(repo):
     model = roformer.load(repo / "tiny_mel_band_roformer.ckpt",
                           repo / "tiny_mel_band_roformer.yaml")

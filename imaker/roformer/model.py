@@ -15,6 +15,7 @@ rolling buffer (a ``sink``), so nothing of the size of the track is allocated he
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -101,6 +102,9 @@ class RoformerModel:
     sha256: str
     ckpt: Path
     load_seconds: float = 0.0
+    #: (core, autocast) -> the runner handed to a ``WindowBatcher`` (one object per
+    #: pair: the batcher merges the passes of callers with the same runner)
+    _batch_runners: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ---- what separation.LoadedModel also has ----
     @property
@@ -155,8 +159,8 @@ class RoformerModel:
     # ---- inference ----
     def separate(self, wav: np.ndarray, *, batch_size: int | None = None, sink=None,
                  threads: Callable[[], int] | None = None, chunk_size: int | None = None,
-                 num_overlap: int | None = None, runner=None, autocast: str | None = None
-                 ) -> dict[str, np.ndarray] | None:
+                 num_overlap: int | None = None, runner=None, autocast: str | None = None,
+                 batcher=None) -> dict[str, np.ndarray] | None:
         """Separate ``wav`` (``(channels, samples)`` at ``samplerate``) into ``{stem:
         float32 (channels, samples)}``, or stream it: ``sink(start, chunk)`` with ``chunk``
         a float32 ``(stems, channels, n)`` array for samples ``start .. start + n`` (valid
@@ -169,8 +173,15 @@ class RoformerModel:
         ``core`` (another backend); ``autocast`` ("bf16" or "fp16"): run ``core`` under
         torch autocast (the STFT, band split, masking and iSTFT stay fp32; bf16 measured
         at 43-44 dB against the fp32 reference at the published sizes,
-        benchmarks/RESULTS.md; the service passes ``separation.roformer_autocast``). Several threads may separate with one model at once (the network
-        holds no per-call state)."""
+        benchmarks/RESULTS.md; the service passes ``separation.roformer_autocast``).
+        Several threads may separate with one model at once (the network holds no
+        per-call state). ``batcher``: a ``fast_apply.WindowBatcher`` shared by concurrent
+        separations (the service on CUDA): each batch of windows goes through
+        ``batcher(runner, windows, device, None)``, which runs the windows of the callers
+        waiting at once with the same model, autocast and window length in one pass of
+        the whole network (STFT to iSTFT; ``runner`` applies the autocast to ``core``
+        itself); every item of a batch is computed on its own, so the output is that of
+        separate passes up to float rounding."""
         import torch
 
         if wav.ndim != 2 or wav.shape[0] != self.channels:
@@ -208,8 +219,10 @@ class RoformerModel:
         starts = window_starts(n, chunk, step)
         window = torch.from_numpy(np.hamming(chunk).astype(np.float32))
         acc = _Accumulator(self.config.num_stems, self.channels, chunk, batch_size, step, emit)
-        net = self.net
-        core = runner or net.core
+        core = runner or self.net.core
+        if batcher is not None:
+            shared = self._batch_runner(core, autocast)
+            device = torch.device(self.device)
         with torch.inference_mode():
             for i in range(0, len(starts), batch_size):
                 group = starts[i:i + batch_size]
@@ -221,7 +234,12 @@ class RoformerModel:
                         torch.set_num_threads(want)
                 parts = torch.stack([mix[:, s:s + chunk] for s in group])
                 length = parts.shape[-1]
-                out = self._forward(parts.to(self.device), core, autocast).float().cpu()
+                parts = parts.to(self.device)
+                if batcher is not None:
+                    out = batcher(shared, parts, device, None)
+                else:
+                    out = self._forward(parts, core, autocast)
+                out = out.float().cpu()
                 for j, s in enumerate(group):
                     safe = min(length, out.shape[-1], chunk)
                     acc.add(s, out[j, ..., :safe], window[:safe])
@@ -231,6 +249,18 @@ class RoformerModel:
         if full is not None:
             return {name: full[k] for k, name in enumerate(self.sources)}
         return None
+
+    def _batch_runner(self, core, autocast: str | None):
+        """The network as one callable for a ``WindowBatcher``: ``runner(windows) ->
+        (b, stems, channels, samples)``, the same object for the same ``core`` and
+        ``autocast`` (the batcher's key holds it; ``setdefault``: one wins when two
+        threads make it at once)."""
+        key = (core, autocast)
+        runner = self._batch_runners.get(key)
+        if runner is None:
+            runner = self._batch_runners.setdefault(
+                key, functools.partial(self._forward, core=core, autocast=autocast))
+        return runner
 
     def _forward(self, audio, core, autocast: str | None = None):
         import torch

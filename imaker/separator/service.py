@@ -17,7 +17,8 @@ every forward pass (two single-threaded separations do ~20 % more work per secon
 cores than one two-threaded one) — except with the OpenVINO backend (``DEMUCS_BACKEND``),
 which runs one separation at a time on all cores (1 x 2 threads did 1.7x the work of 2 x 1
 on 2 cores: benchmarks/RESULTS.md); on CUDA two, whose windows share forward passes
-(``fast_apply.WindowBatcher``: up to 16 windows per pass).
+(``fast_apply.WindowBatcher``, one per model, demucs and RoFormer alike: up to 16 windows
+per pass).
 A client that goes away (its run was killed) stops its separation at the next window.
 ``identity`` (``client.identity``: version, code hash, Python environment, model repo) tells
 a loopback client whether this service is its checkout's (see ``imaker.separator.client``).
@@ -122,10 +123,12 @@ class _Separator:
         o = self.req.separation
         if stemset.is_roformer_model(loaded):
             # chunked overlap-add with the config's chunk size and overlap, streamed to
-            # the sink (bounded memory), the CPU threads split like demucs'
+            # the sink (bounded memory), the CPU threads split like demucs', on CUDA the
+            # windows of concurrent separations in shared passes like demucs'
             stemset.roformer_backend(o.backend, loaded)
             return loaded.separate(wav, sink=sink, threads=self.threads,
-                                   autocast=self.autocast(loaded))
+                                   autocast=self.autocast(loaded),
+                                   batcher=self.service.batcher_for(loaded))
         return separation.separate(loaded, wav, segment=o.segment, overlap=o.overlap,
                                    shifts=o.shifts, batch_size=o.batch_size,
                                    autocast=o.autocast, sink=sink, inplace=inplace,
@@ -173,16 +176,18 @@ class Service:
             return 1
         return self.cores
 
-    def batcher_for(self, loaded: separation.LoadedModel):
-        """On CUDA (or when ``cross_batch`` is forced), one ``WindowBatcher`` per model: the
-        windows of the separations running at once share forward passes. On the CPU the
-        separations split the cores instead (one thread each beats one big batch there)."""
+    def batcher_for(self, loaded):
+        """On CUDA (or when ``cross_batch`` is forced), one ``WindowBatcher`` per model (a
+        demucs ``separation.LoadedModel`` or a ``RoformerModel``: both have a name, a
+        signature and a device): the windows of the separations running at once share
+        forward passes. On the CPU the separations split the cores instead (one thread
+        each beats one big batch there)."""
         if not (self.cross_batch or str(loaded.device).startswith("cuda")):
             return None
         from ..fast_apply import WindowBatcher
 
         with self._lock:
-            key = (loaded.name, loaded.signature, str(loaded.device))
+            key = (type(loaded).__name__, loaded.name, loaded.signature, str(loaded.device))
             if key not in self.batchers:
                 self.batchers[key] = WindowBatcher(max_items=CROSS_BATCH_ITEMS)
             return self.batchers[key]
