@@ -36,8 +36,8 @@ def _tuple(values) -> str:
     return "!!python/tuple\n" + "".join(f"  - {v}\n" for v in values)
 
 
-def bs_yaml(*, dim=16, depth=1, bands=TINY_BANDS, n_fft=1024, hop=512, dim_t=173,
-            overlap=2, linear=1, target="vocals") -> str:
+def _audio_section(hop: int, dim_t: int, n_fft: int) -> str:
+    """The ``audio:`` section both architectures' configs share (ZFTurbo's format)."""
     return textwrap.dedent(f"""\
         audio:
           chunk_size: {hop * (dim_t - 1)}
@@ -48,6 +48,12 @@ def bs_yaml(*, dim=16, depth=1, bands=TINY_BANDS, n_fft=1024, hop=512, dim_t=173
           num_channels: 2
           sample_rate: 44100
           min_mean_abs: 0.000
+        """)
+
+
+def bs_yaml(*, dim=16, depth=1, bands=TINY_BANDS, n_fft=1024, hop=512, dim_t=173,
+            overlap=2, linear=1, target="vocals") -> str:
+    return _audio_section(hop, dim_t, n_fft) + textwrap.dedent(f"""\
         model:
           dim: {dim}
           depth: {depth}
@@ -91,16 +97,7 @@ def bs_yaml(*, dim=16, depth=1, bands=TINY_BANDS, n_fft=1024, hop=512, dim_t=173
 
 def mel_yaml(*, dim=16, depth=1, num_bands=16, n_fft=1024, hop=512, dim_t=173, overlap=4,
              mask_depth=2) -> str:
-    return textwrap.dedent(f"""\
-        audio:
-          chunk_size: {hop * (dim_t - 1)}
-          dim_f: 1024
-          dim_t: {dim_t}
-          hop_length: {hop}
-          n_fft: {n_fft}
-          num_channels: 2
-          sample_rate: 44100
-          min_mean_abs: 0.000
+    return _audio_section(hop, dim_t, n_fft) + textwrap.dedent(f"""\
         model:
           dim: {dim}
           depth: {depth}
