@@ -3,7 +3,7 @@
 # Three pytest workers (pytest-xdist), each test file on one worker: the tests wait on
 # subprocesses (dagster, ffmpeg, Docker) much of the time — on 2 cores the pytest tree used
 # about 8-9 CPU-minutes in 10-12 wall minutes, so a third worker fills the waits (3 workers:
-# 10.4-11.7 min in clean clones on a quiet 2-core machine; 2 workers, every image built
+# 10.4-12.1 min in clean clones on a quiet 2-core machine; 2 workers, every image built
 # cold: 11.6 min). PYTEST_WORKERS=0
 # runs serially.
 set -euo pipefail
