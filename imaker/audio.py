@@ -427,16 +427,18 @@ class Encoder:
 
 
 def encode(audio: np.ndarray, samplerate: int, dest: Path, fmt: str, bitrate: str = "256k",
-           tags: "Tags | None" = None) -> Path:
-    """Encode float ``(channels, samples)`` to ``dest`` in format ``fmt`` and tag it.
+           tags: "Tags | None" = None, **measuring) -> "Encoder":
+    """Encode float ``(channels, samples)`` to ``dest`` in format ``fmt`` and tag it;
+    returns the finished ``Encoder`` (its measurements: ``measuring`` takes its
+    ``measure``/``digest``/``waveform`` options).
 
     Written to a temporary name and renamed into place after tagging: a crash never
     leaves a half-written file under the final name. Sent to ffmpeg in chunks (no
     whole-track PCM copy)."""
-    with Encoder(dest, samplerate, audio.shape[0], fmt, bitrate, tags) as enc:
+    with Encoder(dest, samplerate, audio.shape[0], fmt, bitrate, tags, **measuring) as enc:
         for start in range(0, audio.shape[1], CHUNK_FRAMES):
             enc.write(audio[:, start:start + CHUNK_FRAMES])
-    return Path(dest)
+    return enc
 
 
 def extension(fmt: str) -> str:

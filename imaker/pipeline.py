@@ -215,10 +215,8 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
             wav *= np.float32(scale)
         # measured and drawn by the ffmpeg that encodes it (its loudness and waveform for
         # the UI): source.flac is never decoded again for them
-        with audio_mod.Encoder(track / "source.flac", SOURCE_RATE, SOURCE_CHANNELS,
-                               STEM_FORMAT, measure=True, waveform=SOURCE_WAVEFORM_COLOR) as enc:
-            for start in range(0, wav.shape[1], audio_mod.CHUNK_FRAMES):
-                enc.write(wav[:, start:start + audio_mod.CHUNK_FRAMES])
+        enc = audio_mod.encode(wav, SOURCE_RATE, track / "source.flac", STEM_FORMAT,
+                               measure=True, waveform=SOURCE_WAVEFORM_COLOR)
         with atomic_path(track / SOURCE_WAVEFORM) as tmp:
             tmp.write_bytes(enc.waveform)
         loud = enc.loudness

@@ -65,7 +65,7 @@ def _store(folder: Path, stems: dict[str, np.ndarray], scale: float) -> dict[str
     """Stems as the stems stage stores them: 24-bit FLAC of ``stem * scale``."""
     paths = {}
     for name, data in stems.items():
-        paths[name] = audio.encode(data * scale, RATE, folder / f"{name}.flac", "flac")
+        paths[name] = audio.encode(data * scale, RATE, folder / f"{name}.flac", "flac").dest
     return paths
 
 
@@ -287,7 +287,7 @@ def test_make_variants_pipeline_streams_the_same_records_and_audio(tmp_path):
         assert art["gain_db"] == round(20 * np.log10(gain), 3)
         assert art["stems"] == spec.stems_for(list(stems)) and art["label"] == spec.label
         assert art["path"] == f"files/audio/AC_DC - Song{spec.suffix}.m4a"
-        old = audio.encode(expected, RATE, tmp_path / "old.m4a", "m4a")
+        old = audio.encode(expected, RATE, tmp_path / "old.m4a", "m4a").dest
         got = audio.decode(lib.output_dir("mixjob") / art["path"], RATE, 2)
         np.testing.assert_allclose(got, audio.decode(old, RATE, 2), rtol=0, atol=1e-4)
         assert MutagenFile(lib.output_dir("mixjob") / art["path"], easy=True)["title"] == [
