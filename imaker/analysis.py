@@ -20,15 +20,11 @@ SILENCE_FLOOR_DBFS = -60.0
 
 
 
-def _db(x: float) -> float:
-    return audio_mod.dbfs(x)
-
-
 def levels(wav: np.ndarray) -> dict:
     """Sample peak and RMS in dBFS."""
     peak = float(np.max(np.abs(wav))) if wav.size else 0.0
     rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64)))) if wav.size else 0.0
-    return {"peak_dbfs": _db(peak), "rms_dbfs": _db(rms)}
+    return {"peak_dbfs": audio_mod.dbfs(peak), "rms_dbfs": audio_mod.dbfs(rms)}
 
 
 def waveform_png(path: Path, *, color: str = "0x2f6fdf") -> bytes:
@@ -62,8 +58,8 @@ def measure_file(path: Path, samplerate: int, channels: int) -> dict:
         count += flat.size
         frames += chunk.shape[1]
     rms = float(np.sqrt(squares / count)) if count else 0.0
-    return {"duration_s": round(frames / samplerate, 4), "peak_dbfs": _db(peak),
-            "rms_dbfs": _db(rms)}
+    return {"duration_s": round(frames / samplerate, 4), "peak_dbfs": audio_mod.dbfs(peak),
+            "rms_dbfs": audio_mod.dbfs(rms)}
 
 
 # ----- checks --------------------------------------------------------------------------
