@@ -75,7 +75,10 @@ def test_concurrent_reader_never_sees_a_partial_bundle(tmp_path, source_m4a):
     seen, problems = set(), []
 
     def reader():
-        while not stop.is_set():
+        while True:
+            # one whole scan begun after the writer finished, so the last bundle is seen
+            # even when `stop` is set while a scan is under way
+            last = stop.is_set()
             for entry in queue.iterdir():
                 if entry.name.startswith("job_") and not entry.name.endswith(".tmp") \
                         and entry.name not in seen:
@@ -86,6 +89,8 @@ def test_concurrent_reader_never_sees_a_partial_bundle(tmp_path, source_m4a):
                     except Exception as exc:  # noqa: BLE001
                         problems.append(f"{entry.name}: {exc}")
                     seen.add(entry.name)
+            if last:
+                break
 
     t = threading.Thread(target=reader)
     t.start()
