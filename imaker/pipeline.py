@@ -234,7 +234,7 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
             "input_rms_dbfs": rms_dbfs,
             # of source.flac as written (scaled like it), measured while it was encoded
             "loudness_lufs": _finite(loud["integrated_lufs"]),
-            "true_peak_dbtp": _finite(loud["true_peak_dbtp"]),
+            "peak_dbfs": _finite(audio_mod.dbfs(enc.peak)),  # sample peak, as written
             "waveform": SOURCE_WAVEFORM,
             "source_tags": audio_mod.read_tags(src).copied,
             "scale": scale,

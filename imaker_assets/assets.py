@@ -84,7 +84,7 @@ def source_audio(context: AssetExecutionContext, settings: SettingsResource) -> 
             "source_url": MetadataValue.url(meta["source_url"]) if meta["source_url"] else "",
             "play": MetadataValue.url(media.source_url(s.media.base_url, job_id)),
             # measured and drawn while source.flac was encoded (no decode of it here)
-            "loudness_lufs": meta["loudness_lufs"], "true_peak_dbtp": meta["true_peak_dbtp"],
+            "loudness_lufs": meta["loudness_lufs"], "peak_dbfs": meta["peak_dbfs"],
             "waveform": MetadataValue.md(analysis.markdown_images(
                 {"Source": (lib.track_dir(job_id) / meta["waveform"]).read_bytes()})),
         },
@@ -159,7 +159,7 @@ def variants(context: AssetExecutionContext, config: VariantsConfig,
         art["variant"]: {
             "file": art["path"], "bytes": art["size_bytes"],
             "title_tag": art["title_tag"], "gain_db": art["gain_db"],
-            "loudness_lufs": art["loudness_lufs"], "true_peak_dbtp": art["true_peak_dbtp"],
+            "loudness_lufs": art["loudness_lufs"], "peak_dbfs": art["peak_dbfs"],
             "replaygain_track_gain_db": art["replaygain_track_gain_db"],
             "replaygain_track_peak": art["replaygain_track_peak"]}
         for art in audio_arts}

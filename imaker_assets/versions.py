@@ -35,15 +35,20 @@ History (why each version is what it is):
   ReplayGain from the PCM sent to the encoder, not from a decode of the file), the
   instrumental's picture beside it; the manifest's durations are the written frames / rate
   (not ffprobe's container duration) and ``manifest_files.json`` records what it listed.
+* source_audio 4, variants 4 (issue 22, the encoders' CPU): no true peak measured (ffmpeg's
+  4x-oversampled ``ebur128=peak=true`` cost about 12% of an AAC encode); source.json has the
+  sample peak of source.flac (``peak_dbfs``) instead of ``true_peak_dbtp``, and the
+  ReplayGain track peak tag is the sample peak of the PCM encoded (ReplayGain 2.0 allows it;
+  a few hundredths below the true peak on music).
 * nas_copy 1: unchanged since it was added.
 * catalog 2: also writes the library page (index.html); 3: the ``input_peak_dbfs`` and
   ``replaygain_db`` columns.
 """
 
 CODE_VERSIONS: dict[str, str] = {
-    "source_audio": "3",
+    "source_audio": "4",
     "stems": "2",
-    "variants": "3",
+    "variants": "4",
     "manifest": "3",
     "nas_copy": "1",
     "catalog": "3",

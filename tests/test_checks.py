@@ -34,7 +34,7 @@ def test_checks_pass_on_a_good_track_and_metadata_is_rich(processed):
                      "variants_are_not_silent": True, "manifest_matches_files": True}
     src = result.asset_materializations_for_node("source_audio")[0].metadata
     assert src["waveform"].value.count("data:image/png;base64,") == 1
-    assert src["loudness_lufs"].value < 0 and src["true_peak_dbtp"].value <= 0.5
+    assert src["loudness_lufs"].value < 0 and src["peak_dbfs"].value <= 0.0
     var = result.asset_materializations_for_node("variants")[0].metadata
     assert var["waveforms"].value.count("data:image/png;base64,") == 2
     per = var["per_variant"].value
