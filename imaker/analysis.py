@@ -52,10 +52,9 @@ def measure_file(path: Path, samplerate: int, channels: int) -> dict:
     RMS are taken chunk by chunk, so memory does not grow with the track's length."""
     peak, squares, count, frames = 0.0, 0.0, 0, 0
     for chunk in audio_mod.iter_decode(Path(path), samplerate, channels):
-        peak = max(peak, float(np.max(np.abs(chunk))))
-        flat = chunk.ravel().astype(np.float64)
-        squares += float(np.dot(flat, flat))
-        count += flat.size
+        chunk_peak, chunk_squares = audio_mod.chunk_levels(chunk)
+        peak, squares = max(peak, chunk_peak), squares + chunk_squares
+        count += chunk.size
         frames += chunk.shape[1]
     rms = float(np.sqrt(squares / count)) if count else 0.0
     return {"duration_s": round(frames / samplerate, 4), "peak_dbfs": audio_mod.dbfs(peak),
