@@ -230,7 +230,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--full-size", action="store_true",
-                   help="the real htdemucs architecture (channels=48, t_layers=5), random weights")
+                   help="the released htdemucs architecture (devmodel.HTDEMUCS_SIZE), random weights")
     p.add_argument("--model", default=None)
     p.add_argument("--repo", default=None)
     p.add_argument("--work", default=None, help="work folder (kept; reused: cached conversions)")
@@ -249,9 +249,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.work = str(work)
     if args.repo is None:
-        from imaker.devmodel import build_model_repo
+        from imaker.devmodel import HTDEMUCS_SIZE, build_model_repo
 
-        size = {"channels": 48, "t_layers": 5} if args.full_size else {}
+        size = HTDEMUCS_SIZE if args.full_size else {}
         name = "random_htdemucs" if args.full_size else "tiny_htdemucs"
         if not (work / "models" / f"{name}.yaml").is_file():
             build_model_repo(work / "models", name, **size)

@@ -406,10 +406,10 @@ def main() -> int:
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
 
-    from imaker.devmodel import build_model_repo
+    from imaker.devmodel import HTDEMUCS_SIZE, build_model_repo
 
     work = Path(tempfile.mkdtemp(prefix="imaker-batch-"))
-    size = {"channels": 48, "t_layers": 5} if args.full_size else {}
+    size = HTDEMUCS_SIZE if args.full_size else {}
     name = "random_htdemucs" if args.full_size else "tiny_htdemucs"
     repo = build_model_repo(work / "models", name, **size)
     results = []

@@ -163,8 +163,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--segment", type=float, default=None)
     p.add_argument("--full-size", action="store_true",
-                   help="random weights but the real htdemucs architecture (channels=48, "
-                        "t_layers=5): realistic compute without downloading weights")
+                   help="random weights but the released htdemucs architecture "
+                        "(devmodel.HTDEMUCS_SIZE): realistic compute without downloading weights")
     p.add_argument("--batch-size", type=int, default=None,
                    help="segments per forward pass (0: demucs apply_model; default auto)")
     p.add_argument("--compare-batch", default=None, metavar="LIST",
@@ -183,9 +183,9 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="imaker-bench-"))
     if args.repo is None:
-        from imaker.devmodel import build_model_repo
+        from imaker.devmodel import HTDEMUCS_SIZE, build_model_repo
 
-        size = {"channels": 48, "t_layers": 5} if args.full_size else {}
+        size = HTDEMUCS_SIZE if args.full_size else {}
         name = "random_htdemucs" if args.full_size else "tiny_htdemucs"
         args.repo = str(build_model_repo(work / "models", name, **size))
         args.model = args.model or name

@@ -62,9 +62,9 @@ import torch
 from demucs.apply import apply_model
 
 from imaker import separation
-from imaker.devmodel import build_model_repo
+from imaker.devmodel import HTDEMUCS_SIZE, build_model_repo
 
-repo = build_model_repo(Path(tempfile.mkdtemp()), "random_htdemucs", channels=48, t_layers=5)
+repo = build_model_repo(Path(tempfile.mkdtemp()), "random_htdemucs", **HTDEMUCS_SIZE)
 loaded = separation.load_model("random_htdemucs", repo, "cuda")
 rng = np.random.default_rng(0)
 n = 30 * loaded.samplerate

@@ -14,6 +14,13 @@ from pathlib import Path
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 
+#: The released ``htdemucs``'s architecture (41.5 M parameters): what "full size" means in
+#: the benchmarks (random weights, the real compute). ``bottom_channels=512`` is the
+#: cross-domain transformer's width; without it HTDemucs has 26.9 M parameters and its
+#: transformer runs at 384 channels, which the benchmarks before 2026-12-02 measured.
+HTDEMUCS_SIZE = {"channels": 48, "t_layers": 5, "bottom_channels": 512}
+
+
 def build_model_repo(repo: Path, name: str = "tiny_htdemucs", *, seed: int = 0,
                      channels: int = 8, t_layers: int = 1, **kwargs) -> Path:
     """Write ``<sig>-<sha>.th`` and ``<name>.yaml`` (a bag of one model) into ``repo``.
