@@ -90,6 +90,28 @@ def test_openvino_bf16_matches_fp32_apply_model_to_40_db(repo, reference):
     assert all(r.engine.precision == ("bf16" if native else "f32") for r in runs)
 
 
+def test_the_released_architectures_transformer_width_converts_too(tmp_path):
+    """The released htdemucs runs its cross-domain transformer at ``bottom_channels=512``
+    (1x1 convs around it: ``htcore``'s other branch); a tiny model with that option, through
+    the split forward and the backend ``auto`` ships, against fp32 apply_model."""
+    repo = build_model_repo(tmp_path, "tiny_bottom", bottom_channels=16)
+    loaded = separation.load_model("tiny_bottom", repo, "cpu")
+    model = loaded.model.models[0]
+    assert model.bottom_channels == 16 and hasattr(model, "channel_upsampler")
+    mix = torch.randn(1, 2, 5 * 44100)
+    with torch.inference_mode():
+        assert torch.equal(model(mix), htcore.split_forward(model, mix, htcore.HTCore(model),
+                                                            draw=False))
+    random.seed(7)
+    ref = separation.separate(loaded, _wav(8.0), batch_size=0, shifts=1, backend="torch")
+    random.seed(7)
+    out = separation.separate(loaded, _wav(8.0), batch_size=1, shifts=1, backend=WINNER,
+                              cpu_autocast=False)
+    snrs = {k: _snr_db(ref[k], out[k]) for k in loaded.sources}
+    assert all(s >= 40 for s in snrs.values()), snrs
+    assert backends.artifact_path(model, repo, WINNER).is_file()
+
+
 def test_split_forward_is_the_model_forward_and_keeps_random_draws(repo):
     model = separation.load_model("tiny_htdemucs", repo, "cpu").model.models[0]
     mix = torch.randn(1, 2, 5 * 44100)  # shorter than the segment: padded, cut back
