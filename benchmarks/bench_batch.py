@@ -294,14 +294,22 @@ def sensor_path(work: Path, inputs: list[Path], env: dict, port: int) -> dict:
 
 
 def _instance_yaml(home: Path, max_runs: int | None) -> None:
-    """The project's dagster.yaml; ``max_runs``: its run limit and `gpu` pool set to that
-    (e.g. the cores of a GPU host, where 4 runs at once leave most of the CPU idle)."""
-    text = (ROOT / "dagster_home" / "dagster.yaml").read_text()
-    if max_runs:
-        for key in ("max_concurrent_runs", "default_limit"):
-            assert f"    {key}: 4\n" in text, key
-            text = text.replace(f"    {key}: 4\n", f"    {key}: {max_runs}\n")
-    (home / "dagster.yaml").write_text(text)
+    """The project's dagster.yaml (its run limit comes from MAX_CONCURRENT_RUNS:
+    ``run_limit_env``)."""
+    (home / "dagster.yaml").write_text((ROOT / "dagster_home" / "dagster.yaml").read_text())
+
+
+def runs_at_once(max_runs: int | None) -> int:
+    """``--max-runs``, else the setting's default for this host (max(4, cores // 2))."""
+    from imaker.settings import default_max_runs, host_cores
+
+    return max_runs or default_max_runs(host_cores())
+
+
+def run_limit_env(max_runs: int | None) -> dict:
+    """What dagster.yaml reads, for the processes a benchmark starts itself (`dagster
+    dev`): the run limit (and nothing bounds the `gpu` pool)."""
+    return {"MAX_CONCURRENT_RUNS": str(runs_at_once(max_runs))}
 
 
 def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: str) -> dict:
@@ -317,7 +325,8 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     for tmp in _bundles(queue, inputs):
         tmp.rename(tmp.with_name(tmp.name.removesuffix(".tmp")))
     port = _free_port()  # a separation service of its own, started (and loaded) on first use
-    env = dict(os.environ, IMAKER_DATA=str(data), DAGSTER_HOME=str(home), DEMUCS_MODEL=name,
+    env = dict(os.environ, **run_limit_env(args.max_runs), IMAKER_DATA=str(data),
+               DAGSTER_HOME=str(home), DEMUCS_MODEL=name,
                DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE=args.device, HF_HUB_OFFLINE="1",
                SEPARATOR_PORT=str(port), DEMUCS_CPU_AUTOCAST=args.cpu_autocast,
                DEMUCS_BACKEND=args.backend,
@@ -357,7 +366,7 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     for key, seconds in steps.items():
         stages["checks" if "_" in key and key not in ("source_audio", "nas_copy") else key] += seconds
     print(f"\n== {label}; model {name}; device {args.device}; cores {os.cpu_count()}; "
-          f"CPU {_cpu_model()}; runs at once {args.max_runs or 4}; "
+          f"CPU {_cpu_model()}; runs at once {runs_at_once(args.max_runs)}; "
           f"ours {_precision(args)} (DEMUCS_CPU_AUTOCAST={args.cpu_autocast}, "
           f"DEMUCS_BACKEND={args.backend}), CLI fp32")
     print(f"demucs CLI (one process, 4 wav stems per file): {demucs['wall']:8.1f} s   "
@@ -390,7 +399,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-sensor", action="store_true", help="skip the sensor path")
     p.add_argument("--max-runs", type=int, default=None,
-                   help="runs at once (and `gpu` pool) instead of dagster.yaml's 4")
+                   help="runs at once (MAX_CONCURRENT_RUNS) instead of the default, max(4, cores // 2)")
     p.add_argument("--cpu-autocast", choices=["auto", "true", "false"], default="auto",
                    help="DEMUCS_CPU_AUTOCAST for our side (auto: bf16 when the CPU has it "
                         "natively; false: fp32 like the CLI)")

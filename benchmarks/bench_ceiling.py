@@ -69,7 +69,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_batch import _cpu_model, _free_port, _instance_yaml, _script, _service_pid  # noqa: E402
+from bench_batch import (_cpu_model, _free_port, _instance_yaml, _script, _service_pid,  # noqa: E402
+                         run_limit_env, runs_at_once)
 
 TICK = os.sysconf("SC_CLK_TCK")
 ORACLE = "oracle"
@@ -508,7 +509,7 @@ def main() -> int:
     p.add_argument("--input-format", choices=["m4a", "flac"], default="m4a",
                    help="the bundles' audio (m4a: AAC 256k, what retrievers mostly deliver)")
     p.add_argument("--max-runs", type=int, default=None,
-                   help="runs at once (and `gpu` pool) instead of dagster.yaml's 4")
+                   help="runs at once (MAX_CONCURRENT_RUNS) instead of the default, max(4, cores // 2)")
     p.add_argument("--sample-interval", type=float, default=0.05)
     p.add_argument("--idle-seconds", type=float, default=15.0,
                    help="resident processes' idle CPU measured over this before the drop")
@@ -543,7 +544,8 @@ def main() -> int:
     bindir, tool_log = work / "bin", work / "tools.log"
     wrapped = build_wrapper(bindir)
     port = _free_port()
-    env = dict(os.environ, IMAKER_DATA=str(data), DAGSTER_HOME=str(home), IMAKER_ENV_FILE="",
+    env = dict(os.environ, **run_limit_env(args.max_runs), IMAKER_DATA=str(data),
+               DAGSTER_HOME=str(home), IMAKER_ENV_FILE="",
                DEMUCS_MODEL=ORACLE, DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE="cpu",
                SEPARATOR_PORT=str(port), OUTPUT_AUDIO_FORMAT="m4a", OUTPUT_AUDIO_BITRATE="256k",
                NAS_SYNC_ENABLED="true", NAS_SYNC_CONFIG_PATH=str(nas_yaml),
@@ -656,7 +658,7 @@ def main() -> int:
     report = {
         "cpu_model": _cpu_model(), "cores": cores, "songs": args.songs, "seconds": args.seconds,
         "input_format": args.input_format, "output": "m4a AAC 256k (instrumental, no_drums)",
-        "max_runs": args.max_runs or 4, "load_average": {"start_of_drop": load_drop, "end": load_end},
+        "max_runs": runs_at_once(args.max_runs), "load_average": {"start_of_drop": load_drop, "end": load_end},
         "wall": {"drop_to_tracks_done": tracks_done - drop, "drop_to_catalog_done": catalog_done - drop,
                  "measured_window": window},
         "audio_seconds": audio_s,
