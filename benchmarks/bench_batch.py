@@ -161,22 +161,23 @@ def _free_port() -> int:
 
 
 def make_inputs(folder: Path, count: int, seconds: float, kind: str, *, seed: int = 0,
-                name: str = "track") -> list[Path]:
+                name: str = "track", song_dir: Path | None = None) -> list[Path]:
     """``count`` m4a inputs in ``folder/in/``: generated songs (seeds ``seed``.., rendered in
-    parallel, not timed; their stems kept in ``folder/songs/``) or tone + noise."""
+    parallel, not timed; their stems kept in ``song_dir``, default ``folder/songs/``, where
+    songs already rendered are reused: render_songs.py) or tone + noise."""
     (folder / "in").mkdir(parents=True, exist_ok=True)
     paths = [folder / "in" / f"{name}{i:02d}.m4a" for i in range(count)]
     if kind == "noise":
         return [make_input(p, seconds) for p in paths]
     from imaker import devsong
+    from render_songs import songs as rendered
 
     t0 = time.perf_counter()
-    songs = devsong.generate(folder / "songs", count=count, seed=seed, seconds=seconds,
-                             processes=os.cpu_count() or 1)
+    songs = rendered(song_dir or folder / "songs", count, seconds, seed)
     for song, path in zip(songs, paths):
         devsong.encode_mixture(song, path)
-    print(f"generated {count} x {seconds:.0f} s songs (seeds {seed}..{seed + count - 1}) in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"generated {count} x {seconds:.0f} s songs (seeds {seed}..{seed + count - 1}) and "
+          f"their AAC inputs in {time.perf_counter() - t0:.1f} s", flush=True)
     return paths
 
 
@@ -343,12 +344,14 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
             "separation.separate(m, w, "
             "cpu_autocast=s.separation.cpu_autocast, backend=s.separation.backend)")
     subprocess.run([sys.executable, "-c", warm], env=env, check=True)
-    ours = run_measured([_script("imaker"), "ingest", "--once"],
-                        work / "imaker.log", service_port=port, env=env, cwd=ROOT)
-    if ours["rc"] != 0:
-        raise SystemExit((work / "imaker.log").read_text()[-3000:])
-    cli_overheads = overheads(home, data)
-    _stop_service(port)
+    ours = cli_overheads = None
+    if not args.no_cli:
+        ours = run_measured([_script("imaker"), "ingest", "--once"],
+                            work / "imaker.log", service_port=port, env=env, cwd=ROOT)
+        if ours["rc"] != 0:
+            raise SystemExit((work / "imaker.log").read_text()[-3000:])
+        cli_overheads = overheads(home, data)
+        _stop_service(port)
     sensor = None
     if not args.no_sensor:
         port2 = _free_port()
@@ -359,6 +362,8 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
         sensor = sensor_path(work, inputs, senv, port2)
         sensor["overheads"] = overheads(shome, sdata)
         _stop_service(port2)
+        if ours is None:  # the stage sums below come from the path that ran
+            home, data = shome, sdata
     sep = sum(json.loads((data / "stems" / s.stem / "stems.json").read_text())["separation_seconds"]
               for s in inputs)
     steps = step_times(home)
@@ -371,11 +376,12 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
           f"DEMUCS_BACKEND={args.backend}), CLI fp32")
     print(f"demucs CLI (one process, 4 wav stems per file): {demucs['wall']:8.1f} s   "
           f"peak RSS {demucs['tree_rss']:5.2f} GiB (largest process {demucs['max_rss']:.2f})")
-    print(f"imaker ingest --once (full pipeline):           {ours['wall']:8.1f} s   "
-          f"peak RSS {ours['tree_rss']:5.2f} GiB (largest process {ours['max_rss']:.2f})")
-    print(f"ratio ours / demucs CLI: {ours['wall'] / demucs['wall']:.3f}   per track: bundle "
-          f"seen -> stems start {cli_overheads['seen_to_stems']:.1f} s, stems end -> manifest "
-          f"{cli_overheads['stems_to_manifest']:.1f} s")
+    if ours is not None:
+        print(f"imaker ingest --once (full pipeline):           {ours['wall']:8.1f} s   "
+              f"peak RSS {ours['tree_rss']:5.2f} GiB (largest process {ours['max_rss']:.2f})")
+        print(f"ratio ours / demucs CLI: {ours['wall'] / demucs['wall']:.3f}   per track: bundle "
+              f"seen -> stems start {cli_overheads['seen_to_stems']:.1f} s, stems end -> "
+              f"manifest {cli_overheads['stems_to_manifest']:.1f} s")
     if sensor is not None:
         print(f"sensor path (dagster dev running, dropped at once): {sensor['wall']:8.1f} s   "
               f"peak RSS {sensor['tree_rss']:5.2f} GiB   ratio {sensor['wall'] / demucs['wall']:.3f}"
@@ -384,7 +390,8 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     print("per-stage seconds summed over tracks: " + ", ".join(
         f"{k} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])) +
         f"; of which model separation {sep:.1f}")
-    return {"label": label, "demucs": demucs, "ours": ours, "ratio": ours["wall"] / demucs["wall"],
+    timed = ours or sensor
+    return {"label": label, "demucs": demucs, "ours": ours, "ratio": timed["wall"] / demucs["wall"],
             "sensor": sensor, "overheads": cli_overheads,
             "stages": dict(stages), "separation_seconds": sep}
 
@@ -411,9 +418,18 @@ def main() -> int:
                    help="generated: songs composed and rendered by `imaker dev-song` (seeds "
                         "0..N-1; needs FluidSynth, setup.sh --test), as AAC 256k; noise: a "
                         "tone + pink noise (the AAC encoder's worst case)")
+    p.add_argument("--song-dir", type=Path, default=None,
+                   help="generated songs: render into / reuse from this folder "
+                        "(benchmarks/render_songs.py; default: the work folder)")
+    p.add_argument("--no-cli", action="store_true",
+                   help="skip the CLI path (`imaker ingest --once`): the sensor path only")
+    p.add_argument("--no-compare-batch", action="store_true",
+                   help="on CUDA, skip bench_separation.py --compare-batch")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
+    if args.no_cli and args.no_sensor:
+        p.error("--no-cli and --no-sensor leave nothing to compare")
 
     from imaker.devmodel import build_model_repo
 
@@ -425,7 +441,8 @@ def main() -> int:
     if args.tracks:
         batch = work / "batch"
         (batch / "in").mkdir(parents=True)
-        inputs = make_inputs(batch, args.tracks, args.seconds, args.inputs)
+        inputs = make_inputs(batch, args.tracks, args.seconds, args.inputs,
+                             song_dir=args.song_dir)
         results.append(compare(batch, inputs, name, repo, args,
                                f"{args.tracks} x {args.seconds:.0f} s {args.inputs}"))
     if args.long_seconds:
@@ -434,7 +451,7 @@ def main() -> int:
         results.append(compare(long, make_inputs(long, 1, args.long_seconds, args.inputs,
                                                  seed=100, name="long"),
                                name, repo, args, f"1 x {args.long_seconds:.0f} s {args.inputs}"))
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda") and not args.no_compare_batch:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_separation.py"),
                         "--compare-batch", "0,1,8,16", "--seconds", "60", "--device", args.device,
                         *(["--full-size"] if args.full_size else [])], check=False)

@@ -514,6 +514,9 @@ def main() -> int:
     p.add_argument("--idle-seconds", type=float, default=15.0,
                    help="resident processes' idle CPU measured over this before the drop")
     p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--song-dir", type=Path, default=None,
+                   help="render the songs into / reuse them from this folder "
+                        "(benchmarks/render_songs.py; default: the work folder)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
@@ -524,13 +527,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="imaker-ceiling-"))
     print(f"CPU {_cpu_model()}; {cores} cores; load average at start {loadavg()}; work {work}",
           flush=True)
-    t = time.perf_counter()
-    songs = devsong.generate(work / "songs", count=args.songs, seed=args.seed,
-                             seconds=args.seconds, processes=cores)
-    print(f"generated {args.songs} x {args.seconds:g} s songs in {time.perf_counter() - t:.1f} s "
-          "(not timed)", flush=True)
+    from render_songs import songs as rendered
+
+    song_dir = args.song_dir or work / "songs"
+    songs = rendered(song_dir, args.songs, args.seconds, args.seed, cores)
     repo = work / "models"
-    oracle.write_spec(repo, [work / "songs"], ORACLE)
+    oracle.write_spec(repo, [song_dir], ORACLE)
     staging = work / "staging"
     for song in songs:
         devsong.queue_song(song, staging, fmt=args.input_format, title=song.name)
