@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,8 +175,8 @@ def make_inputs(folder: Path, count: int, seconds: float, kind: str, *, seed: in
 
     t0 = time.perf_counter()
     songs = rendered(song_dir or folder / "songs", count, seconds, seed)
-    for song, path in zip(songs, paths):
-        devsong.encode_mixture(song, path)
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # one ffmpeg each
+        list(pool.map(devsong.encode_mixture, songs, paths))
     print(f"generated {count} x {seconds:.0f} s songs (seeds {seed}..{seed + count - 1}) and "
           f"their AAC inputs in {time.perf_counter() - t0:.1f} s", flush=True)
     return paths
