@@ -50,7 +50,12 @@ if os.environ["DEVICE"].startswith("cuda"):
 import dagster, dagster_webserver, demucs.api, imaker.cli, imaker_assets.definitions  # noqa
 import grpc_health.v1.health_pb2_grpc  # noqa: refuses grpcio/protobuf older than its own
 import mido, pretty_midi  # noqa: the generated songs (pyfluidsynth: loaded when rendering)
-print("versions:", ", ".join(f"{d} {md.version(d)}" for d in (
+def version(dist):
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "absent"
+print("versions:", ", ".join(f"{d} {version(d)}" for d in (
     "instrumental-maker", "dagster", "demucs", "numpy", "torchaudio", "pandas", "click",
     "grpcio", "protobuf", "pydantic", "typing_extensions", "huggingface_hub", "pretty_midi",
     "pyfluidsynth")))

@@ -534,6 +534,10 @@ def test_compose_sets_the_run_limit_with_the_settings_formula():
     entry = compose["x-dagster-env"]["entrypoint"]
     for name in ("webserver", "daemon", "user_code"):
         assert compose["services"][name]["entrypoint"] == entry, name
+    # `exec` skips the entrypoint: the daemon's liveness check (it opens the instance) runs
+    # the same script first
+    assert compose["services"]["daemon"]["healthcheck"]["test"] == \
+        ["CMD", *entry, "dagster-daemon", "liveness-check"]
     assert entry[:2] == ["sh", "-c"]
     script = entry[2].replace("$$", "$")     # compose's escape of a literal $
 
