@@ -363,10 +363,11 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
         sensor = sensor_path(work, inputs, senv, port2)
         sensor["overheads"] = overheads(shome, sdata)
         _stop_service(port2)
-        if ours is None:  # the stage sums below come from the path that ran
-            home, data = shome, sdata
-    sep = sum(json.loads((data / "stems" / s.stem / "stems.json").read_text())["separation_seconds"]
-              for s in inputs)
+    job_suffix = ""
+    if ours is None:  # the stage sums below come from the path that ran (its job ids: "_s")
+        home, data, job_suffix = shome, sdata, "_s"
+    sep = sum(json.loads((data / "stems" / f"{s.stem}{job_suffix}" / "stems.json").read_text())
+              ["separation_seconds"] for s in inputs)
     steps = step_times(home)
     stages: dict[str, float] = defaultdict(float)
     for key, seconds in steps.items():
