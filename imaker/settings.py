@@ -549,8 +549,8 @@ def export_dagster_env(settings: "Settings", environ: Any = None) -> dict[str, s
     environ = os.environ if environ is None else environ
     values = dagster_env(settings)
     for name, value in values.items():
-        if clean(environ.get(name)) in (None, "auto"):
-            _EXPORTED.add(name)
+        if environ is os.environ and clean(environ.get(name)) in (None, "auto"):
+            _EXPORTED.add(name)  # this process's ``origin``
         environ[name] = value
     return values
 
