@@ -3,7 +3,7 @@
 
     python benchmarks/bench_batch.py [--tracks 8] [--seconds 60] [--long-seconds 1200]
                                      [--full-size] [--device cpu] [--no-sensor]
-                                     [--inputs generated|noise]
+                                     [--no-cli] [--inputs generated|noise] [--song-dir DIR]
 
 For each batch — ``--tracks`` x ``--seconds`` files, then (with ``--long-seconds``) one long
 file on its own — it runs, on the same inputs, model repo, device and segment:
@@ -12,7 +12,7 @@ file on its own — it runs, on the same inputs, model repo, device and segment:
   walks the files, writes 4 wav stems each);
 * ours, CLI path: the same files as bundles in a queue, ``imaker ingest --once`` (claims
   them; a Dagster daemon's queue sensor requests one ``ingest_track`` run per track, the run
-  queue runs up to 4 at once; each run: decode, separation in the separation service —
+  queue runs up to MAX_CONCURRENT_RUNS at once; each run: decode, separation in the separation service —
   started fresh for the measurement, model loaded once —, FLAC stems, variants encoded +
   tagged, manifest, the asset checks, loudness + waveform metadata; then the catalog);
 * ours, sensor path: ``dagster dev`` already running (not timed), the bundles dropped at
