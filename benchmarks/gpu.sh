@@ -84,7 +84,7 @@ timeout "$(left 230)" "$PY" benchmarks/bench_batch.py --tracks "$TRACKS" --secon
     || failed+=("1 bench_batch ($?)")
 
 # 2. the separation service alone, the same songs at once
-timeout "$(left 60)" "$PY" benchmarks/bench_service.py --song-dir "$SONGS" --count "$TRACKS" \
+timeout "$(left 90)" "$PY" benchmarks/bench_service.py --song-dir "$SONGS" --count "$TRACKS" \
     --seconds "$TRACK_SECONDS" "${size[@]}" --device "$DEVICE" --json "$OUT/gpu_service.json" \
     2>&1 | tee "$OUT/gpu_service.log" || failed+=("2 bench_service ($?)")
 
