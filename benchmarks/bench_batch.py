@@ -3,7 +3,7 @@
 
     python benchmarks/bench_batch.py [--tracks 8] [--seconds 60] [--long-seconds 1200]
                                      [--full-size] [--device cpu] [--no-sensor]
-                                     [--inputs generated|noise]
+                                     [--no-cli] [--inputs generated|noise] [--song-dir DIR]
 
 For each batch — ``--tracks`` x ``--seconds`` files, then (with ``--long-seconds``) one long
 file on its own — it runs, on the same inputs, model repo, device and segment:
@@ -12,7 +12,7 @@ file on its own — it runs, on the same inputs, model repo, device and segment:
   walks the files, writes 4 wav stems each);
 * ours, CLI path: the same files as bundles in a queue, ``imaker ingest --once`` (claims
   them; a Dagster daemon's queue sensor requests one ``ingest_track`` run per track, the run
-  queue runs up to 4 at once; each run: decode, separation in the separation service —
+  queue runs up to MAX_CONCURRENT_RUNS at once; each run: decode, separation in the separation service —
   started fresh for the measurement, model loaded once —, FLAC stems, variants encoded +
   tagged, manifest, the asset checks, loudness + waveform metadata; then the catalog);
 * ours, sensor path: ``dagster dev`` already running (not timed), the bundles dropped at
@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,22 +162,23 @@ def _free_port() -> int:
 
 
 def make_inputs(folder: Path, count: int, seconds: float, kind: str, *, seed: int = 0,
-                name: str = "track") -> list[Path]:
+                name: str = "track", song_dir: Path | None = None) -> list[Path]:
     """``count`` m4a inputs in ``folder/in/``: generated songs (seeds ``seed``.., rendered in
-    parallel, not timed; their stems kept in ``folder/songs/``) or tone + noise."""
+    parallel, not timed; their stems kept in ``song_dir``, default ``folder/songs/``, where
+    songs already rendered are reused: render_songs.py) or tone + noise."""
     (folder / "in").mkdir(parents=True, exist_ok=True)
     paths = [folder / "in" / f"{name}{i:02d}.m4a" for i in range(count)]
     if kind == "noise":
         return [make_input(p, seconds) for p in paths]
     from imaker import devsong
+    from render_songs import songs as rendered
 
     t0 = time.perf_counter()
-    songs = devsong.generate(folder / "songs", count=count, seed=seed, seconds=seconds,
-                             processes=os.cpu_count() or 1)
-    for song, path in zip(songs, paths):
-        devsong.encode_mixture(song, path)
-    print(f"generated {count} x {seconds:.0f} s songs (seeds {seed}..{seed + count - 1}) in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    songs = rendered(song_dir or folder / "songs", count, seconds, seed)
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # one ffmpeg each
+        list(pool.map(devsong.encode_mixture, songs, paths))
+    print(f"generated {count} x {seconds:.0f} s songs (seeds {seed}..{seed + count - 1}) and "
+          f"their AAC inputs in {time.perf_counter() - t0:.1f} s", flush=True)
     return paths
 
 
@@ -294,14 +296,22 @@ def sensor_path(work: Path, inputs: list[Path], env: dict, port: int) -> dict:
 
 
 def _instance_yaml(home: Path, max_runs: int | None) -> None:
-    """The project's dagster.yaml; ``max_runs``: its run limit and `gpu` pool set to that
-    (e.g. the cores of a GPU host, where 4 runs at once leave most of the CPU idle)."""
-    text = (ROOT / "dagster_home" / "dagster.yaml").read_text()
-    if max_runs:
-        for key in ("max_concurrent_runs", "default_limit"):
-            assert f"    {key}: 4\n" in text, key
-            text = text.replace(f"    {key}: 4\n", f"    {key}: {max_runs}\n")
-    (home / "dagster.yaml").write_text(text)
+    """The project's dagster.yaml (its run limit comes from MAX_CONCURRENT_RUNS:
+    ``run_limit_env``)."""
+    (home / "dagster.yaml").write_text((ROOT / "dagster_home" / "dagster.yaml").read_text())
+
+
+def runs_at_once(max_runs: int | None) -> int:
+    """``--max-runs``, else the setting's default for this host (max(4, cores // 2))."""
+    from imaker.settings import default_max_runs, host_cores
+
+    return max_runs or default_max_runs(host_cores())
+
+
+def run_limit_env(max_runs: int | None) -> dict:
+    """What dagster.yaml reads, for the processes a benchmark starts itself (`dagster
+    dev`): the run limit (and nothing bounds the `gpu` pool)."""
+    return {"MAX_CONCURRENT_RUNS": str(runs_at_once(max_runs))}
 
 
 def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: str) -> dict:
@@ -317,7 +327,8 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     for tmp in _bundles(queue, inputs):
         tmp.rename(tmp.with_name(tmp.name.removesuffix(".tmp")))
     port = _free_port()  # a separation service of its own, started (and loaded) on first use
-    env = dict(os.environ, IMAKER_DATA=str(data), DAGSTER_HOME=str(home), DEMUCS_MODEL=name,
+    env = dict(os.environ, **run_limit_env(args.max_runs), IMAKER_DATA=str(data),
+               DAGSTER_HOME=str(home), DEMUCS_MODEL=name,
                DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE=args.device, HF_HUB_OFFLINE="1",
                SEPARATOR_PORT=str(port), DEMUCS_CPU_AUTOCAST=args.cpu_autocast,
                DEMUCS_BACKEND=args.backend,
@@ -334,12 +345,14 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
             "separation.separate(m, w, "
             "cpu_autocast=s.separation.cpu_autocast, backend=s.separation.backend)")
     subprocess.run([sys.executable, "-c", warm], env=env, check=True)
-    ours = run_measured([_script("imaker"), "ingest", "--once"],
-                        work / "imaker.log", service_port=port, env=env, cwd=ROOT)
-    if ours["rc"] != 0:
-        raise SystemExit((work / "imaker.log").read_text()[-3000:])
-    cli_overheads = overheads(home, data)
-    _stop_service(port)
+    ours = cli_overheads = None
+    if not args.no_cli:
+        ours = run_measured([_script("imaker"), "ingest", "--once"],
+                            work / "imaker.log", service_port=port, env=env, cwd=ROOT)
+        if ours["rc"] != 0:
+            raise SystemExit((work / "imaker.log").read_text()[-3000:])
+        cli_overheads = overheads(home, data)
+        _stop_service(port)
     sensor = None
     if not args.no_sensor:
         port2 = _free_port()
@@ -350,23 +363,27 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
         sensor = sensor_path(work, inputs, senv, port2)
         sensor["overheads"] = overheads(shome, sdata)
         _stop_service(port2)
-    sep = sum(json.loads((data / "stems" / s.stem / "stems.json").read_text())["separation_seconds"]
-              for s in inputs)
+    job_suffix = ""
+    if ours is None:  # the stage sums below come from the path that ran (its job ids: "_s")
+        home, data, job_suffix = shome, sdata, "_s"
+    sep = sum(json.loads((data / "stems" / f"{s.stem}{job_suffix}" / "stems.json").read_text())
+              ["separation_seconds"] for s in inputs)
     steps = step_times(home)
     stages: dict[str, float] = defaultdict(float)
     for key, seconds in steps.items():
         stages["checks" if "_" in key and key not in ("source_audio", "nas_copy") else key] += seconds
     print(f"\n== {label}; model {name}; device {args.device}; cores {os.cpu_count()}; "
-          f"CPU {_cpu_model()}; runs at once {args.max_runs or 4}; "
+          f"CPU {_cpu_model()}; runs at once {runs_at_once(args.max_runs)}; "
           f"ours {_precision(args)} (DEMUCS_CPU_AUTOCAST={args.cpu_autocast}, "
           f"DEMUCS_BACKEND={args.backend}), CLI fp32")
     print(f"demucs CLI (one process, 4 wav stems per file): {demucs['wall']:8.1f} s   "
           f"peak RSS {demucs['tree_rss']:5.2f} GiB (largest process {demucs['max_rss']:.2f})")
-    print(f"imaker ingest --once (full pipeline):           {ours['wall']:8.1f} s   "
-          f"peak RSS {ours['tree_rss']:5.2f} GiB (largest process {ours['max_rss']:.2f})")
-    print(f"ratio ours / demucs CLI: {ours['wall'] / demucs['wall']:.3f}   per track: bundle "
-          f"seen -> stems start {cli_overheads['seen_to_stems']:.1f} s, stems end -> manifest "
-          f"{cli_overheads['stems_to_manifest']:.1f} s")
+    if ours is not None:
+        print(f"imaker ingest --once (full pipeline):           {ours['wall']:8.1f} s   "
+              f"peak RSS {ours['tree_rss']:5.2f} GiB (largest process {ours['max_rss']:.2f})")
+        print(f"ratio ours / demucs CLI: {ours['wall'] / demucs['wall']:.3f}   per track: bundle "
+              f"seen -> stems start {cli_overheads['seen_to_stems']:.1f} s, stems end -> "
+              f"manifest {cli_overheads['stems_to_manifest']:.1f} s")
     if sensor is not None:
         print(f"sensor path (dagster dev running, dropped at once): {sensor['wall']:8.1f} s   "
               f"peak RSS {sensor['tree_rss']:5.2f} GiB   ratio {sensor['wall'] / demucs['wall']:.3f}"
@@ -375,7 +392,8 @@ def compare(work: Path, inputs: list[Path], name: str, repo: Path, args, label: 
     print("per-stage seconds summed over tracks: " + ", ".join(
         f"{k} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])) +
         f"; of which model separation {sep:.1f}")
-    return {"label": label, "demucs": demucs, "ours": ours, "ratio": ours["wall"] / demucs["wall"],
+    timed = ours or sensor
+    return {"label": label, "demucs": demucs, "ours": ours, "ratio": timed["wall"] / demucs["wall"],
             "sensor": sensor, "overheads": cli_overheads,
             "stages": dict(stages), "separation_seconds": sep}
 
@@ -390,7 +408,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-sensor", action="store_true", help="skip the sensor path")
     p.add_argument("--max-runs", type=int, default=None,
-                   help="runs at once (and `gpu` pool) instead of dagster.yaml's 4")
+                   help="runs at once (MAX_CONCURRENT_RUNS) instead of the default, max(4, cores // 2)")
     p.add_argument("--cpu-autocast", choices=["auto", "true", "false"], default="auto",
                    help="DEMUCS_CPU_AUTOCAST for our side (auto: bf16 when the CPU has it "
                         "natively; false: fp32 like the CLI)")
@@ -402,9 +420,18 @@ def main() -> int:
                    help="generated: songs composed and rendered by `imaker dev-song` (seeds "
                         "0..N-1; needs FluidSynth, setup.sh --test), as AAC 256k; noise: a "
                         "tone + pink noise (the AAC encoder's worst case)")
+    p.add_argument("--song-dir", type=Path, default=None,
+                   help="generated songs: render into / reuse from this folder "
+                        "(benchmarks/render_songs.py; default: the work folder)")
+    p.add_argument("--no-cli", action="store_true",
+                   help="skip the CLI path (`imaker ingest --once`): the sensor path only")
+    p.add_argument("--no-compare-batch", action="store_true",
+                   help="on CUDA, skip bench_separation.py --compare-batch")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
+    if args.no_cli and args.no_sensor:
+        p.error("--no-cli and --no-sensor leave nothing to compare")
 
     from imaker.devmodel import HTDEMUCS_SIZE, build_model_repo
 
@@ -416,7 +443,8 @@ def main() -> int:
     if args.tracks:
         batch = work / "batch"
         (batch / "in").mkdir(parents=True)
-        inputs = make_inputs(batch, args.tracks, args.seconds, args.inputs)
+        inputs = make_inputs(batch, args.tracks, args.seconds, args.inputs,
+                             song_dir=args.song_dir)
         results.append(compare(batch, inputs, name, repo, args,
                                f"{args.tracks} x {args.seconds:.0f} s {args.inputs}"))
     if args.long_seconds:
@@ -425,7 +453,7 @@ def main() -> int:
         results.append(compare(long, make_inputs(long, 1, args.long_seconds, args.inputs,
                                                  seed=100, name="long"),
                                name, repo, args, f"1 x {args.long_seconds:.0f} s {args.inputs}"))
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda") and not args.no_compare_batch:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_separation.py"),
                         "--compare-batch", "0,1,8,16", "--seconds", "60", "--device", args.device,
                         *(["--full-size"] if args.full_size else [])], check=False)

@@ -69,7 +69,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_batch import _cpu_model, _free_port, _instance_yaml, _script, _service_pid  # noqa: E402
+from bench_batch import (_cpu_model, _free_port, _instance_yaml, _script, _service_pid,  # noqa: E402
+                         run_limit_env, runs_at_once)
 
 TICK = os.sysconf("SC_CLK_TCK")
 ORACLE = "oracle"
@@ -508,11 +509,14 @@ def main() -> int:
     p.add_argument("--input-format", choices=["m4a", "flac"], default="m4a",
                    help="the bundles' audio (m4a: AAC 256k, what retrievers mostly deliver)")
     p.add_argument("--max-runs", type=int, default=None,
-                   help="runs at once (and `gpu` pool) instead of dagster.yaml's 4")
+                   help="runs at once (MAX_CONCURRENT_RUNS) instead of the default, max(4, cores // 2)")
     p.add_argument("--sample-interval", type=float, default=0.05)
     p.add_argument("--idle-seconds", type=float, default=15.0,
                    help="resident processes' idle CPU measured over this before the drop")
     p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--song-dir", type=Path, default=None,
+                   help="render the songs into / reuse them from this folder "
+                        "(benchmarks/render_songs.py; default: the work folder)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
@@ -523,13 +527,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="imaker-ceiling-"))
     print(f"CPU {_cpu_model()}; {cores} cores; load average at start {loadavg()}; work {work}",
           flush=True)
-    t = time.perf_counter()
-    songs = devsong.generate(work / "songs", count=args.songs, seed=args.seed,
-                             seconds=args.seconds, processes=cores)
-    print(f"generated {args.songs} x {args.seconds:g} s songs in {time.perf_counter() - t:.1f} s "
-          "(not timed)", flush=True)
+    from render_songs import songs as rendered
+
+    song_dir = args.song_dir or work / "songs"
+    songs = rendered(song_dir, args.songs, args.seconds, args.seed, cores)
     repo = work / "models"
-    oracle.write_spec(repo, [work / "songs"], ORACLE)
+    oracle.write_spec(repo, [song_dir], ORACLE)
     staging = work / "staging"
     for song in songs:
         devsong.queue_song(song, staging, fmt=args.input_format, title=song.name)
@@ -543,7 +546,8 @@ def main() -> int:
     bindir, tool_log = work / "bin", work / "tools.log"
     wrapped = build_wrapper(bindir)
     port = _free_port()
-    env = dict(os.environ, IMAKER_DATA=str(data), DAGSTER_HOME=str(home), IMAKER_ENV_FILE="",
+    env = dict(os.environ, **run_limit_env(args.max_runs), IMAKER_DATA=str(data),
+               DAGSTER_HOME=str(home), IMAKER_ENV_FILE="",
                DEMUCS_MODEL=ORACLE, DEMUCS_MODEL_REPO=str(repo), DEMUCS_DEVICE="cpu",
                SEPARATOR_PORT=str(port), OUTPUT_AUDIO_FORMAT="m4a", OUTPUT_AUDIO_BITRATE="256k",
                NAS_SYNC_ENABLED="true", NAS_SYNC_CONFIG_PATH=str(nas_yaml),
@@ -656,7 +660,7 @@ def main() -> int:
     report = {
         "cpu_model": _cpu_model(), "cores": cores, "songs": args.songs, "seconds": args.seconds,
         "input_format": args.input_format, "output": "m4a AAC 256k (instrumental, no_drums)",
-        "max_runs": args.max_runs or 4, "load_average": {"start_of_drop": load_drop, "end": load_end},
+        "max_runs": runs_at_once(args.max_runs), "load_average": {"start_of_drop": load_drop, "end": load_end},
         "wall": {"drop_to_tracks_done": tracks_done - drop, "drop_to_catalog_done": catalog_done - drop,
                  "measured_window": window},
         "audio_seconds": audio_s,

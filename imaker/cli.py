@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 from .bundle import schema_path
-from .settings import (SettingsError, env_example, explain, load_env_file, load_settings,
-                       markdown_table, origin)
+from .settings import (SettingsError, env_example, explain, export_dagster_env, load_env_file,
+                       load_settings, markdown_table, origin)
 
 
 def _instance():
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "else the .env file; empty if unset)")
     st.add_argument("--export", nargs="+", metavar="NAME",
                     help="`export NAME=value` lines (shell-quoted) for the variables set in "
-                         "the environment or the .env file (scripts/serve.sh)")
+                         "the environment or the .env file, and the effective value of those "
+                         "dagster.yaml reads, e.g. MAX_CONCURRENT_RUNS (scripts/serve.sh)")
     from .retrievers.cli import add_parsers as add_retriever_parsers
 
     add_retriever_parsers(sub)  # retrieve youtube|deezer|--list, import
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="port (default SEPARATOR_PORT, 8765; when another install's service "
                             "holds it, the port this checkout's processes use instead)")
     serve.add_argument("--concurrency", type=int, default=None,
-                       help="separations at once (default SEPARATOR_CONCURRENCY: cores on CPU, 2 on CUDA)")
+                       help="separations at once (default SEPARATOR_CONCURRENCY: cores on CPU, by GPU "
+                            "memory on CUDA)")
     serve.add_argument("--idle-exit", type=float, default=None,
                        help="exit after this many idle seconds (the auto-started service)")
     serve.add_argument("--preload", action="store_true",
@@ -263,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_env_file()  # before anything reads the environment (children inherit it)
         settings = load_settings()
+        # what dagster.yaml reads (MAX_CONCURRENT_RUNS as a number): for the instance this
+        # process opens, the daemon it may start, and `settings --export` (scripts/serve.sh)
+        export_dagster_env(settings)
     except SettingsError as exc:
         where = origin(exc.name) if exc.name else "default"
         print(f"imaker: {exc}" + (f" (set in {where})" if where not in ("default", "environment")

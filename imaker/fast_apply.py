@@ -99,6 +99,15 @@ class WindowBatcher:
         self._leader = False
         self.passes = 0  # forward passes run (tests, /health)
         self.merged = 0  # of which held windows of more than one caller
+        # measured on CUDA (the separation service's admission, ``separator.admission``):
+        # the peak device memory a pass allocated per window in it (its concatenated input,
+        # activations and output; the largest seen), the bytes of one caller's window as it
+        # waits on the device, the most windows one caller handed over at once, and the
+        # device memory free for us after the first pass (the weights already loaded)
+        self.pass_bytes_per_window = 0
+        self.input_bytes_per_window = 0
+        self.windows_per_call = 0
+        self.device_free: tuple[int, int] | None = None  # (driver's free, allocator's cached)
 
     def __call__(self, runner, batch: torch.Tensor, device: torch.device,
                  dtype: torch.dtype | None) -> torch.Tensor:
@@ -108,6 +117,11 @@ class WindowBatcher:
                "error": None, "lead": False}
         with self._cond:
             self._seen[threading.get_ident()] = time.monotonic()
+            self.windows_per_call = max(self.windows_per_call, int(batch.shape[0]))
+            if batch.shape[0]:
+                self.input_bytes_per_window = max(
+                    self.input_bytes_per_window,
+                    batch.element_size() * batch[0].numel())
             self._pending.append(req)
             if not self._leader:
                 self._leader = req["lead"] = True
@@ -153,7 +167,12 @@ class WindowBatcher:
                 first = group[0]
                 batch = torch.cat([r["batch"] for r in group], 0) if len(group) > 1 \
                     else first["batch"]
-                res = _forward(first["runner"], batch, first["device"], first["dtype"])
+                device = torch.device(first["device"])
+                if device.type == "cuda":
+                    res = self._measured(device, batch.shape[0], lambda: _forward(
+                        first["runner"], batch, first["device"], first["dtype"]))
+                else:
+                    res = _forward(first["runner"], batch, first["device"], first["dtype"])
                 self.passes += 1
                 self.merged += len(group) > 1
                 start = 0
@@ -170,6 +189,29 @@ class WindowBatcher:
         if own["error"] is not None:
             raise own["error"]
         return own["result"]
+
+
+    def _measured(self, device: torch.device, windows: int, forward) -> torch.Tensor:
+        """Run one pass on a CUDA device and record its peak allocation per window (peak
+        allocated during it minus what was allocated before: the concatenated input, the
+        activations, the output). The peak counter is the process's: passes on one device
+        are measured one at a time (``_CUDA_PASS``; they share one stream there anyway)."""
+        with _CUDA_PASS.setdefault(str(device), threading.Lock()):
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            res = forward()
+            peak = torch.cuda.max_memory_allocated(device)
+            per_window = max(0, peak - before) // max(1, windows)
+            self.pass_bytes_per_window = max(self.pass_bytes_per_window, per_window)
+            if self.device_free is None:
+                free, _ = torch.cuda.mem_get_info(device)
+                cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+                self.device_free = (int(free), int(cached))
+        return res
+
+
+#: one lock per CUDA device around measured passes (``WindowBatcher._measured``)
+_CUDA_PASS: dict[str, threading.Lock] = {}
 
 
 def _valid_length(model, segment: float | None, chunk_length: int) -> int:

@@ -156,6 +156,26 @@ class Paths(Group):
                 "youtube_video": self.queue_youtube_video, "other": self.queue_other}
 
 
+def host_cores() -> int:
+    """The cores this process may use (``nproc``: the affinity mask, a container's cpuset)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else (os.cpu_count() or 1))
+
+
+def default_max_runs(cores: int) -> int:
+    """Runs Dagster's queue starts at once by default: ``max(4, cores // 2)``.
+
+    A run spends most of its time waiting on the separation service (the GPU, or the CPU
+    cores the service splits) and its own CPU work is mostly encoding: its ``variants`` step
+    runs one single-threaded encoder per variant (ffmpeg's AAC and LAME have no threading;
+    2 variants by default) beside the stem decoders, about 2 cores, and ``source_audio``
+    decodes and stores the source on about one. So half the cores in runs keeps every core
+    encoding while the service separates the next tracks (16 cores: 8 runs took 8 x 240 s
+    in 83.5 s on an H200 where 4 took 111.2 s, benchmarks/RESULTS.md). Never below 4, the
+    figure measured on 2 cores (two runs encode while two wait on the CPU separation)."""
+    return max(4, cores // 2)
+
+
 class Ingest(Group):
     """How bundles are taken from the queues."""
 
@@ -165,6 +185,19 @@ class Ingest(Group):
     sensor_max_jobs_per_tick: int = setting(
         20, "bundles claimed per sensor tick (bounded work per tick)", "SENSOR_MAX_JOBS_PER_TICK",
         ge=1)
+    max_runs: Annotated[int | None, BeforeValidator(_auto_none)] = setting(
+        None, "runs (tracks) Dagster's run queue starts at once; the others wait in the queue: "
+              "auto = max(4, cores ÷ 2) of the host (`nproc`): a run mostly waits on the "
+              "separation service and its own work is encoding, about 2 cores per run. Every "
+              "launcher (README command 1, `imaker`, compose) exports the effective number, "
+              "which dagster.yaml reads", "MAX_CONCURRENT_RUNS",
+        shown="`auto`", ge=1)
+
+    @model_validator(mode="after")
+    def _cores(self):
+        if self.max_runs is None:
+            object.__setattr__(self, "max_runs", default_max_runs(host_cores()))
+        return self
 
 
 class Output(Group):
@@ -240,8 +273,9 @@ class Service(Group):
     concurrency: Annotated[int | None, BeforeValidator(_auto_none)] = setting(
         None, "separations the service runs at once (the rest wait): auto = the CPU cores (they "
               "split the cores) with PyTorch, 1 (all cores for one separation) where the "
-              "OpenVINO backend runs, 2 on CUDA (their windows share forward passes, up to 16 "
-              "windows per pass)", "SEPARATOR_CONCURRENCY", shown="`auto`", ge=1)
+              "OpenVINO backend runs; on CUDA as many as fit 0.8 of the free GPU memory by "
+              "what one separation's windows were measured to take (2 until then), their "
+              "windows sharing forward passes", "SEPARATOR_CONCURRENCY", shown="`auto`", ge=1)
 
 
 class Notify(Group):
@@ -491,8 +525,40 @@ def load_env_file() -> Path | None:
     return path
 
 
+#: variables Dagster's instance reads from the environment (dagster.yaml ``{env: NAME}``),
+#: which this process set to their effective value (``export_dagster_env``)
+_EXPORTED: set[str] = set()
+
+
+def dagster_env(settings: "Settings") -> dict[str, str]:
+    """The settings dagster.yaml (both) reads from the environment, as the effective values
+    Dagster takes (a number where the setting says ``auto``): the run coordinator's
+    ``max_concurrent_runs`` is ``{env: MAX_CONCURRENT_RUNS}`` because the instance's
+    ``concurrency.runs.max_concurrent_runs`` takes a plain number only, and the default
+    derives from the host's cores. An unset (or empty, or ``auto``) variable there is an
+    error in every process that opens the instance, so every launcher sets it: the
+    ``imaker`` command (and the daemon it may start), README command 1 (scripts/serve.sh,
+    through ``imaker settings --export``), compose (docker/docker-compose.yml's
+    ``x-dagster-env`` entrypoint) and the tests (conftest)."""
+    return {"MAX_CONCURRENT_RUNS": str(settings.ingest.max_runs)}
+
+
+def export_dagster_env(settings: "Settings", environ: Any = None) -> dict[str, str]:
+    """Put ``dagster_env(settings)`` into ``environ`` (default ``os.environ``: the children
+    inherit it); ``origin`` still says "default" for a value derived here."""
+    environ = os.environ if environ is None else environ
+    values = dagster_env(settings)
+    for name, value in values.items():
+        if environ is os.environ and clean(environ.get(name)) in (None, "auto"):
+            _EXPORTED.add(name)  # this process's ``origin``
+        environ[name] = value
+    return values
+
+
 def origin(name: str) -> str:
     """Where a variable's value comes from: "environment", the settings file, or "default"."""
+    if name in _EXPORTED:
+        return "default"
     if name in _FROM_FILE:
         return _FROM_FILE[name]
     return "environment" if clean(os.environ.get(name)) is not None else "default"

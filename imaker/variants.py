@@ -226,7 +226,14 @@ def stream_mix(paths: Stems, outputs: Mapping[VariantSpec, audio_mod.Encoder], *
     with ExitStack() as stack:
         for encoder in outputs.values():
             stack.enter_context(encoder)
-        # the pool is left (every write finished) before the encoders close
+        # the pool is left (every write finished) before the encoders close.
+        # CPU per run: one ffmpeg encoder per variant, each one core at most (AAC, MP3 and
+        # FLAC encoders have no threading: `ffmpeg -h encoder=aac`), beside one decoder per
+        # stem file (FLAC decoding is cheap: 0.2 CPU-s per 4 minutes, with or without its
+        # frame threads) and this thread's sums. So a run encodes on about as many cores as
+        # it makes variants (2 by default) and nothing needs capping per run; what spreads
+        # the encoding over the host is the number of runs at once (MAX_CONCURRENT_RUNS,
+        # auto max(4, cores // 2): imaker.settings.default_max_runs).
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=_file_count(needed) + len(specs)))
         steps = stack.enter_context(closing(
             _lockstep(needed, samplerate, channels, scale, chunk_frames, pool)))

@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 imaker=.venv/bin/imaker
 "$imaker" settings >/dev/null   # fail early, with one clear line, on a bad setting
 # Dagster's own variables may be in .env too (the environment wins)
-eval "$("$imaker" settings --export DAGSTER_HOME DAGSTER_HOST DAGSTER_PORT IMAKER_DATA SEPARATOR_URL)"
+# and what dagster.yaml reads: MAX_CONCURRENT_RUNS as a number (auto: from the cores)
+eval "$("$imaker" settings --export DAGSTER_HOME DAGSTER_HOST DAGSTER_PORT IMAKER_DATA SEPARATOR_URL \
+    MAX_CONCURRENT_RUNS)"
 export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/dagster_home}"
 export IMAKER_DATA="${IMAKER_DATA:-$PWD/data}"
 # the default model (DEMUCS_MODEL) into DEMUCS_MODEL_REPO on first start; offline, say how

@@ -167,6 +167,11 @@ def imaker_env_at(monkeypatch, root: Path, model_repo: Path) -> Path:
     monkeypatch.setenv("DEMUCS_MODEL", MODEL_NAME)
     monkeypatch.setenv("DEMUCS_MODEL_REPO", str(model_repo))
     monkeypatch.setenv("DEMUCS_DEVICE", "cpu")
+    # what dagster.yaml reads, as every launcher sets it (imaker.settings.dagster_env)
+    from imaker.settings import dagster_env, load_settings
+
+    for name, value in dagster_env(load_settings(dict(os.environ))).items():
+        monkeypatch.setenv(name, value)
     # the session's own auto-started service (pytest_configure); several checkouts testing
     # on one machine each get theirs
     if os.environ.get("IMAKER_TEST_SEPARATOR_PORT"):

@@ -70,6 +70,8 @@ def _dagster_yaml_config(path: Path, monkeypatch) -> dict:
 
     for key, value in PG_ENV.items():
         monkeypatch.setenv(key, value)
+    # what every launcher exports (imaker.settings.dagster_env); 6 = no default of any host
+    monkeypatch.setenv("MAX_CONCURRENT_RUNS", "6")
     config, custom_class = dagster_instance_config(str(path.parent), path.name)
     assert custom_class is None
     return config
@@ -294,10 +296,28 @@ def test_env_example_has_every_setting():
 def test_local_dagster_yaml_validates(monkeypatch):
     config = _dagster_yaml_config(ROOT / "dagster_home" / "dagster.yaml", monkeypatch)
     assert "storage" not in config and "run_launcher" not in config   # sqlite, default launcher
-    # no ingest run ever blocks on the pool (Dagster 1.13's blocked steps spin): pool = run limit
-    assert config["concurrency"]["pools"]["default_limit"] == \
-        config["concurrency"]["runs"]["max_concurrent_runs"]
+    _run_limit_from_the_environment(config)
     assert config["run_monitoring"]["enabled"] and config["run_retries"]["enabled"]
+
+
+def _run_limit_from_the_environment(config: dict) -> None:
+    """Runs at once = MAX_CONCURRENT_RUNS (the run coordinator's config: the only place that
+    takes an environment variable), no other run limit, and no limit on the `gpu` pool (no
+    ingest run ever blocks on a pool: Dagster 1.13's blocked steps spin)."""
+    from dagster._core.instance.config import ConcurrencyConfig
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+    from dagster._serdes.config_class import ConfigurableClassData
+
+    rc = config["run_coordinator"]
+    assert rc["config"]["max_concurrent_runs"] == {"env": "MAX_CONCURRENT_RUNS"}
+    # Dagster refuses a `concurrency` block beside the coordinator's limits
+    assert "concurrency" not in config
+    coordinator = ConfigurableClassData(rc["module"], rc["class"], yaml.safe_dump(
+        rc["config"])).rehydrate(QueuedRunCoordinator)
+    effective = ConcurrencyConfig.from_concurrency_settings(
+        {}, coordinator.get_run_queue_config())
+    assert effective.run_queue_config.max_concurrent_runs == 6     # the variable's value
+    assert effective.pool_config.default_pool_limit is None
 
 
 def test_compose_dagster_yaml_validates_and_builds_its_classes(monkeypatch):
@@ -363,19 +383,16 @@ def test_compose_dagster_yaml_validates_and_builds_its_classes(monkeypatch):
                                         yaml.safe_dump(rc.get("config") or {})).rehydrate(
         QueuedRunCoordinator)
     assert isinstance(coordinator, QueuedRunCoordinator)
-    runs = config["concurrency"]["runs"]
-    assert runs["max_concurrent_runs"] >= 1
-    limits = {lim["key"]: lim for lim in runs["tag_concurrency_limits"]}
+    _run_limit_from_the_environment(config)
+    limits = {lim["key"]: lim for lim in rc["config"]["tag_concurrency_limits"]}
     # one run per track at a time, keyed as in dagster_home/dagster.yaml: a tag every run of
     # a partition carries, the sensor's and the UI's alike
     assert limits["dagster/partition"]["limit"] == 1
     assert limits["dagster/partition"]["value"] == {"applyLimitPerUniqueValue": True}
     local = yaml.safe_load((ROOT / "dagster_home" / "dagster.yaml").read_text())
-    [local_limit] = [lim for lim in local["concurrency"]["runs"]["tag_concurrency_limits"]
+    [local_limit] = [lim for lim in local["run_coordinator"]["config"]["tag_concurrency_limits"]
                      if lim["key"] == "dagster/partition"]
     assert local_limit == limits["dagster/partition"]
-    # the separation service admits what the GPU runs; no run blocks on the pool (it spins)
-    assert config["concurrency"]["pools"]["default_limit"] == runs["max_concurrent_runs"]
 
     # health + retention
     assert config["run_monitoring"]["enabled"] is True
@@ -395,6 +412,7 @@ def test_compose_instance_loads_as_a_dagster_instance_ref(monkeypatch, tmp_path)
 
     for key, value in PG_ENV.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MAX_CONCURRENT_RUNS", "6")   # as x-dagster-env sets it
     home = tmp_path / "home"
     home.mkdir()
     shutil.copy(DOCKER / "dagster.yaml", home / "dagster.yaml")
@@ -503,3 +521,36 @@ def test_youtube_watcher_hands_each_inbox_file_to_imaker_once(tmp_path):
     assert (inbox / "c.txt.tmp").exists()                    # still being written: untouched
     assert len(list((inbox / "done").glob("a.txt.*.log"))) == 1
     assert "stopped" in out
+
+
+def test_compose_sets_the_run_limit_with_the_settings_formula():
+    """The webserver, daemon and code server start through `x-dagster-env`, which sets
+    MAX_CONCURRENT_RUNS as dagster.yaml needs it: as given, or (empty, auto) from `nproc`
+    by imaker.settings.default_max_runs' formula (the dagster image has no imaker). nproc
+    honours OMP_NUM_THREADS, which stands for hosts of other sizes here."""
+    from imaker.settings import default_max_runs
+
+    compose = _compose()
+    entry = compose["x-dagster-env"]["entrypoint"]
+    for name in ("webserver", "daemon", "user_code"):
+        assert compose["services"][name]["entrypoint"] == entry, name
+    # `exec` skips the entrypoint: the daemon's liveness check (it opens the instance) runs
+    # the same script first
+    assert compose["services"]["daemon"]["healthcheck"]["test"] == \
+        ["CMD", *entry, "dagster-daemon", "liveness-check"]
+    assert entry[:2] == ["sh", "-c"]
+    script = entry[2].replace("$$", "$")     # compose's escape of a literal $
+
+    def run(env: dict) -> str:
+        out = subprocess.run(["sh", "-c", script, entry[3], "sh", "-c",
+                              'echo "$MAX_CONCURRENT_RUNS"'],
+                             env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip()
+
+    for cores in (1, 2, 8, 9, 16, 64):
+        for value in ("", "auto"):
+            assert run({"OMP_NUM_THREADS": str(cores), "MAX_CONCURRENT_RUNS": value}) == \
+                str(default_max_runs(cores)), (cores, value)
+    assert run({"OMP_NUM_THREADS": "16", "MAX_CONCURRENT_RUNS": "3"}) == "3"
+    assert [default_max_runs(c) for c in (1, 2, 8, 16, 64)] == [4, 4, 4, 8, 32]

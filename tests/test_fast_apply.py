@@ -342,6 +342,12 @@ def test_window_batcher_runs_concurrent_separations_in_shared_passes(short_repo)
     for w in workers:
         w.join()
     assert batcher.merged >= 1, (batcher.passes, batcher.merged)   # windows of both in one pass
+    # what the service's CUDA admission reads: one call's windows (batch 1 of float32
+    # stereo windows here); the pass peak is measured on CUDA only, so nothing re-admits on
+    # the CPU
+    assert batcher.windows_per_call == 1
+    assert batcher.input_bytes_per_window > 0 and batcher.input_bytes_per_window % 8 == 0
+    assert batcher.pass_bytes_per_window == 0 and batcher.device_free is None
     for got, ref in zip(together, alone):
         assert got.shape == ref.shape
         assert min(_snr_db(ref[None], got[None])) > 80

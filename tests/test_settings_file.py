@@ -45,6 +45,43 @@ def test_settings_come_from_dotenv_with_the_environment_overriding(tmp_path):
     assert rows["DEMUCS_MODEL_REPO"] == f"{tmp_path / 'library_data' / 'models'}  # default"
 
 
+def test_the_run_limit_is_exported_as_a_number_for_dagster_yaml(tmp_path):
+    """MAX_CONCURRENT_RUNS: dagster.yaml's run coordinator reads it from the environment and
+    needs a number, so `imaker` (and what it starts) and `settings --export` (README command
+    1's scripts/serve.sh) hand on the effective one: auto = max(4, cores // 2) of this host,
+    a value set in .env or the environment as it is."""
+    from imaker.settings import default_max_runs, host_cores
+
+    auto = str(default_max_runs(host_cores()))
+
+    def export(env: dict) -> str:
+        proc = subprocess.run([IMAKER, "settings", "--export", "MAX_CONCURRENT_RUNS"],
+                              cwd=tmp_path, capture_output=True, text=True,
+                              env=_clean_env(**env), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert export({}) == f"export MAX_CONCURRENT_RUNS={auto}"
+    assert export({"MAX_CONCURRENT_RUNS": "auto"}) == f"export MAX_CONCURRENT_RUNS={auto}"
+    assert export({"MAX_CONCURRENT_RUNS": "7"}) == "export MAX_CONCURRENT_RUNS=7"
+    (tmp_path / ".env").write_text("MAX_CONCURRENT_RUNS=5\n")
+    assert export({}) == "export MAX_CONCURRENT_RUNS=5"
+    (tmp_path / ".env").unlink()
+    proc = subprocess.run([IMAKER, "settings"], cwd=tmp_path, capture_output=True, text=True,
+                          env=_clean_env(), timeout=120)
+    rows = {line.split(" = ")[0].strip(): line.split(" = ", 1)[1]
+            for line in proc.stdout.splitlines() if " = " in line}
+    assert rows["MAX_CONCURRENT_RUNS"] == f"{auto}  # default"    # derived, not "environment"
+    # the same number reaches a process `imaker` starts (e.g. the daemon of `imaker ingest`)
+    from imaker.settings import export_dagster_env, load_settings
+
+    environ = {"MAX_CONCURRENT_RUNS": "auto"}
+    assert export_dagster_env(load_settings(environ), environ) == {"MAX_CONCURRENT_RUNS": auto}
+    assert environ["MAX_CONCURRENT_RUNS"] == auto
+    assert [default_max_runs(c) for c in (1, 2, 4, 8, 9, 16, 32, 64)] == \
+        [4, 4, 4, 4, 4, 8, 16, 32]
+
+
 def test_a_bad_value_in_dotenv_is_one_line_naming_the_file(tmp_path):
     (tmp_path / ".env").write_text("DEMUCS_SHIFTS=lots\n")
     for command in (["settings"], ["backfill"], ["ingest", "--once"], ["models", "list"]):

@@ -16,9 +16,13 @@ the number of cores, and each separation takes ``cores // running`` torch thread
 every forward pass (two single-threaded separations do ~20 % more work per second on 2
 cores than one two-threaded one) — except with the OpenVINO backend (``DEMUCS_BACKEND``),
 which runs one separation at a time on all cores (1 x 2 threads did 1.7x the work of 2 x 1
-on 2 cores: benchmarks/RESULTS.md); on CUDA two, whose windows share forward passes
-(``fast_apply.WindowBatcher``, one per model, demucs and RoFormer alike: up to 16 windows
-per pass).
+on 2 cores: benchmarks/RESULTS.md). On CUDA the windows of the separations running at once
+share forward passes (``fast_apply.WindowBatcher``, one per model, demucs and RoFormer
+alike: one batch of every separation per pass), and as many separations run as fit a
+device-memory budget (``admission``: 0.8 of the memory free once the model is loaded,
+divided by what one separation's windows were measured to take in a pass); 2 until the
+first pass was measured (``serve --preload`` measures it before the service answers).
+``SEPARATOR_CONCURRENCY`` fixes the number instead.
 A client that goes away (its run was killed) stops its separation at the next window.
 ``identity`` (``client.identity``: version, code hash, Python environment, model repo) tells
 a loopback client whether this service is its checkout's (see ``imaker.separator.client``).
@@ -47,13 +51,15 @@ from starlette.routing import Route
 
 from .. import pipeline, separation, stemset
 from ..settings import Separation
+from . import admission
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 5.0
-#: separations at once on CUDA: their windows share forward passes (``WindowBatcher``)
-CUDA_CONCURRENCY = 2
-#: windows per shared forward pass (2 tracks x the default CUDA batch of 8)
+#: separations at once on CUDA until a pass was measured (then: ``admission.admitted``)
+CUDA_CONCURRENCY = admission.UNMEASURED
+#: windows per shared forward pass until a pass was measured (2 tracks x the default CUDA
+#: batch of 8; then one batch of every admitted separation: ``admission.windows_per_pass``)
 CROSS_BATCH_ITEMS = 16
 
 
@@ -143,8 +149,12 @@ class Service:
                  identity: dict | None = None):
         self.cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else (os.cpu_count() or 1))
+        #: SEPARATOR_CONCURRENCY (or --concurrency) given: a fixed number, never re-admitted
+        self.fixed = bool(concurrency)
         self.concurrency = concurrency or self._auto_concurrency()
         self.limiter = anyio.CapacityLimiter(self.concurrency)
+        self.pass_windows = CROSS_BATCH_ITEMS  # the batchers' pass size (``_readmit``)
+        self.gpu: dict | None = None  # the CUDA admission's figures, for /health
         self.active = 0  # separations running now (under the limiter)
         self.completed = 0  # separations finished since the start
         self.batchers: dict = {}
@@ -189,8 +199,40 @@ class Service:
         with self._lock:
             key = (type(loaded).__name__, loaded.name, loaded.signature, str(loaded.device))
             if key not in self.batchers:
-                self.batchers[key] = WindowBatcher(max_items=CROSS_BATCH_ITEMS)
+                self.batchers[key] = WindowBatcher(max_items=self.pass_windows)
             return self.batchers[key]
+
+    def _readmit(self) -> None:
+        """On CUDA (``concurrency`` not fixed), once a batcher measured a pass: admit as many
+        separations as fit the memory budget (``admission``) and let the passes take one
+        batch from each. Called in the event loop (the limiter's thread) when a request
+        arrives and when a separation ends; raising the limit admits waiting requests,
+        lowering it lets the running ones finish."""
+        measured = [b for b in list(self.batchers.values())
+                    if b.pass_bytes_per_window and b.device_free is not None]
+        if self.fixed or not measured:
+            return
+        # the heaviest model's windows (a separation may run several models in turn) and
+        # the smallest budget seen (the first pass of each model, its weights loaded)
+        footprint = admission.Footprint(
+            pass_bytes_per_window=max(b.pass_bytes_per_window for b in measured),
+            input_bytes_per_window=max(b.input_bytes_per_window for b in measured),
+            windows_per_call=max(b.windows_per_call for b in measured))
+        budget = min(admission.budget(*b.device_free) for b in measured)
+        n = admission.admitted(budget, footprint)
+        self.pass_windows = admission.windows_per_pass(n, footprint, CROSS_BATCH_ITEMS)
+        for b in list(self.batchers.values()):
+            b.max_items = self.pass_windows
+        if n != self.concurrency:
+            log.info("CUDA admission: %d separations at once (budget %.1f GiB, %.0f MiB each)",
+                     n, budget / 2**30, footprint.per_separation / 2**20)
+        self.concurrency = n
+        self.limiter.total_tokens = n
+        self.gpu = {"budget_bytes": budget, "per_separation_bytes": footprint.per_separation,
+                    "pass_bytes_per_window": footprint.pass_bytes_per_window,
+                    "input_bytes_per_window": footprint.input_bytes_per_window,
+                    "windows_per_call": footprint.windows_per_call,
+                    "windows_per_pass": self.pass_windows, "admitted": n}
 
     # ----- endpoints ---------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
@@ -204,6 +246,8 @@ class Service:
             "fingerprint": fingerprint(self.identity) if self.identity else None,
             "active": self.active, "completed": self.completed,
             "concurrency": self.concurrency, "cores": self.cores,
+            # on CUDA once a pass was measured: the memory budget and what it admits
+            "gpu_admission": self.gpu,
             "models": [{"name": m.name, "device": str(m.device), "signature": m.signature}
                        for m in stemset.loaded_models()],
             "shared_passes": sum(b.merged for b in self.batchers.values()),
@@ -251,12 +295,15 @@ class Service:
                 self.last_used = time.monotonic()
 
         async def run() -> None:
+            self._readmit()
             try:
                 meta = await anyio.to_thread.run_sync(work, limiter=self.limiter)
                 await events.put({"event": "done", "stems": meta})
             except Exception as exc:  # noqa: BLE001 - reported to the client as one line
                 await events.put({"event": "error", "kind": "failed",
                                   "message": pipeline.describe_error(exc)})
+            finally:
+                self._readmit()  # the first passes were measured meanwhile
 
         task = loop.create_task(run())
         try:
@@ -288,6 +335,7 @@ class Service:
     async def _startup(self) -> None:
         if self.preload is not None:
             await anyio.to_thread.run_sync(self._warm_up, self.preload)
+            self._readmit()
         if self.idle_exit_s:
             asyncio.get_running_loop().create_task(self._idle_watch())
 
@@ -303,13 +351,19 @@ class Service:
         # is compiled now (OpenVINO on 2 cores: 1.2 s for htdemucs' 7.8 s segment, 9-10 s for a
         # 10 s one; its blob cache does not save that on the CPU) instead of in that
         # track's `stems` step
-        noise = np.random.default_rng(0).standard_normal((loaded.channels, loaded.samplerate))
+        # On CUDA 60 s: a full batch of 8 windows (7.8 s, overlap 0.25: 48.8 s), so the pass
+        # measured for the admission (``_readmit``) is the size the tracks' passes start from
+        seconds = 60 if str(loaded.device).startswith("cuda") else 1
+        noise = np.random.default_rng(0).standard_normal((loaded.channels,
+                                                          seconds * loaded.samplerate))
         try:
             separation.separate(loaded, (0.1 * noise).astype(np.float32), segment=o.segment,
                                 overlap=o.overlap, shifts=0, batch_size=o.batch_size,
                                 autocast=o.autocast, cpu_autocast=o.cpu_autocast,
                                 threads=lambda: self.cores,  # as a track alone: cores // active
-                                batcher=None, backend=o.backend)
+                                # on CUDA the model's batcher: its pass is measured, and the
+                                # first request is admitted by memory (``_readmit``)
+                                batcher=self.batcher_for(loaded), backend=o.backend)
         except Exception as exc:  # noqa: BLE001 - a warm-up: the first separation reports it
             log.warning("warm-up separation failed: %s: %s", type(exc).__name__, exc)
 
