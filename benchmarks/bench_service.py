@@ -49,7 +49,7 @@ def main() -> int:
     from render_songs import songs as rendered
 
     from imaker import devsong
-    from imaker.devmodel import build_model_repo
+    from imaker.devmodel import HTDEMUCS_SIZE, build_model_repo
     from imaker.separator.client import SeparatorClient
     from imaker.settings import load_settings
 
@@ -58,7 +58,7 @@ def main() -> int:
     sources = [work / "library" / s.name / "source.flac" for s in songs]
     with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         list(pool.map(devsong.encode_mixture, songs, sources))
-    size = {"channels": 48, "t_layers": 5} if args.full_size else {}
+    size = HTDEMUCS_SIZE if args.full_size else {}
     name = "random_htdemucs" if args.full_size else "tiny_htdemucs"
     repo = build_model_repo(work / "models", name, **size)
     port = _free_port()

@@ -14,7 +14,9 @@ weights. Both figures are measured on the device by the batcher (peak allocated 
 pass, minus what was allocated before it, per window; the size of a caller's windows),
 never guessed; until a pass was measured the service admits ``UNMEASURED`` separations.
 
-For scale (tests/test_admission.py): full-size HTDemucs (7.8 s windows) peaks at about
+For scale (tests/test_admission.py): HTDemucs with 7.8 s windows (the benchmarks' 26.9 M
+build; the released 41.5 M one, ``devmodel.HTDEMUCS_SIZE``, has a wider transformer and
+needs somewhat more) peaks at about
 540 MiB per window in fp32 on the CPU (ru_maxrss of 1, 2 and 4 windows), so on an H200
 (about 140 GiB free) 0.8 x 140 GiB / (8 x 543 MiB) = 26 separations sharing passes of
 208 windows, instead of 2 sharing 16.
