@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -337,6 +338,18 @@ def test_models_fetch_from_a_mirror_verifies_the_sha256(imaker_env, tmp_path, ro
     # nothing half-written: only the two verified models, no temporary files
     assert sorted(p.name for p in repo.iterdir()) == ["good.ckpt", "good.yaml", "nohash.ckpt",
                                                       "nohash.yaml"]
+
+
+def test_the_catalogue_pins_the_published_checkpoints(imaker_env, tmp_path, monkeypatch, capsys):
+    """Kim's and ep_317's digests are in the catalogue: a fetch with another --sha256 is
+    refused before anything is downloaded (the URLs are never contacted here)."""
+    pinned = {n: e.ckpt_sha256 for n, e in install.CATALOGUE.items() if e.ckpt_sha256}
+    assert set(pinned) >= {"mel_band_roformer_kim", "bs_roformer_ep_317_viperx"}
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in pinned.values())
+    monkeypatch.setenv("DEMUCS_MODEL_REPO", str(tmp_path / "models"))
+    assert imaker_main(["models", "fetch", "mel_band_roformer_kim", "--sha256", "0" * 64]) == 1
+    assert "differs from the catalogue's 87201f4d" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
 # ----- imaker eval ------------------------------------------------------------------------

@@ -51,18 +51,25 @@ class Published:
 
 _ZF = "https://raw.githubusercontent.com/ZFTurbo/Music-Source-Separation-Training/main/configs"
 #: well-known checkpoints, as python-audio-separator / ZFTurbo's pretrained_models.md list
-#: them. No sha256 of these files was found in a published source while writing this
-#: table: they are None until someone records the digest of the published file.
+#: them. The sha256s could not be taken from the files here (no network): each is the one
+#: several independent public projects pin for that file (Kim's: 913,106,900 bytes at the
+#: Hugging Face revision in the URL, the same file UVR's model repository mirrors as
+#: vocals_mel_band_roformer.ckpt; ep_317's: the ~640 MB file of UVR's model repository
+#: release), found with the workplace's code search on 2026-12-02. None where no digest
+#: was found: ``fetch`` then needs ``--sha256`` from the user.
 CATALOGUE: dict[str, Published] = {p.name: p for p in (
     Published("mel_band_roformer_kim",
-              "https://huggingface.co/KimberleyJSN/melbandroformer/resolve/main/MelBandRoformer.ckpt",
-              f"{_ZF}/KimberleyJensen/config_vocals_mel_band_roformer_kj.yaml", None,
+              "https://huggingface.co/KimberleyJSN/melbandroformer/resolve/"
+              "ac9b0614ab3cd7f77219e18ba494dfd93956c348/MelBandRoformer.ckpt",
+              f"{_ZF}/KimberleyJensen/config_vocals_mel_band_roformer_kj.yaml",
+              "87201f4d31afb5bc79993230fc49446918425574db48c01c405e44f365c7559e",
               "Kimberley Jensen's Mel-Band RoFormer (vocals, other); multisong SDR vocals "
               "11.01 / instrumental 17.32 (MVSEP)"),
     Published("bs_roformer_ep_317_viperx",
               "https://github.com/TRvlvr/model_repo/releases/download/all_public_uvr_models/"
               "model_bs_roformer_ep_317_sdr_12.9755.ckpt",
-              f"{_ZF}/viperx/model_bs_roformer_ep_317_sdr_12.9755.yaml", None,
+              f"{_ZF}/viperx/model_bs_roformer_ep_317_sdr_12.9755.yaml",
+              "5b84f37e8d444c8cb30c79d77f613a41c05868ff9c9ac6c7049c00aefae115aa",
               "viperx's BS-RoFormer ep_317 (vocals, other); multisong SDR instrumental 17.2"),
     Published("mel_band_roformer_inst_v1e_unwa",
               "https://huggingface.co/pcunwa/Mel-Band-Roformer-Inst/resolve/main/inst_v1e.ckpt",
