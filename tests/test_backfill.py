@@ -107,10 +107,10 @@ def test_backfill_of_many_tracks_runs_ranges_without_separating(tracks, capsys):
     runs = _backfill_runs(instance)
     assert len(runs) == math.ceil(len(TRACKS) / 2) == 3
     assert all(r.status == DagsterRunStatus.SUCCESS for r in runs)
-    ranges = sorted((r.tags.get("dagster/asset_partition_range_start"),
-                     r.tags.get("dagster/asset_partition_range_end"),
-                     r.tags.get("dagster/partition")) for r in runs)
-    assert ranges == [("bf0", "bf1", None), ("bf2", "bf3", None), (None, None, "bf4")]
+    ranges = {(r.tags.get("dagster/asset_partition_range_start"),
+               r.tags.get("dagster/asset_partition_range_end"),
+               r.tags.get("dagster/partition")) for r in runs}
+    assert ranges == {("bf0", "bf1", None), ("bf2", "bf3", None), (None, None, "bf4")}
     # nothing separated: no stems materialization, no stems file written again
     assert len(instance.fetch_materializations(stems.key, limit=1000).records) == stems_mats
     assert _stems_state(settings) == before
@@ -190,3 +190,31 @@ def _check_evaluations(instance, run_id):
             for r in instance.get_records_for_run(run_id).records
             if r.event_log_entry.dagster_event is not None
             and r.event_log_entry.dagster_event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
+
+
+def test_a_blocking_check_failing_for_one_track_names_it(tracks, capsys):
+    """bf3's stored source says it lasts 5 s longer than its variants: in a run of all five
+    tracks its duration check fails (an evaluation on bf3's partition), the others' pass,
+    and the blocking check stops the run's manifests."""
+    import json
+
+    settings, instance = tracks
+    source = settings.paths.library_dir / "bf3" / "source.json"
+    meta = json.loads(source.read_text())
+    meta["duration_s"] += 5.0
+    source.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli.main(["backfill", "--track", "bf1", "--track", "bf2", "--track", "bf3",
+                     "--track", "bf4"]) == 1
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["bf3"].startswith("failed: checks: blocking check failed: "
+                                   "variants_match_source_duration: ")
+    for job_id in ("bf1", "bf2", "bf4"):
+        assert lines[job_id].startswith("failed: checks: not recorded: bf3 failed")
+    [run] = _backfill_runs(instance)
+    assert (run.tags["dagster/asset_partition_range_start"],
+            run.tags["dagster/asset_partition_range_end"]) == ("bf1", "bf4")
+    evals = {(e.partition, e.check_name): e.passed
+             for e in _check_evaluations(instance, run.run_id)}
+    assert evals == {(j, c): not (j == "bf3" and c == "variants_match_source_duration")
+                     for j in ("bf1", "bf2", "bf3", "bf4") for c in VARIANT_CHECKS}
