@@ -7,8 +7,8 @@
     imaker retry JOB_ID... | --failed
                              put failed bundles back into their queue
     imaker backfill --variants drums_only [--track ID ...] [--tracks-per-run N]
-                             re-mix variants from stored stems (no separation), 8
-                             tracks per Dagster run
+                             re-mix variants from stored stems (no separation),
+                             several tracks per Dagster run
     imaker forget JOB_ID [--outputs]
                              delete a track's partition and stored stems
     imaker retrieve youtube URL... [--mode audio|video|both]   (see docs/retrievers.md)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     bf.add_argument("--track", action="append", dest="tracks", help="only this job id (repeat)")
     bf.add_argument("--tracks-per-run", type=int, metavar="N", default=None,
                     help="tracks re-mixed per Dagster run (default: the assets' backfill "
-                         "policy, 8, as a UI backfill; 1: one run per track)")
+                         "policy, as in a UI backfill; 1: one run per track)")
     fg = sub.add_parser("forget", help="delete a track's partition, stored source and stems")
     fg.add_argument("job_id")
     fg.add_argument("--outputs", action="store_true", help="also delete outputs/<job_id>/")
