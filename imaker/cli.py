@@ -6,8 +6,9 @@
     imaker ingest            the same, repeated every --interval seconds
     imaker retry JOB_ID... | --failed
                              put failed bundles back into their queue
-    imaker backfill --variants drums_only [--track ID ...]
-                             re-mix variants from stored stems (no separation)
+    imaker backfill --variants drums_only [--track ID ...] [--tracks-per-run N]
+                             re-mix variants from stored stems (no separation),
+                             several tracks per Dagster run
     imaker forget JOB_ID [--outputs]
                              delete a track's partition and stored stems
     imaker retrieve youtube URL... [--mode audio|video|both]   (see docs/retrievers.md)
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     bf.add_argument("--variants", default="", help="comma-separated variants to add, e.g. "
                                                    "drums_only (default: just re-mix)")
     bf.add_argument("--track", action="append", dest="tracks", help="only this job id (repeat)")
+    bf.add_argument("--tracks-per-run", type=int, metavar="N", default=None,
+                    help="tracks re-mixed per Dagster run (default: the assets' backfill "
+                         "policy, as in a UI backfill; 1: one run per track)")
     fg = sub.add_parser("forget", help="delete a track's partition, stored source and stems")
     fg.add_argument("job_id")
     fg.add_argument("--outputs", action="store_true", help="also delete outputs/<job_id>/")
@@ -389,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backfill":
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         try:
-            return 1 if operations.backfill_variants(instance, settings, names, args.tracks) else 0
+            return 1 if operations.backfill_variants(
+                instance, settings, names, args.tracks,
+                tracks_per_run=args.tracks_per_run) else 0
         except ValueError as exc:
             print(f"imaker: {exc}", file=sys.stderr)
             return 2

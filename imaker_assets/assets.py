@@ -3,22 +3,29 @@
 Each asset is a thin call into ``imaker.pipeline``; the files live in the library, the
 stems store and outputs/, and the assets report metadata about them. A failure in any
 stage archives the job to ``failed/`` with the stage and reason.
+
+The re-mix chain (`variants`, `manifest`, `nas_copy`) also runs over many tracks at once:
+a backfill puts up to ``TRACKS_PER_BACKFILL_RUN`` partitions in one run (Dagster's
+``BackfillPolicy``; a partition-key range), and each of those steps loops over the run's
+tracks (``each_track``). The queue sensor's runs are one partition: the same loop, once.
 """
 
 
 from contextlib import contextmanager
+from typing import Callable
 
 import warnings
 
-from dagster import (AssetExecutionContext, BetaWarning, Config, DataVersion, MaterializeResult,
-                     MetadataValue, RetryRequested, asset, observable_source_asset)
+from dagster import (AssetExecutionContext, BetaWarning, Config, DataVersion, Failure,
+                     MaterializeResult, MetadataValue, RetryRequested, asset,
+                     observable_source_asset)
 
 from imaker import analysis, media, pipeline, stemset
 from imaker.queues import QueueStore
 from imaker.separator.client import SeparatorClient
 from resources import SettingsResource
 
-from .partitions import tracks
+from .partitions import REMIX_BACKFILL, tracks
 from .versions import CODE_VERSIONS as _VERSIONS
 
 GROUP = "tracks"
@@ -28,6 +35,8 @@ DROP_TAG = "imaker/drop_id"
 #: attempts of the `stems` step when the separation service is unreachable or dies
 SERVICE_RETRIES = 3
 SERVICE_RETRY_WAIT_S = 10
+#: metadata key of a failed run of several tracks: {job_id: reason} of each failed track
+FAILED_TRACKS = "failed_tracks"
 
 
 class VariantsConfig(Config):
@@ -42,8 +51,10 @@ def track_asset(*, version_of: str | None = None, **kwargs):
     version ``versions.py`` declares for it (by its name, or ``version_of``)."""
     def decorate(fn):
         name = kwargs.get("name") or fn.__name__
-        return asset(**{**kwargs, "name": name}, partitions_def=tracks, group_name=GROUP,
-                     code_version=_VERSIONS[version_of or name])(fn)
+        with warnings.catch_warnings():  # `backfill_policy` is "beta" in Dagster 1.13
+            warnings.simplefilter("ignore", BetaWarning)
+            return asset(**{**kwargs, "name": name}, partitions_def=tracks, group_name=GROUP,
+                         code_version=_VERSIONS[version_of or name])(fn)
     return decorate
 
 
@@ -52,11 +63,54 @@ def drop_id(context: AssetExecutionContext) -> str | None:
 
 
 @contextmanager
-def _stage(context: AssetExecutionContext, settings: SettingsResource, stage: str):
+def _stage(context: AssetExecutionContext, settings: SettingsResource, stage: str,
+           job_id: str | None = None):
     """Archive this run's drop to failed/ (with the stage and reason) if the stage raises."""
     store = QueueStore.from_settings(settings.get())
-    with pipeline.failing_to_archive(store, context.partition_key, drop_id(context), stage):
+    with pipeline.failing_to_archive(store, job_id or context.partition_key, drop_id(context),
+                                     stage):
         yield store
+
+
+def each_track(context: AssetExecutionContext, settings: SettingsResource, stage: str | None,
+               work: Callable[[str, QueueStore], dict]) -> MaterializeResult:
+    """``work(job_id, store)`` for every track of the run, its metadata recorded on that
+    track's partition (``add_asset_metadata(partition_key=...)``: one materialization per
+    partition, each with its own metadata, also in a run of a partition range).
+
+    A run of one track (every queue sensor run): an exception propagates as raised, after
+    ``stage`` archived the drop to failed/ — the run's failure reason is that exception.
+
+    A run of several tracks (a backfill): Dagster 1.13 records a step's output for every
+    partition of its range or for none; a step cannot succeed for some partitions and fail
+    for others (dagster-io/dagster#17836, #21072). So a failed track does not stop the loop:
+    every other track of the range is still done (its files written), then the step fails
+    with a ``Failure`` naming each failed track and its reason (description, shown on the
+    run's step in the UI, and metadata ``failed_tracks`` = {job_id: reason}, read by
+    ``lifecycle.track_failures`` for `imaker backfill`'s lines). Dagster then marks the
+    range's partitions of this asset failed and does not run the steps below for it."""
+    keys = context.partition_keys
+    failed: dict[str, str] = {}
+    for job_id in keys:
+        try:
+            if stage is None:
+                meta = work(job_id, QueueStore.from_settings(settings.get()))
+            else:
+                with _stage(context, settings, stage, job_id) as store:
+                    meta = work(job_id, store)
+        except Exception as exc:
+            if len(keys) == 1:
+                raise
+            failed[job_id] = getattr(exc, "description", None) or pipeline.describe_error(exc)
+            context.log.error(f"{job_id}: {failed[job_id]}")
+            continue
+        context.add_asset_metadata(meta, partition_key=job_id)
+    if failed:
+        raise Failure(
+            description=f"{len(failed)} of {len(keys)} tracks failed: "
+                        + "; ".join(f"{job_id}: {reason}" for job_id, reason in failed.items()),
+            metadata={FAILED_TRACKS: MetadataValue.json(failed)})
+    return MaterializeResult()
 
 
 @track_asset(
@@ -105,6 +159,9 @@ with warnings.catch_warnings():  # observable source assets are "beta" in Dagste
                     "model only; stored stems of unchanged models are reused).")(_models_identity)
 
 
+# No backfill policy (one track per run, in a backfill too): the step holds the "gpu" pool
+# while it separates, and its data version is the track's own (source hash + models), where
+# Dagster gives all partitions of a range run the one data version of the step's output.
 @track_asset(
     deps=[source_audio, separation_models], pool="gpu", kinds={"demucs", "pytorch"},
     description="Stems stored losslessly (per model: stems/<job_id>/<model>/) so that "
@@ -142,17 +199,20 @@ def stems(context: AssetExecutionContext, config: VariantsConfig,
 
 
 @track_asset(
-    deps=[stems], kinds={"ffmpeg", "audio"},
+    deps=[stems], kinds={"ffmpeg", "audio"}, backfill_policy=REMIX_BACKFILL,
     description="Instrumental variants mixed from the stored stems (instrumental, no drums, "
                 "drums only, ...), encoded and tagged under outputs/<job_id>/files/audio/. "
                 "Re-materializing it never re-runs separation.")
 def variants(context: AssetExecutionContext, config: VariantsConfig,
              settings: SettingsResource) -> MaterializeResult:
-    job_id = context.partition_key
     s = settings.get()
     lib = pipeline.Library.from_settings(s)
-    with _stage(context, settings, "variants"):
-        meta = pipeline.make_variants(s.output, lib, job_id, config.add_variants)
+    return each_track(context, settings, "variants", lambda job_id, _: _make_variants(
+        s, lib, job_id, config.add_variants))
+
+
+def _make_variants(s, lib: pipeline.Library, job_id: str, add_variants: list[str]) -> dict:
+    meta = pipeline.make_variants(s.output, lib, job_id, add_variants)
     out = lib.output_dir(job_id)
     audio_arts = [a for a in meta["artifacts"] if a["kind"] == "audio"]
     per_variant = {
@@ -177,14 +237,14 @@ def variants(context: AssetExecutionContext, config: VariantsConfig,
     links = {"play_source": MetadataValue.url(media.source_url(base, job_id))}
     links.update({f"play_{a['variant']}": MetadataValue.url(media.output_url(base, job_id, a["path"]))
                   for a in audio_arts})
-    return MaterializeResult(metadata={
+    return {
         **links,
         "variants": ", ".join(a["variant"] for a in audio_arts),
         "per_variant": MetadataValue.json(per_variant),
         "total_bytes": sum(v["bytes"] for v in per_variant.values()),
         "format": meta["format"], "stems_preserved": meta["stems_preserved"],
         "waveforms": MetadataValue.md(analysis.markdown_images(pictures)),
-    })
+    }
 
 
 def _picture(stored, audio_file, color: str) -> bytes:
@@ -195,21 +255,23 @@ def _picture(stored, audio_file, color: str) -> bytes:
 
 
 @track_asset(
-    deps=[variants], kinds={"json"},
+    deps=[variants], kinds={"json"}, backfill_policy=REMIX_BACKFILL,
     description="outputs/<job_id>/manifest.json: every artifact with its sha256 and the "
                 "provenance; written last, then the bundle is archived to done/.")
 def manifest(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
-    job_id = context.partition_key
     lib = pipeline.Library.from_settings(settings.get())
-    with _stage(context, settings, "manifest") as store:
+
+    def write(job_id: str, store: QueueStore) -> dict:
         result = pipeline.write_manifest(store, lib, job_id, drop_id(context),
                                          code_versions=CODE_VERSIONS)
-    return MaterializeResult(metadata={
-        "path": MetadataValue.path(str(lib.output_dir(job_id) / "manifest.json")),
-        "artifacts": len(result.artifacts),
-        "total_bytes": sum(a.size_bytes for a in result.artifacts),
-        "model": result.provenance["separation"]["model"],
-    })
+        return {
+            "path": MetadataValue.path(str(lib.output_dir(job_id) / "manifest.json")),
+            "artifacts": len(result.artifacts),
+            "total_bytes": sum(a.size_bytes for a in result.artifacts),
+            "model": result.provenance["separation"]["model"],
+        }
+
+    return each_track(context, settings, "manifest", write)
 
 
 track_assets = [source_audio, stems, variants, manifest]

@@ -36,7 +36,7 @@ from dagster._utils.tags import get_boolean_tag_value
 from imaker.queues import Claim, ClaimLost, QueueStore
 from imaker.settings import Settings
 
-from .assets import DROP_TAG
+from .assets import DROP_TAG, FAILED_TRACKS
 from .partitions import tracks
 
 JOB_NAME = "ingest_track"
@@ -123,6 +123,48 @@ def failure_reason(instance: DagsterInstance, run: DagsterRun) -> tuple[str, str
                 and before.pid == failure.pid and before.message:
             text = f"{before.message.strip()} ({text.rstrip('.')})"
     return "run", f"run {run.run_id} failed: {text}"
+
+
+def track_failures(instance: DagsterInstance, run: DagsterRun,
+                   job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """(stage, reason) for each track of a failed run of ``job_ids`` (one partition, or a
+    range of them: a backfill run).
+
+    One track: ``failure_reason``. Several: Dagster records a step's success or failure for
+    its whole range, so the reasons of single tracks come from what the steps recorded per
+    track: a step's ``Failure`` metadata ``failed_tracks`` (``assets.each_track``) and the
+    failed blocking check evaluations, which carry their partition (``checks``). A track of
+    the range not named there was held back by the others (``not recorded: …``); a failure
+    outside the steps (the run could not start, its process died) is every track's."""
+    stage, reason = failure_reason(instance, run)
+    if len(job_ids) == 1:
+        return {job_ids[0]: (stage, reason)}
+    named: dict[str, tuple[str, str]] = {}
+    checks: dict[str, list[str]] = {}
+    for record in instance.get_records_for_run(run.run_id).records:
+        event = record.event_log_entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type == DagsterEventType.STEP_FAILURE:
+            user = event.step_failure_data.user_failure_data
+            listed = user.metadata.get(FAILED_TRACKS) if user is not None else None
+            for job_id, why in (listed.value if listed is not None else {}).items():
+                named.setdefault(job_id, (event.step_key or "run", why))
+        elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+            data = event.event_specific_data
+            if isinstance(data, AssetCheckEvaluation) and not data.passed and data.blocking \
+                    and data.partition is not None:
+                checks.setdefault(data.partition, []).append(
+                    f"{data.check_name}: {data.description}")
+    for job_id, failed in checks.items():
+        named.setdefault(job_id, ("checks", "blocking check failed: " + "; ".join(failed)))
+    if not named:
+        return {job_id: (stage, reason) for job_id in job_ids}
+    culprits = ", ".join(j for j in job_ids if j in named)
+    return {job_id: named.get(job_id) or (
+        stage, f"not recorded: {culprits} failed in the same run of {len(job_ids)} tracks "
+               "(this track's own work finished; run it again without them)")
+        for job_id in job_ids}
 
 
 def _step_failure(events, step) -> tuple[str, str]:

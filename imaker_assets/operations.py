@@ -11,7 +11,17 @@ import time
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from dagster import AssetSelection, DagsterInstance, DagsterRunStatus, materialize
+from dagster import (AssetSelection, BackfillPolicy, DagsterInstance, DagsterRunStatus,
+                     materialize, partition_loading_context)
+# Not exported by Dagster (pinned 1.13.27): how the asset backfill daemon cuts a backfill
+# into runs by the assets' backfill policies (asset_backfill.py calls it), and the keys it
+# uses; `imaker backfill` groups its runs with it, so CLI and UI backfills group alike
+from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
+from dagster._core.definitions.automation_tick_evaluation_context import (
+    build_run_requests_with_backfill_policies)
+from dagster._core.definitions.events import AssetKeyPartitionKey
+from dagster._core.storage.tags import (ASSET_PARTITION_RANGE_END_TAG,
+                                        ASSET_PARTITION_RANGE_START_TAG)
 
 from imaker import pipeline
 from imaker.pipeline import Library
@@ -23,7 +33,7 @@ from resources import build_resources
 from .assets import manifest, stems, track_assets, variants
 from .catalog import catalog
 from .checks import track_checks
-from .lifecycle import claim_ready, drop_runs, failure_reason, will_retry
+from .lifecycle import claim_ready, drop_runs, failure_reason, track_failures, will_retry
 from .notifications import unhandled_outcomes
 from .partitions import tracks
 
@@ -259,45 +269,115 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
     return failures
 
 
+def remix_runs(instance: DagsterInstance, job_ids: list[str],
+               tracks_per_run: int | None = None) -> list[list[str]]:
+    """The tracks of each run that re-mixes ``job_ids`` (`variants` + `manifest`), grouped
+    as Dagster's asset backfill daemon groups a UI backfill of them
+    (``build_run_requests_with_backfill_policies``): by the assets' backfill policy
+    (``partitions.REMIX_BACKFILL``, or ``tracks_per_run``), each run a range of partitions
+    that are next to each other in the `tracks` partition order."""
+    remix = [variants, manifest]
+    if tracks_per_run is not None:
+        policy = BackfillPolicy.multi_run(tracks_per_run)
+        remix = [a.with_attributes(backfill_policy=policy) for a in remix]
+    graph = AssetGraph.from_assets(remix)
+    order = instance.get_dynamic_partitions(tracks.name)
+    with partition_loading_context(dynamic_partitions_store=instance):
+        requests = build_run_requests_with_backfill_policies(
+            [AssetKeyPartitionKey(a.key, job_id) for a in remix for job_id in job_ids],
+            graph, instance)
+        runs = []
+        for request in requests:
+            if request.partition_key is not None:
+                runs.append([request.partition_key])
+                continue
+            start, end = (request.tags[ASSET_PARTITION_RANGE_START_TAG],
+                          request.tags[ASSET_PARTITION_RANGE_END_TAG])
+            runs.append(order[order.index(start):order.index(end) + 1])
+    return sorted(runs, key=lambda run: order.index(run[0]))
+
+
+def _run_tags(job_ids: list[str]) -> dict[str, str]:
+    """A run of one track is tagged with its partition (as the sensor's runs), a run of
+    several with the range of partitions (as the backfill daemon's runs)."""
+    tags = {"imaker/trigger": "imaker-backfill"}
+    if len(job_ids) == 1:
+        return {**tags, "imaker/job_id": job_ids[0]}
+    return {**tags, ASSET_PARTITION_RANGE_START_TAG: job_ids[0],
+            ASSET_PARTITION_RANGE_END_TAG: job_ids[-1]}
+
+
 def backfill_variants(instance: DagsterInstance, settings: Settings, add_variants: list[str],
-                      job_ids: Iterable[str] | None = None, out: TextIO | None = None) -> int:
+                      job_ids: Iterable[str] | None = None, out: TextIO | None = None,
+                      tracks_per_run: int | None = None) -> int:
     """Re-mix ``variants`` + ``manifest`` (and their checks) for existing tracks from the
-    stored stems, adding ``add_variants``. A track whose stems were purged is separated
-    again first (said on ``out``). Returns the number of tracks that failed."""
+    stored stems, adding ``add_variants``, in runs of many tracks (``remix_runs``). A track
+    whose stems were purged, or lack what a variant needs, is separated first in a run of
+    its own (said on ``out``): `stems` has no backfill policy, as in a UI backfill. Prints
+    one line per track, ``job_id: outputs folder`` or ``job_id: failed: stage: reason``.
+    Returns the number of tracks that failed.
+
+    The runs are executed here, one after the other, in this process (Dagster's
+    ``materialize`` against the instance, as ``refresh_catalog``): no daemon needed, and
+    every run is an ordinary run of the instance, shown in the UI."""
     out = out or sys.stdout
     unknown = [v for v in add_variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if tracks_per_run is not None and tracks_per_run < 1:
+        raise ValueError(f"--tracks-per-run must be at least 1 (got {tracks_per_run})")
     resources = build_resources(settings)
     lib = Library.from_settings(settings)
-    keys = list(job_ids) if job_ids else instance.get_dynamic_partitions(tracks.name)
+    known = instance.get_dynamic_partitions(tracks.name)
+    keys = [k for k in known if k in set(job_ids)] if job_ids else known
+    for job_id in job_ids or []:
+        if job_id not in known:
+            print(f"{job_id}: skipped: not a track (no partition)", file=out, flush=True)
+    added = {"config": {"add_variants": list(add_variants)}}
+    assets = [*track_assets, *track_checks]
     failures = 0
+
+    def run(selection, job_ids: list[str]):
+        result = _materialize(
+            assets, instance=instance, selection=AssetSelection.assets(*selection),
+            partition_key=job_ids[0] if len(job_ids) == 1 else None,
+            resources=resources, raise_on_error=False, tags=_run_tags(job_ids),
+            run_config={**QUIET, "ops": {a.key.path[-1]: added for a in selection
+                                         if a in (stems, variants)}})
+        if result.success:
+            return {}
+        return track_failures(instance, instance.get_run_by_id(result.run_id), job_ids)
+
+    remix = []
     for job_id in keys:
         if not (lib.track_dir(job_id) / "source.flac").is_file():
             print(f"{job_id}: skipped: no stored source (re-queue its bundle)", file=out, flush=True)
             continue
-        selection = [variants, manifest]
         if not lib.has_stems(job_id):
             print(f"{job_id}: stems were purged: separating again first", file=out, flush=True)
-            selection.insert(0, stems)
         elif not pipeline.stems_cover(lib, job_id, pipeline.track_variants(
                 settings.output, lib, job_id, add_variants)):
             print(f"{job_id}: the stored stems lack what {', '.join(add_variants)} needs: "
                   "separating first (stored models are reused)", file=out, flush=True)
-            selection.insert(0, stems)
-        added = {"config": {"add_variants": list(add_variants)}}
-        result = _materialize(
-            [*track_assets, *track_checks], instance=instance, partition_key=job_id,
-            selection=AssetSelection.assets(*selection), resources=resources,
-            run_config={**QUIET, "ops": {"variants": added,
-                                         **({"stems": added} if stems in selection else {})}},
-            raise_on_error=False,
-            tags={"imaker/job_id": job_id, "imaker/trigger": "imaker-backfill"})
-        if result.success:
-            print(f"{job_id}: {settings.paths.outputs_dir / job_id}", file=out, flush=True)
         else:
+            remix.append(job_id)
+            continue
+        failed = run([stems], [job_id])
+        if failed:
             failures += 1
-            print(f"{job_id}: failed", file=out, flush=True)
+            stage, reason = failed[job_id]
+            print(f"{job_id}: failed: {stage}: {reason}", file=out, flush=True)
+        else:
+            remix.append(job_id)
+    for job_ids_of_run in remix_runs(instance, remix, tracks_per_run):
+        failed = run([variants, manifest], job_ids_of_run)
+        for job_id in job_ids_of_run:
+            if job_id in failed:
+                failures += 1
+                stage, reason = failed[job_id]
+                print(f"{job_id}: failed: {stage}: {reason}", file=out, flush=True)
+            else:
+                print(f"{job_id}: {settings.paths.outputs_dir / job_id}", file=out, flush=True)
     refresh_catalog(instance, settings)
     return failures
 
