@@ -81,18 +81,11 @@ def child(key: str, seconds: float, threads: int, bf16: bool) -> dict:
             run = lambda: separation.separate(  # noqa: E731
                 loaded, wav, sink=sink, cpu_autocast=bf16 or False, threads=lambda: threads)
         else:
-            from bench_roformer import MODELS as ROFORMERS
+            from bench_roformer import write_random_model
 
             from imaker import roformer
-            from imaker.roformer.net import RoformerNet
 
-            name, text = ROFORMERS[key]
-            (folder / f"{name}.yaml").write_text(text)
-            config = roformer.read_config(folder / f"{name}.yaml")
-            torch.manual_seed(0)
-            net = RoformerNet(config.architecture, **config.model)
-            torch.save(net.state_dict(), folder / f"{name}.ckpt")
-            del net
+            name, _ = write_random_model(folder, key)
             before = rss_mib()
             model = roformer.load(folder / f"{name}.ckpt", folder / f"{name}.yaml")
             params = model.parameters

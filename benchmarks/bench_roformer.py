@@ -104,6 +104,23 @@ inference: {{batch_size: 4, dim_t: 801, num_overlap: 2}}
 MODELS = {"kim": ("mel_band_roformer_kim_size", KIM), "ep317": ("bs_roformer_ep317_size", EP317)}
 
 
+def write_random_model(folder: Path, key: str):
+    """``<name>.yaml`` (the published config) + ``<name>.ckpt`` (random weights, seed 0) of
+    ``MODELS[key]`` in ``folder``; returns (name, config)."""
+    import torch
+
+    from imaker import roformer
+    from imaker.roformer.net import RoformerNet
+
+    name, text = MODELS[key]
+    (folder / f"{name}.yaml").write_text(text)
+    config = roformer.read_config(folder / f"{name}.yaml")
+    torch.manual_seed(0)
+    net = RoformerNet(config.architecture, **config.model)
+    torch.save(net.state_dict(), folder / f"{name}.ckpt")
+    return name, config
+
+
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -147,7 +164,6 @@ def main() -> int:
     import torch
 
     from imaker import roformer
-    from imaker.roformer.net import RoformerNet
     from test_roformer import music, snr_db
 
     torch.set_num_threads(args.threads)
@@ -157,15 +173,9 @@ def main() -> int:
     results = []
     names = list(MODELS) if args.model == "all" else [args.model]
     for key in names:
-        name, text = MODELS[key]
         with tempfile.TemporaryDirectory(prefix="bench-roformer-") as tmp:
             folder = Path(tmp)
-            (folder / f"{name}.yaml").write_text(text)
-            config = roformer.read_config(folder / f"{name}.yaml")
-            torch.manual_seed(0)
-            net = RoformerNet(config.architecture, **config.model)
-            torch.save(net.state_dict(), folder / f"{name}.ckpt")
-            del net
+            name, config = write_random_model(folder, key)
             checks = {k: {} for k in ("vr_download_list", "mdx_download_list",
                                       "mdx_download_vip_list", "demucs_download_list",
                                       "mdx23c_download_list", "mdx23c_download_vip_list")}
