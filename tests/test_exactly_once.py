@@ -57,6 +57,18 @@ def _imaker(*args, **kw):
                             text=True, cwd=ROOT, env=os.environ.copy(), **kw)
 
 
+def _imaker_ready(*args):
+    """`imaker ARGS` with its imports done ahead: it starts when a line is written to it."""
+    code = ("import sys; from imaker import cli; import imaker_assets.operations; "
+            "print('ready', flush=True); sys.stdin.readline(); "
+            f"sys.exit(cli.main({list(args)!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=os.environ.copy())
+    assert proc.stdout.readline() == "ready\n", proc.communicate()
+    return proc
+
+
 def test_two_ingest_once_at_the_same_time_process_each_job_once(imaker_env, tmp_path):
     """Observation 3: two `imaker ingest --once` one second apart on the same queue."""
     settings = load_settings()
@@ -159,16 +171,21 @@ def test_dagster_dev_killed_run_worker_is_retried_by_dagster_once(imaker_env, tm
 
         # `imaker ingest --once` beside the running `dagster dev`: it claims, dagster dev's
         # daemon runs the track, the CLI reports it; it starts no daemon of its own. Both
-        # may claim a new bundle: when dagster dev's queue sensor (every 5 s) scans before
-        # the CLI has started, the track is the sensor's and the CLI has nothing to report;
-        # then the scenario is tried again with a new bundle.
+        # may claim a new bundle: when dagster dev's queue sensor scans before the CLI has
+        # claimed, the track is the sensor's and the CLI has nothing to report. So the CLI
+        # is started ahead (its imports take seconds on a loaded machine) and let go right
+        # after a sensor tick; if the sensor still wins, the scenario is tried again.
+        log = tmp_path / "dagster_dev.log"
         beside: list[str] = []
         for attempt in range(4):
             job = f"beside{attempt}"
             beside.append(job)
+            cli = _imaker_ready("ingest", "--once")
+            ticks = log.read_text().count("Sensor queue_sensor skipped")
+            _wait(lambda: log.read_text().count("Sensor queue_sensor skipped") > ticks, 60,
+                  "a queue sensor tick", 0.1)
             write_bundle(settings.paths.queue_other, job, make_audio(tmp_path / f"{job}.m4a", 4.0))
-            cli = _imaker("ingest", "--once")
-            out, err = cli.communicate(timeout=300)
+            out, err = cli.communicate("go\n", timeout=300)
             assert cli.returncode == 0, out + err
             if f"{job}: {settings.paths.outputs_dir / job}" in out:
                 break
