@@ -35,6 +35,10 @@ from .partitions import tracks
 warnings.filterwarnings("ignore", message=".*partitions_def.*", category=Warning)
 
 
+#: ``CheckOutcome.severity`` -> Dagster's (a blocking check stops its run only on ERROR)
+_SEVERITY = {"error": AssetCheckSeverity.ERROR, "warn": AssetCheckSeverity.WARN}
+
+
 def _evaluations(context: AssetCheckExecutionContext, job_id: str,
                  outcomes: dict[AssetCheckKey, analysis.CheckOutcome]):
     """One track's evaluation of each check, on its partition, blocking as its spec says."""
@@ -47,7 +51,7 @@ def _evaluations(context: AssetCheckExecutionContext, job_id: str,
             timestamp=latest[0].timestamp) if latest else None)
         yield AssetCheckEvaluation(
             asset_key=key.asset_key, check_name=key.name, passed=outcome.passed,
-            severity=AssetCheckSeverity.ERROR, description=outcome.description,
+            severity=_SEVERITY[outcome.severity], description=outcome.description,
             metadata={"details": outcome.details} if outcome.details else {},
             partition=job_id, blocking=specs[key].blocking,
             target_materialization_data=target)
@@ -69,7 +73,9 @@ def _per_track(context: AssetCheckExecutionContext, check_track):
 VARIANT_CHECKS = {
     "variants_match_source_duration": ("duration",
                                        "Every variant lasts as long as the source (± 50 ms)."),
-    "variants_do_not_clip": ("clipping", "No variant clips (sample peak ≤ 0 dBFS)."),
+    "variants_do_not_clip": ("clipping", "No variant clips: the mix sent to the encoder and "
+                                         "the decoded file stay ≤ 0 dBFS (a lossy codec's "
+                                         "overshoot from an unclipped mix is a warning)."),
     "variants_are_not_silent": ("silence", "No variant is silent (RMS above −60 dBFS)."),
 }
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dagster import (AssetCheckEvaluation, DagsterEventType, DagsterInstance, DagsterRun,
-                     DagsterRunStatus, RetryRequested, RunRequest, RunsFilter)
+from dagster import (AssetCheckEvaluation, AssetCheckSeverity, DagsterEventType,
+                     DagsterInstance, DagsterRun, DagsterRunStatus, RetryRequested, RunRequest,
+                     RunsFilter)
 # Not exported by Dagster (pinned 1.13.27): the structured failure data a run leaves, and the
 # run retries' own "will this run be retried" rule (tests/test_failure_reason.py,
 # test_sensor.py and test_notify.py fail if they change).
@@ -152,7 +153,7 @@ def track_failures(instance: DagsterInstance, run: DagsterRun,
                 named.setdefault(job_id, (event.step_key or "run", why))
         elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
             data = event.event_specific_data
-            if isinstance(data, AssetCheckEvaluation) and not data.passed and data.blocking \
+            if isinstance(data, AssetCheckEvaluation) and _stops(data) \
                     and data.partition is not None:
                 checks.setdefault(data.partition, []).append(
                     f"{data.check_name}: {data.description}")
@@ -167,13 +168,19 @@ def track_failures(instance: DagsterInstance, run: DagsterRun,
         for job_id in job_ids}
 
 
+def _stops(evaluation: AssetCheckEvaluation) -> bool:
+    """A failed blocking evaluation that stops its run (ERROR; a WARN one is only shown)."""
+    return not evaluation.passed and evaluation.blocking \
+        and evaluation.severity == AssetCheckSeverity.ERROR
+
+
 def _step_failure(events, step) -> tuple[str, str]:
     data = step.step_failure_data
     if data.error is not None and data.error.cls_name == DagsterAssetCheckFailedError.__name__:
         failed = [e.event_specific_data for e in events
                   if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
         reasons = [f"{e.check_name}: {e.description}" for e in failed
-                   if isinstance(e, AssetCheckEvaluation) and not e.passed and e.blocking]
+                   if isinstance(e, AssetCheckEvaluation) and _stops(e)]
         if reasons:
             return "checks", "blocking check failed: " + "; ".join(reasons)
     message = (data.user_failure_data.description if data.user_failure_data else None) \

@@ -83,3 +83,38 @@ def test_a_generated_song_through_the_pipeline_with_the_oracle(songs, imaker_env
     vocals = known["vocals"][:, :n]
     assert _db(want, inst[:, :n] - want) > 15  # AAC 256k of the known instrumental
     assert _db(want, inst[:, :n] - want) > _db(want, vocals) + 5  # the vocals are gone
+
+
+def test_lossy_overshoot_is_a_warning_and_the_track_is_published(imaker_env, tmp_path,
+                                                                 monkeypatch):
+    """Seed 8's instrumental peaks at -1.4 dBFS (no anti-clipping gain); AAC 256k decodes
+    its opening drum hit at about +0.8 dBFS. The mix did not clip: the clipping check says
+    so as a warning, and the track is published (done/, not failed/)."""
+    from dagster import AssetCheckSeverity, DagsterInstance
+
+    from conftest import claim_tags
+    from imaker_assets.definitions import build_defs
+
+    song = devsong.generate(tmp_path / "songs", count=1, seed=8, seconds=4.0)[0]
+    repo = tmp_path / "models"
+    oracle.write_spec(repo, [song])
+    monkeypatch.setenv("DEMUCS_MODEL", "oracle")
+    monkeypatch.setenv("DEMUCS_MODEL_REPO", str(repo))
+    settings = load_settings()
+    devsong.queue_song(song, settings.paths.queue_other, title="Attack", artist="Dev Song")
+    job_id = song.name
+    instance = DagsterInstance.get()
+    instance.add_dynamic_partitions("tracks", [job_id])
+    result = build_defs(settings).resolve_job_def("ingest_track").execute_in_process(
+        partition_key=job_id, instance=instance, tags=claim_tags(job_id), raise_on_error=False)
+    assert result.success
+    [clip] = [e for e in result.get_asset_check_evaluations()
+              if e.check_name == "variants_do_not_clip"]
+    assert not clip.passed and clip.severity == AssetCheckSeverity.WARN, clip.description
+    assert clip.description.startswith("lossy overshoot, not clipping") and \
+        "instrumental" in clip.description
+    levels = clip.metadata["details"].value
+    assert levels["levels"]["instrumental"]["peak_dbfs"] > 0.0
+    assert -1.5 < levels["sent_peak_dbfs"]["instrumental"] <= -1.0
+    assert (settings.paths.archive_dir / "done" / f"job_{job_id}").is_dir()
+    assert (settings.paths.outputs_dir / job_id / "manifest.json").is_file()

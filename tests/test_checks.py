@@ -223,6 +223,7 @@ def test_clipped_and_silent_files_fail(tmp_path):
     checks = analysis.check_variants(tmp_path, arts, 1.0)
     no_clip, not_silent = checks["clipping"], checks["silence"]
     assert not no_clip.passed and "instrumental" in no_clip.description
+    assert no_clip.severity == "error"  # no record of the PCM sent: the decode decides
     assert "no_drums" not in no_clip.description
     assert not not_silent.passed and "no_drums" in not_silent.description
     assert "instrumental" not in not_silent.description
@@ -244,6 +245,19 @@ def test_clipping_is_measured_on_the_published_file_not_the_pcm(tmp_path):
     outcome = analysis.check_variants(tmp_path, [record], 2.0)["clipping"]
     assert not outcome.passed and "instrumental" in outcome.description
     assert outcome.details["levels"]["instrumental"]["peak_dbfs"] > 0.0
+    # the mix did not clip: a lossy codec's overshoot, a warning that does not stop the track
+    assert outcome.severity == "warn" and outcome.description.startswith("lossy overshoot")
+    # a mix that went over full scale is clipping even where the decode stays at 0 dBFS
+    # (FLAC stores full scale at most)
+    loud = np.stack([1.3 * np.sin(2 * np.pi * 440 * t)] * 2).astype(np.float32)
+    with audio.Encoder(tmp_path / "hot.flac", 44100, 2, "flac", measure=True) as enc:
+        enc.write(loud)
+    hot = {"kind": "audio", "variant": "no_drums", "path": "hot.flac", **enc.measurements()}
+    both = analysis.check_variants(tmp_path, [record, hot], 2.0)["clipping"]
+    assert both.details["levels"]["no_drums"]["peak_dbfs"] <= 0.0 < hot["peak_dbfs"]
+    assert not both.passed and both.severity == "error"
+    assert both.description.startswith("clipping") and "no_drums" in both.description
+    assert "instrumental" not in both.description  # the overshoot is not called clipping
 
 
 def test_an_undecodable_variant_fails_every_variant_check(tmp_path):
