@@ -582,3 +582,36 @@ def test_scan_lists_models_and_unusable_configs(repo, tmp_path):
     assert found["tiny_mel_band_roformer"].stems == ("vocals", "other")
     assert found["broken"].architecture is None and "unsupported architecture" in found["broken"].error
     assert found["tiny_bs_roformer"].size_bytes == (repo / "tiny_bs_roformer.ckpt").stat().st_size
+
+
+def test_load_makes_the_checkpoint_the_parameters_once_and_fp16_runs_as_fp32(repo, tmp_path,
+                                                                            monkeypatch):
+    """``load`` builds the network without storage and assigns the checkpoint's tensors
+    (no random init: the weights are in memory once while loading); a half-precision
+    checkpoint (some are distributed so) loads as fp32 parameters of the same values, and
+    separates as the fp32 checkpoint of those values does."""
+    name = "tiny_mel_band_roformer"
+    inits = []
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_",
+                        lambda *a, **k: inits.append(a[0].device.type) or a[0])
+    model = roformer.load(repo / f"{name}.ckpt", repo / f"{name}.yaml")
+    # nn.Linear's random init ran on parameters without storage only
+    assert inits and set(inits) == {"meta"}
+    state = torch.load(repo / f"{name}.ckpt", weights_only=True)
+    got = model.net.state_dict()
+    assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+    half = {k: v.half() for k, v in state.items()}
+    torch.save(half, tmp_path / "half.ckpt")
+    torch.save({k: v.float() for k, v in half.items()}, tmp_path / "rounded.ckpt")
+    for stem in ("half", "rounded"):
+        (tmp_path / f"{stem}.yaml").write_text((repo / f"{name}.yaml").read_text())
+    a = roformer.load(tmp_path / "half.ckpt", tmp_path / "half.yaml")
+    b = roformer.load(tmp_path / "rounded.ckpt", tmp_path / "rounded.yaml")
+    assert all(p.dtype == torch.float32 for p in a.net.parameters())
+    wav = music(3.0)
+    outs = []
+    for m in (a, b):
+        chunks = []
+        m.separate(wav, sink=lambda start, c: chunks.append(c.copy()))
+        outs.append(np.concatenate(chunks, axis=-1))
+    assert np.array_equal(outs[0], outs[1])

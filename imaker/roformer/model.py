@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -76,11 +77,16 @@ def read_state_dict(ckpt: Path) -> dict:
     return state
 
 
-def build_net(config: RoformerConfig):
+def build_net(config: RoformerConfig, device: str | None = None):
+    """The network of ``config``; ``device="meta"``: parameters without storage (no random
+    init), for ``load_state_dict(..., assign=True)``."""
+    import torch
+
     from .net import RoformerNet
 
     try:
-        return RoformerNet(config.architecture, **config.model)
+        with torch.device(device) if device else nullcontext():
+            return RoformerNet(config.architecture, **config.model)
     except (ValueError, TypeError) as exc:
         raise RoformerConfigError(f"{config.path}: {exc}") from None
 
@@ -340,17 +346,21 @@ def load(ckpt: Path | str, yaml_path: Path | str, device: str = "cpu", *,
     config = read_config(yaml_path)
     if not ckpt.is_file():
         raise RoformerError(f"{ckpt}: no such checkpoint")
-    net = build_net(config)
+    # built without storage, then the checkpoint's own tensors become the parameters
+    # (assign=True; shapes are still checked, strictly): the weights are in memory once
+    # while loading, not twice (a random init, then the copy), and no time goes to an init
+    net = build_net(config, "meta")
     state = read_state_dict(ckpt)
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise RoformerError(f"{ckpt}: does not match {yaml_path.name} "
                             f"({config.architecture}): {_mismatch(exc)}") from None
+    del state
+    net.float()  # a half-precision checkpoint runs as fp32 (autocast decides, per window)
     net.eval()
     net.to(device)
     net.prepare()  # the fused weights (imaker/roformer/net.py), built once here
-    del state
     digest = sha256 or file_sha256(ckpt)
     return RoformerModel(name=name or ckpt.stem, config=config, net=net, device=str(device),
                          sha256=digest, ckpt=ckpt, load_seconds=time.perf_counter() - start)

@@ -499,7 +499,11 @@ class RoformerNet(nn.Module):
         self.n_fft, self.hop, self.win = stft_n_fft, stft_hop_length, stft_win_length
         self.stft_normalized = stft_normalized
         self.match_input_audio_length = match_input_audio_length and self.mel
-        self.register_buffer("window", torch.hann_window(stft_win_length), persistent=False)
+        # the buffers are computed, not loaded: on the CPU even when the parameters are
+        # built on the meta device (``model.load``: no random init, the checkpoint's
+        # tensors become the parameters)
+        with torch.device("cpu"):
+            self.register_buffer("window", torch.hann_window(stft_win_length), persistent=False)
         n_freqs = stft_n_fft // 2 + 1
         s = self.audio_channels
 
@@ -518,17 +522,18 @@ class RoformerNet(nn.Module):
             self.final_norm = RMSNorm(dim)
 
         if self.mel:
-            member = torch.from_numpy(mel_band_membership(sample_rate, stft_n_fft, num_bands))
-            if not bool(member.any(dim=0).all()):
-                raise ValueError(f"num_bands={num_bands} with stft_n_fft={stft_n_fft} leaves "
-                                 "STFT bins outside every mel band")
-            bins = torch.arange(n_freqs).expand(num_bands, n_freqs)[member]  # band-major
-            index = (bins[:, None] * s + torch.arange(s)).reshape(-1)        # (f s) layout
-            per_band = member.sum(dim=1).tolist()
-            bands_per_bin = member.sum(dim=0).to(torch.float32)
-            self.register_buffer("freq_indices", index, persistent=False)
-            self.register_buffer("bands_per_bin", bands_per_bin.repeat_interleave(s),
-                                 persistent=False)
+            with torch.device("cpu"):
+                member = torch.from_numpy(mel_band_membership(sample_rate, stft_n_fft, num_bands))
+                if not bool(member.any(dim=0).all()):
+                    raise ValueError(f"num_bands={num_bands} with stft_n_fft={stft_n_fft} "
+                                     "leaves STFT bins outside every mel band")
+                bins = torch.arange(n_freqs).expand(num_bands, n_freqs)[member]  # band-major
+                index = (bins[:, None] * s + torch.arange(s)).reshape(-1)        # (f s) layout
+                per_band = member.sum(dim=1).tolist()
+                bands_per_bin = member.sum(dim=0).to(torch.float32)
+                self.register_buffer("freq_indices", index, persistent=False)
+                self.register_buffer("bands_per_bin", bands_per_bin.repeat_interleave(s),
+                                     persistent=False)
         else:
             per_band = list(freqs_per_bands)
             if sum(per_band) != n_freqs:
