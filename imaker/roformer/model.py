@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from .config import RoformerConfig, RoformerConfigError, read_config
+from .net import release_freed_memory
 
 
 class RoformerError(RuntimeError):
@@ -361,6 +362,7 @@ def load(ckpt: Path | str, yaml_path: Path | str, device: str = "cpu", *,
     net.eval()
     net.to(device)
     net.prepare()  # the fused weights (imaker/roformer/net.py), built once here
+    release_freed_memory()  # what loading freed (the checkpoint's replaced tensors)
     digest = sha256 or file_sha256(ckpt)
     return RoformerModel(name=name or ckpt.stem, config=config, net=net, device=str(device),
                          sha256=digest, ckpt=ckpt, load_seconds=time.perf_counter() - start)
