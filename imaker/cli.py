@@ -358,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         from .separator.service import Preload, serve as serve_separator
 
         client = SeparatorClient.from_settings(settings)
-        preload = Preload(separation=settings.separation) if args.preload else None
+        from .variants import selected_variants
+
+        preload = Preload(separation=settings.separation, variants=selected_variants(
+            None, no_drums=settings.output.no_drums, drums_only=settings.output.drums_only)
+        ) if args.preload else None
         port, lock = args.port, None
         if port is None and not settings.service.url:
             # this checkout's service (scripts/serve.sh): SEPARATOR_PORT, or the port its

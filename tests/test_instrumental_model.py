@@ -388,3 +388,39 @@ def test_eval_agrees_with_museval_on_generated_songs(imaker_env, repo, tmp_path,
     table = results.read_text()
     assert table.startswith("# Results\n") and f"| {ROFO_A} | instrumental |" in table
     assert table.split("\n", 2)[2].strip() in capsys.readouterr().out
+
+
+def test_a_preloaded_service_loads_only_the_models_the_settings_tracks_use(
+        tmp_path, model_repo, rofo_files, monkeypatch):
+    """`imaker separator serve --preload` (what `imaker ingest` and serve.sh start) loads the
+    models of the settings' plan before it answers: with the drum variants off, only the
+    RoFormer, in a model folder that holds no demucs model at all; with them on, demucs too."""
+    from conftest import stop_separator
+    from dagster_server import free_port
+    from imaker.separator.client import SeparatorClient
+
+    only_rofo = tmp_path / "only_rofo"
+    only_rofo.mkdir()
+    for ext in (".ckpt", ".yaml"):
+        shutil.copy(rofo_files / f"{ROFO_B}{ext}", only_rofo)
+    both = tmp_path / "both"
+    shutil.copytree(model_repo, both)
+    for ext in (".ckpt", ".yaml"):
+        shutil.copy(rofo_files / f"{ROFO_B}{ext}", both)
+    monkeypatch.setenv("IMAKER_ENV_FILE", "")
+    monkeypatch.setenv("INSTRUMENTAL_MODEL", ROFO_B)
+    monkeypatch.setenv("DEMUCS_MODEL", MODEL_NAME)
+    monkeypatch.setenv("DEMUCS_DEVICE", "cpu")
+    monkeypatch.setenv("DEMUCS_BACKEND", "torch")
+    for folder, no_drums, want in ((only_rofo, "false", {ROFO_B}),
+                                   (both, "true", {ROFO_B, MODEL_NAME})):
+        monkeypatch.setenv("DEMUCS_MODEL_REPO", str(folder))
+        monkeypatch.setenv("GENERATE_NO_DRUMS_VARIANT", no_drums)
+        monkeypatch.setenv("SEPARATOR_PORT", str(free_port()))
+        client = SeparatorClient.from_settings(load_settings())
+        client.ensure_running(preload=True)
+        try:
+            health = client.health()
+            assert {m["name"] for m in health["models"]} == want, health
+        finally:
+            stop_separator(client.port)

@@ -77,10 +77,13 @@ class SeparateRequest(BaseModel):
 
 
 class Preload(BaseModel):
-    """What ``serve --preload`` readies before the service answers: the settings' model,
-    with which one short separation converts and compiles the backend."""
+    """What ``serve --preload`` readies before the service answers: the models the
+    settings' tracks use (``stemset.plan`` of ``separation`` for ``variants``: the variants
+    every track makes, None = all), each loaded and kept, and the 4-stem model run on one
+    short separation (which converts and compiles its backend)."""
     model_config = ConfigDict(extra="forbid")
     separation: Separation = Field(default_factory=Separation)
+    variants: list[str] | None = None
 
 
 class Cancelled(Exception):
@@ -341,12 +344,23 @@ class Service:
 
     def _warm_up(self, preload: Preload) -> None:
         o = preload.separation
-        for name in o.instrumental_model:  # loaded once and kept, like demucs below
+        try:
+            p = stemset.plan(o, preload.variants)
+        except stemset.PlanError as exc:  # the first track's `stems` step reports it
+            log.warning("nothing preloaded: %s", exc)
+            return
+        for name in p.instrumental:  # loaded once and kept, like demucs below
             try:
                 stemset.load(name, o.model_repo, o.device)
             except Exception as exc:  # noqa: BLE001 - the first separation reports it
                 log.warning("preloading %s failed: %s", name, exc)
-        loaded = separation.load_model(o.model, o.model_repo, o.device)
+        if p.demucs is None:  # no variant of these settings needs the 4-stem model
+            return
+        try:
+            loaded = separation.load_model(p.demucs, o.model_repo, o.device)
+        except Exception as exc:  # noqa: BLE001 - the first separation reports it
+            log.warning("preloading %s failed: %s", p.demucs, exc)
+            return
         # one second of noise through the path the first track takes: a converted backend
         # is compiled now (OpenVINO on 2 cores: 1.2 s for htdemucs' 7.8 s segment, 9-10 s for a
         # 10 s one; its blob cache does not save that on the CPU) instead of in that
