@@ -149,6 +149,7 @@ def test_instrumental_model_end_to_end_stale_and_backfill(imaker_env, repo, sour
         "cpu", "bf16" if cpu_has_amx_bf16() else "fp32")
     assert sep["models"][1]["precision"] in ("fp32", "bf16")   # DEMUCS_CPU_AUTOCAST=auto
     assert sep["models"][0]["stems"] == ["vocals", "other"] and len(sep["models"][1]["stems"]) == 4
+    assert sep["models"][0]["architecture"] == "bs_roformer"
     arts = {a["variant"]: a for a in man["artifacts"] if a["kind"] == "audio"}
     assert set(arts) == {"instrumental", "no_drums", "drums_only"}
     rofo_dir, demucs_dir = folder / ROFO_A, folder / MODEL_NAME

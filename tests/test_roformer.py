@@ -192,6 +192,8 @@ def repo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models")
     write_model(folder, "tiny_bs_roformer", bs_yaml(), seed=1)
     write_model(folder, "tiny_mel_band_roformer", mel_yaml(), seed=2)
+    # the layout of the instrumental fine-tunes (target_instrument: other)
+    write_model(folder, "tiny_bs_roformer_inst", bs_yaml(target="other"), seed=3)
     # audio-separator's offline seed: the model list it would fetch, naming our files
     checks = {key: {} for key in ("vr_download_list", "mdx_download_list",
                                   "mdx_download_vip_list", "demucs_download_list",
@@ -199,6 +201,8 @@ def repo(tmp_path_factory) -> Path:
     checks["roformer_download_list"] = {
         "Tiny BS-RoFormer": {"tiny_bs_roformer.ckpt": "tiny_bs_roformer.yaml"},
         "Tiny Mel-Band RoFormer": {"tiny_mel_band_roformer.ckpt": "tiny_mel_band_roformer.yaml"},
+        "Tiny BS-RoFormer instrumental": {
+            "tiny_bs_roformer_inst.ckpt": "tiny_bs_roformer_inst.yaml"},
     }
     (folder / "download_checks.json").write_text(json.dumps(checks))
     return folder
@@ -398,6 +402,17 @@ def test_precision_settings_govern_roformer():
     assert separation.roformer_autocast("cuda:0", False, True) is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the host has CUDA")
+def test_demucs_device_governs_roformer(repo):
+    """DEMUCS_DEVICE picks the RoFormer model's device as it does demucs': cuda on a host
+    without CUDA is one clear line, not a torch traceback."""
+    from imaker import separation, stemset
+
+    with pytest.raises(separation.SeparationError, match="^DEMUCS_DEVICE=cuda but no CUDA"):
+        stemset.load("tiny_bs_roformer", repo, "cuda")
+    assert str(stemset.load("tiny_bs_roformer", repo, "auto").device) == "cpu"
+
+
 def test_converted_backends_do_not_apply_to_roformer(caplog):
     """DEMUCS_BACKEND: RoFormer runs on torch; a converted backend named explicitly is
     warned about once per setting."""
@@ -428,14 +443,20 @@ def test_bf16_autocast_separation_close_to_fp32(repo, track, name):
 
 
 # ----- separation ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["tiny_bs_roformer", "tiny_mel_band_roformer"])
+@pytest.mark.parametrize("name", ["tiny_bs_roformer", "tiny_mel_band_roformer",
+                                  "tiny_bs_roformer_inst"])
 def test_separation_equals_audio_separator_mdxc(repo, track, tmp_path, name):
-    """The acceptance bar: >= 40 dB SNR per stem against audio-separator's MDXC path."""
+    """The acceptance bar: >= 40 dB SNR per stem against audio-separator's MDXC path (for
+    an instrumental fine-tune's layout too: the network gives `other`, vocals = the
+    mixture minus it)."""
     sep = reference_separator(repo, tmp_path, name)
     ref = sep.model_instance.demix(track.copy())
     model = roformer.load(repo / f"{name}.ckpt", repo / f"{name}.yaml")
     ours = model.separate(track, batch_size=2)
     assert set(ours) == set(ref) == set(model.sources)
+    if name.endswith("_inst"):
+        assert model.sources == ("other", "vocals")
+        assert np.allclose(ours["vocals"], track - ours["other"], atol=1e-5)
     for stem in model.sources:
         assert ours[stem].shape == track.shape and ours[stem].dtype == np.float32
         assert np.abs(ref[stem]).max() > 1e-3  # not a silent stem
@@ -577,7 +598,9 @@ def test_scan_lists_models_and_unusable_configs(repo, tmp_path):
     (tmp_path / "broken.yaml").write_text("model: {dims: [1]}\ntraining: {instruments: [a]}\n")
     (tmp_path / "htdemucs.yaml").write_text("models: ['955717e8']\n")  # a demucs bag
     found = {m.name: m for m in roformer.scan(tmp_path)}
-    assert set(found) == {"broken", "tiny_bs_roformer", "tiny_mel_band_roformer"}
+    assert set(found) == {"broken", "tiny_bs_roformer", "tiny_mel_band_roformer",
+                          "tiny_bs_roformer_inst"}
+    assert found["tiny_bs_roformer_inst"].stems == ("other", "vocals")
     assert found["tiny_bs_roformer"].architecture == "bs_roformer"
     assert found["tiny_mel_band_roformer"].stems == ("vocals", "other")
     assert found["broken"].architecture is None and "unsupported architecture" in found["broken"].error
