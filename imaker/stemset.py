@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,34 @@ def load(name: str, repo: Path | None, device: str = "auto"):
                 f"cannot load RoFormer model {name!r}: {_one_line(exc)}") from None
         _ROFORMERS[key] = model
         return model
+
+
+def release_except(keep: Iterable[tuple[str, str | None]]) -> list[str]:
+    """Drop the loaded models (both families) whose ``(name, repo)`` is not in ``keep``
+    and hand their memory back; returns their names. The separation service calls it with
+    the models its running separations plan (``Service``): a model the settings no longer
+    name (``INSTRUMENTAL_MODEL`` or ``DEMUCS_MODEL`` switched) does not stay resident for
+    the life of a long-lived service (1.3 GB at Kim's Mel-Band size)."""
+    from . import separation
+
+    wanted = {(name, str(repo) if repo else None) for name, repo in keep}
+    dropped = []
+    with _LOAD_LOCK:
+        for cache in (separation._CACHE, _ROFORMERS):
+            for key in list(cache):
+                if (key[0], key[1]) not in wanted:
+                    dropped.append(key[0])
+                    del cache[key]
+    if dropped:
+        import gc
+
+        gc.collect()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+            sys.modules["torch"].cuda.empty_cache()
+        from .roformer.net import release_freed_memory
+
+        release_freed_memory()
+    return dropped
 
 
 def _one_line(exc: BaseException) -> str:

@@ -425,3 +425,30 @@ def test_a_preloaded_service_loads_only_the_models_the_settings_tracks_use(
             assert {m["name"] for m in health["models"]} == want, health
         finally:
             stop_separator(client.port)
+
+
+def test_switching_models_releases_the_old_one_from_the_service(repo, source_m4a, tmp_path,
+                                                                monkeypatch):
+    """A long-lived separation service keeps the models its tracks plan, not every model it
+    ever loaded: after INSTRUMENTAL_MODEL switches from A to B, the next separation drops A
+    (its memory handed back) and keeps B and the demucs model."""
+    from conftest import stop_separator
+    from dagster_server import free_port
+    from imaker.separator.client import SeparatorClient
+
+    monkeypatch.setenv("IMAKER_ENV_FILE", "")
+    monkeypatch.setenv("DEMUCS_MODEL", MODEL_NAME)
+    monkeypatch.setenv("DEMUCS_DEVICE", "cpu")
+    monkeypatch.setenv("SEPARATOR_PORT", str(free_port()))
+    seen = []
+    try:
+        for name in (ROFO_A, ROFO_B):
+            monkeypatch.setenv("INSTRUMENTAL_MODEL", name)
+            client = SeparatorClient.from_settings(load_settings())
+            client.ensure_running()
+            meta = client.separate(f"switch_{name}", source_m4a, tmp_path / name)
+            assert [m["name"] for m in meta["models"]] == [name, MODEL_NAME], meta
+            seen.append({m["name"] for m in client.health()["models"]})
+    finally:
+        stop_separator(client.port)
+    assert seen == [{ROFO_A, MODEL_NAME}, {ROFO_B, MODEL_NAME}]

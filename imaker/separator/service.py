@@ -31,6 +31,7 @@ a loopback client whether this service is its checkout's (see ``imaker.separator
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -99,6 +100,9 @@ class _Separator:
         o = req.separation
         self.segment, self.overlap, self.shifts = o.segment, o.overlap, o.shifts
         self.plan = stemset.plan(o, req.variants)
+        repo = str(o.model_repo) if o.model_repo else None
+        #: what this separation may load: the service keeps these loaded while it runs
+        self.models = [(name, repo) for name in self.plan.models]
 
     def load(self, name: str | None = None):
         o = self.req.separation
@@ -161,6 +165,8 @@ class Service:
         self.active = 0  # separations running now (under the limiter)
         self.completed = 0  # separations finished since the start
         self.batchers: dict = {}
+        #: (model name, repo) -> separations running now whose plan names it
+        self.in_use: collections.Counter = collections.Counter()
         self.cross_batch = cross_batch
         self._lock = threading.Lock()
         self.idle_exit_s = idle_exit_s
@@ -188,6 +194,14 @@ class Service:
         if backends.cpu_runs_one_at_a_time(setting):
             return 1
         return self.cores
+
+    def _release_unused(self) -> None:
+        """Under ``_lock``, as a separation starts: drop the loaded models that no running
+        separation plans (the settings switched to another model) and their batchers."""
+        dropped = set(stemset.release_except(self.in_use))
+        if dropped:
+            log.info("released models no running separation uses: %s", ", ".join(sorted(dropped)))
+            self.batchers = {k: b for k, b in self.batchers.items() if k[1] not in dropped}
 
     def batcher_for(self, loaded):
         """On CUDA (or when ``cross_batch`` is forced), one ``WindowBatcher`` per model (a
@@ -283,18 +297,22 @@ class Service:
             state["fraction"] = fraction
 
         def work() -> dict:
+            separator = _Separator(self, req, cancel)
             with self._lock:
                 self.active += 1
+                self.in_use.update(separator.models)
+                self._release_unused()
             try:
                 meta = pipeline.separate_to_folder(Path(req.source), Path(req.stems_dir),
-                                                   req.job_id, _Separator(self, req, cancel),
-                                                   progress)
+                                                   req.job_id, separator, progress)
                 with self._lock:
                     self.completed += 1
                 return meta
             finally:
                 with self._lock:
                     self.active -= 1
+                    self.in_use.subtract(separator.models)
+                    self.in_use = +self.in_use  # drop the zero counts
                 self.last_used = time.monotonic()
 
         async def run() -> None:
