@@ -320,6 +320,10 @@ def test_models_fetch_from_a_mirror_verifies_the_sha256(imaker_env, tmp_path, ro
                                      "https://example.invalid/config_melband.yaml", sha, "test"),
         "nohash": install.Published("nohash", "https://example.invalid/MelBand.ckpt",
                                     "https://example.invalid/config_melband.yaml", None, "test"),
+        # a config pinned by its sha256: another file at that URL is refused
+        "otheryaml": install.Published("otheryaml", "https://example.invalid/MelBand.ckpt",
+                                       "https://example.invalid/config_melband.yaml", sha,
+                                       "test", yaml_sha256="0" * 64),
     }
     monkeypatch.setattr(install, "CATALOGUE", table)
     mirror = _Mirror(served)
@@ -334,6 +338,9 @@ def test_models_fetch_from_a_mirror_verifies_the_sha256(imaker_env, tmp_path, ro
         assert "no published sha256" in capsys.readouterr().err
         assert imaker_main(["models", "fetch", "nohash", "--url", mirror.url,
                             "--sha256", sha]) == 0
+        assert imaker_main(["models", "fetch", "otheryaml", "--url", mirror.url]) == 1
+        err = capsys.readouterr().err
+        assert "config_melband.yaml" in err and "does not match its checksum" in err, err
     finally:
         mirror.close()
     # nothing half-written: only the two verified models, no temporary files
@@ -347,6 +354,12 @@ def test_the_catalogue_pins_the_published_checkpoints(imaker_env, tmp_path, monk
     pinned = {n: e.ckpt_sha256 for n, e in install.CATALOGUE.items() if e.ckpt_sha256}
     assert set(pinned) >= {"mel_band_roformer_kim", "bs_roformer_ep_317_viperx"}
     assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in pinned.values())
+    # their configs at a fixed commit, pinned to the bytes of the copies in tests/data
+    released = Path(__file__).parent / "data" / "roformer"
+    for name in ("mel_band_roformer_kim", "bs_roformer_ep_317_viperx"):
+        entry = install.CATALOGUE[name]
+        assert re.search(r"/[0-9a-f]{40}/configs/", entry.yaml_url), entry.yaml_url
+        assert entry.yaml_sha256 == roformer.file_sha256(released / entry.files[1])
     monkeypatch.setenv("DEMUCS_MODEL_REPO", str(tmp_path / "models"))
     assert imaker_main(["models", "fetch", "mel_band_roformer_kim", "--sha256", "0" * 64]) == 1
     assert "differs from the catalogue's 87201f4d" in capsys.readouterr().err

@@ -335,6 +335,28 @@ def test_state_dict_keys_and_shapes_equal_reference(tmp_path, text):
     ref.load_state_dict(ours.state_dict(), strict=True)
 
 
+RELEASED = Path(__file__).parent / "data" / "roformer"
+
+
+@pytest.mark.parametrize("name, architecture, parameters", [
+    ("config_vocals_mel_band_roformer_kj", roformer.MEL_BAND_ROFORMER, 228_203_172),
+    ("model_bs_roformer_ep_317_sdr_12.9755", roformer.BS_ROFORMER, 159_758_796)])
+def test_released_configs_build_the_reference_parameters(name, architecture, parameters):
+    """The published configs of the catalogue's two checkpoints, verbatim
+    (tests/data/roformer/SOURCE.md): read as distributed, they build exactly the reference
+    implementation's parameters (keys and shapes, so their checkpoints load strictly), at
+    the published sizes (built without storage: no memory, no init)."""
+    config = roformer.read_config(RELEASED / f"{name}.yaml")
+    assert config.architecture == architecture and config.stems == ("vocals", "other")
+    with torch.device("meta"):
+        ref = _reference_net(config)
+        ours = RoformerNet(config.architecture, **config.model)
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert our_shapes == ref_shapes
+    assert sum(torch.Size(s).numel() for s in our_shapes.values()) == parameters
+
+
 @pytest.mark.parametrize("name", ["tiny_bs_roformer", "tiny_mel_band_roformer"])
 def test_network_output_equals_reference_network(repo, name):
     """One window through both networks with the same weights (the reference loaded by

@@ -42,6 +42,8 @@ class Published:
     #: then needs it from the user, ``--sha256``)
     ckpt_sha256: str | None
     about: str
+    #: the config's sha256, when its URL names a fixed revision (checked after download)
+    yaml_sha256: str | None = None
 
     @property
     def files(self) -> tuple[str, str]:
@@ -49,7 +51,11 @@ class Published:
                 self.yaml_url.rsplit("/", 1)[1].split("?")[0])
 
 
-_ZF = "https://raw.githubusercontent.com/ZFTurbo/Music-Source-Separation-Training/main/configs"
+#: ZFTurbo's configs at a fixed commit (the files' last change there: Kim's August 2024,
+#: ep_317's April 2024), so the bytes behind a URL cannot change; copies in
+#: tests/data/roformer/ (their sha256s below)
+_ZF = ("https://raw.githubusercontent.com/ZFTurbo/Music-Source-Separation-Training/"
+       "ccc011abf7f89dd7922bb2888d48493b575c0289/configs")
 #: well-known checkpoints, as python-audio-separator / ZFTurbo's pretrained_models.md list
 #: them. The sha256s could not be taken from the files here (no network): each is the one
 #: several independent public projects pin for that file (Kim's: 913,106,900 bytes at the
@@ -64,13 +70,15 @@ CATALOGUE: dict[str, Published] = {p.name: p for p in (
               f"{_ZF}/KimberleyJensen/config_vocals_mel_band_roformer_kj.yaml",
               "87201f4d31afb5bc79993230fc49446918425574db48c01c405e44f365c7559e",
               "Kimberley Jensen's Mel-Band RoFormer (vocals, other); multisong SDR vocals "
-              "11.01 / instrumental 17.32 (MVSEP)"),
+              "11.01 / instrumental 17.32 (MVSEP)",
+              "f63f38eb1e6e40a7db0dade714a5ae257555dd8748f4e774eae8679275a81926"),
     Published("bs_roformer_ep_317_viperx",
               "https://github.com/TRvlvr/model_repo/releases/download/all_public_uvr_models/"
               "model_bs_roformer_ep_317_sdr_12.9755.ckpt",
               f"{_ZF}/viperx/model_bs_roformer_ep_317_sdr_12.9755.yaml",
               "5b84f37e8d444c8cb30c79d77f613a41c05868ff9c9ac6c7049c00aefae115aa",
-              "viperx's BS-RoFormer ep_317 (vocals, other); multisong SDR instrumental 17.2"),
+              "viperx's BS-RoFormer ep_317 (vocals, other); multisong SDR instrumental 17.2",
+              "42e5635ceab7287b83d9591c9880966f0b61cff26a0a40a29d236bacb32e5f2c"),
     Published("mel_band_roformer_inst_v1e_unwa",
               "https://huggingface.co/pcunwa/Mel-Band-Roformer-Inst/resolve/main/inst_v1e.ckpt",
               "https://huggingface.co/pcunwa/Mel-Band-Roformer-Inst/resolve/main/"
@@ -172,7 +180,7 @@ def fetch(name: str, repo: Path, *, root_url: str | None = None, sha256: str | N
         try:
             log(f"{name}: downloading {urls[0]}")
             download(urls[0], ckpt, expected, label=name)
-            download(urls[1], yaml_path, None, label=name)
+            download(urls[1], yaml_path, entry.yaml_sha256, label=name)
         except ModelError as exc:
             raise InstallError(str(exc)) from None
         info = verify(ckpt, yaml_path, name=name)
