@@ -81,18 +81,28 @@ def _models(settings, args) -> int:
             print(f"no models in {repo} (imaker models fetch [NAME] downloads "
                   f"{settings.separation.model}; known: {', '.join(models.known_names())}; "
                   f"RoFormer: {', '.join(install.CATALOGUE)})")
+        demucs_ok = True
         for e in entries:
-            state = "complete" if not e.missing else f"incomplete (missing {', '.join(e.missing)})"
             mark = " (DEMUCS_MODEL)" if e.name == settings.separation.model else ""
-            print(f"{e.name}{mark}: demucs, {state}, {len(e.files)} file(s), "
-                  f"{e.size_bytes / 1e6:.1f} MB in {repo}")
+            if e.missing:
+                demucs_ok = False
+                print(f"{e.name}{mark}: demucs, incomplete (missing {', '.join(e.missing)}), "
+                      f"{len(e.files)} file(s), {e.size_bytes / 1e6:.1f} MB in {repo}")
+                continue
+            info = models.describe(e.name, repo)
+            demucs_ok = demucs_ok and info["loads"]
+            state = "loads" if info["loads"] else f"does not load: {info['error']}"
+            print(f"{e.name}{mark}: demucs, complete, {info['architecture'] or '?'}, stems "
+                  f"{','.join(info['stems']) or '?'}, {len(e.files)} file(s), "
+                  f"{e.size_bytes / 1e6:.1f} MB in {repo}, sha256 "
+                  f"{'+'.join(info['sha256'])}, {state}")
         for r in rofos:
             mark = " (INSTRUMENTAL_MODEL)" if r["name"] in settings.separation.instrumental_model else ""
             state = "loads" if r["loads"] else f"does not load: {r['error']}"
             print(f"{r['name']}{mark}: roformer, {r['architecture'] or '?'}, stems "
                   f"{','.join(r['stems']) or '?'}, {r['size_bytes'] / 1e6:.1f} MB, sha256 "
                   f"{r['sha256']}, {state}")
-        return 0 if all(r["loads"] for r in rofos) else 1
+        return 0 if demucs_ok and all(r["loads"] for r in rofos) else 1
     if args.models_command == "add":
         try:
             info = install.add(args.ckpt, args.yaml, repo, name=args.name)

@@ -179,6 +179,30 @@ def installed(repo: Path) -> list[Installed]:
     return out
 
 
+def describe(name: str, repo: Path) -> dict:
+    """What ``imaker models list`` shows of a complete demucs model in ``repo``: its
+    architecture (the network's class; a bag's members'), stems, the sha256 of each weight
+    file, and whether it loads (``error``: the one line saying why not). Loads it on the CPU."""
+    from .fsutil import sha256_file
+    from .separation import SeparationError, load_model
+
+    files = [repo / f for f in next(e.files for e in installed(repo) if e.name == name)]
+    info = {"architecture": None, "stems": [], "sha256": [sha256_file(f) for f in files],
+            "loads": False, "error": None}
+    try:
+        loaded = load_model(name, repo, "cpu")
+    except SeparationError as exc:
+        info["error"] = " ".join(str(exc).split())
+        return info
+    except Exception as exc:  # noqa: BLE001 - torch's own error on a damaged file: one line
+        info["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        return info
+    members = getattr(loaded.model, "models", None) or [loaded.model]
+    names = sorted({type(m).__name__ for m in members})
+    info.update(architecture="+".join(names), stems=list(loaded.sources), loads=True)
+    return info
+
+
 def missing(name: str, repo: Path) -> str | None:
     """None when ``repo`` has the model ``name`` (a complete bag or a single model), else
     a message naming the model, the folder and the command that fetches it."""

@@ -18,6 +18,7 @@ from dagster import DagsterInstance, materialize
 from conftest import MODEL_NAME, claim_tags, write_bundle
 from dagster_server import free_port
 from imaker import models, separation
+from imaker.fsutil import sha256_file
 from imaker.settings import load_settings
 from imaker_assets.assets import track_assets
 from resources import build_resources
@@ -118,8 +119,21 @@ def test_cli_fetch_offline_is_one_clear_line_and_list_shows_the_repo(tmp_path, m
     assert not [p for p in repo.iterdir()]
     listed = _imaker("models", "list", env={"DEMUCS_MODEL_REPO": str(model_repo),
                                             "DEMUCS_MODEL": MODEL_NAME})
-    assert listed.returncode == 0
-    assert listed.stdout.startswith(f"{MODEL_NAME} (DEMUCS_MODEL): demucs, complete, 1 file(s), ")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    # family, architecture, stems, files, size, sha256 of each file, whether it loads
+    [weights] = model_repo.glob("*.th")
+    assert listed.stdout.startswith(
+        f"{MODEL_NAME} (DEMUCS_MODEL): demucs, complete, HTDemucs, stems "
+        "drums,bass,other,vocals, 1 file(s), "), listed.stdout
+    assert f"sha256 {sha256_file(weights)}, loads\n" in listed.stdout
+    # a damaged weight file: listed with the reason, exit status 1
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_repo, damaged)
+    (damaged / weights.name).write_bytes(weights.read_bytes()[:1000])
+    broken = _imaker("models", "list", env={"DEMUCS_MODEL_REPO": str(damaged),
+                                            "DEMUCS_MODEL": MODEL_NAME})
+    assert broken.returncode == 1
+    assert "does not load: " in broken.stdout and "checksum" in broken.stdout, broken.stdout
     empty = _imaker("models", "list", env={"DEMUCS_MODEL_REPO": str(repo)})
     assert empty.stdout.startswith(f"no models in {repo}")
     # --if-missing: nothing to do when the repo has the model (README command 1)
