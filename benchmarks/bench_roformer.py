@@ -455,7 +455,8 @@ def throughput(args) -> int:
     seconds = args.seconds or 60.0
     torch.set_num_threads(args.threads)
     if cuda:
-        torch.cuda.set_device(torch.device(device))
+        if torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))
         where = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (CUDA "
                  f"{torch.version.cuda}), CPU: {os.cpu_count()} cores")
     else:
@@ -498,7 +499,6 @@ def throughput(args) -> int:
             if not args.no_reference:
                 ref_out = _reference_run(folder, name, device, wavs, warm, audio_s, row)
 
-
             # ours: the tracks at once through the service's separation path and its
             # shared WindowBatcher per model (Service.batcher_for: on CUDA as it is, on the
             # CPU forced with cross_batch=True, which the service does not do there)
@@ -526,9 +526,9 @@ def throughput(args) -> int:
                     # measure): read it after each pass too
                     measured = batcher._measured
 
-                    def _measured(dev, windows, forward, _measured=measured):
+                    def _measured(dev, windows, forward, _measured=measured, _peak=peak):
                         res = _measured(dev, windows, forward)
-                        peak[0] = max(peak[0], torch.cuda.max_memory_allocated(dev))
+                        _peak[0] = max(_peak[0], torch.cuda.max_memory_allocated(dev))
                         return res
 
                     batcher._measured = _measured
@@ -548,7 +548,8 @@ def throughput(args) -> int:
                 outs: list = [None] * args.tracks
                 errors: list = []
 
-                def work(i: int) -> None:
+                def work(i: int, service=service, req=req, gate=gate, start=start,
+                         outs=outs, errors=errors) -> None:
                     start.wait()
                     try:
                         with gate:
