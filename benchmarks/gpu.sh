@@ -14,8 +14,16 @@
 #      same variants on all cores (bench_ceiling.py);
 #   4. the acceptance figures: our throughput against the lower of the host's two limits
 #      (2 and the encode floor), the ratio to the demucs CLI;
-#   5. if time is left: SNR of our CUDA path (batched, bf16) against fp32 apply_model.
+#   5. if time is left: SNR of our CUDA path (batched, bf16) against fp32 apply_model;
+#   6. if at least ROFORMER_MIN_S (90 s) is left: RoFormer separation throughput (issue 21),
+#      Kim's Mel-Band and viperx's ep_317 BS-RoFormer at their published sizes with random
+#      weights, 8 tracks x 60 s (the first minute of the songs of step 0): audio-separator
+#      0.47.1's MDXC path one track after another (its defaults: fp32) vs ours, the tracks
+#      at once through the separation service's shared window batching, bf16 (the
+#      default) and fp32; audio-s/s, the ratio (goal >= 3x), peak GPU memory, SNR per stem
+#      (bench_roformer.py --tracks; figures in $OUT/gpu_roformer.json).
 # Each step has a time limit from what is left of BUDGET_S (default 470 s).
+# ROFORMER_ONLY=1: step 6 alone, with the whole budget (it renders its own 60 s songs).
 #
 # Where: any Linux host with an NVIDIA GPU and a Python 3.11/3.12 that has a CUDA torch.
 #   PYTHON=/path/to/python bash benchmarks/gpu.sh          (default: .venv/bin/python)
@@ -34,6 +42,9 @@ TRACKS=${TRACKS:-8}
 TRACK_SECONDS=${TRACK_SECONDS:-240}
 FULL_SIZE=${FULL_SIZE:-1}
 BUDGET_S=${BUDGET_S:-470}
+ROFORMER_ONLY=${ROFORMER_ONLY:-0}
+ROFORMER_MIN_S=${ROFORMER_MIN_S:-90}
+ROFORMER_SECONDS=${ROFORMER_SECONDS:-$(( TRACK_SECONDS < 60 ? TRACK_SECONDS : 60 ))}
 size=()
 [ "$FULL_SIZE" = 1 ] && size=(--full-size)
 source benchmarks/gpu_env.sh
@@ -64,12 +75,14 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 echo "CPU: $(nproc) cores, $(LC_ALL=C lscpu | sed -n 's/^Model name: *//p')"
 OUT=${OUT:-/tmp/imaker-gpu}
 mkdir -p "$OUT"
-rm -f "$OUT"/gpu_batch.json "$OUT"/gpu_service.json "$OUT"/gpu_ceiling.json  # this run's only
+rm -f "$OUT"/gpu_batch.json "$OUT"/gpu_service.json "$OUT"/gpu_ceiling.json \
+    "$OUT"/gpu_roformer.json  # this run's only
 SONGS=$OUT/songs
 # what is left of the budget for a step, at most $1 seconds
 left() { local l=$(( BUDGET_S - SECONDS )); (( l > $1 )) && l=$1; (( l > 10 )) || l=10; echo "$l"; }
 
 failed=()
+if [ "$ROFORMER_ONLY" != 1 ]; then  # steps 0-5 (not indented: unchanged)
 # 0. the songs (not timed; their FluidSynth may be the bundled one, for this process only)
 fluid_ld=${LD_LIBRARY_PATH:-}
 [ -z "${IMAKER_FLUIDSYNTH_PATH:-}" ] || fluid_ld=$IMAKER_FLUIDSYNTH_PATH${fluid_ld:+:$fluid_ld}
@@ -151,6 +164,36 @@ for i, name in enumerate(loaded.sources):
     snr = 10 * np.log10((r ** 2).sum() / max(((r - e) ** 2).sum(), 1e-30))
     print(f"SNR {name} (ours CUDA bf16 batched vs fp32 apply_model): {snr:.1f} dB")
 PY
+fi
+fi  # steps 0-5
+
+# 6. RoFormer throughput: the reference one track after another vs ours batching across the
+# tracks (issue 21); skipped, saying so, when less than ROFORMER_MIN_S is left
+rest=$(( BUDGET_S - SECONDS ))
+if (( rest < ROFORMER_MIN_S )); then
+    echo "6. RoFormer throughput: skipped, ${rest} s of the ${BUDGET_S} s budget left (needs" \
+         "${ROFORMER_MIN_S}; ROFORMER_ONLY=1 bash benchmarks/gpu.sh runs it alone)"
+else
+    rsize=(--size published)
+    [ "$FULL_SIZE" = 1 ] || rsize=(--size tiny)
+    ref=()
+    if ! "$PY" -c 'import audio_separator.separator' >/dev/null 2>&1; then
+        echo "6. RoFormer: audio-separator 0.47.1 is not importable here (the test extra; on" \
+             "an offline GPU machine: rerun benchmarks/gpu_wheels.sh): ours only, no ratio"
+        ref=(--no-reference)
+    fi
+    if [ "$ROFORMER_ONLY" = 1 ]; then  # no step 0: the songs, of this length (not timed)
+        fluid_ld=${LD_LIBRARY_PATH:-}
+        [ -z "${IMAKER_FLUIDSYNTH_PATH:-}" ] || fluid_ld=$IMAKER_FLUIDSYNTH_PATH${fluid_ld:+:$fluid_ld}
+        LD_LIBRARY_PATH=$fluid_ld timeout "$(left 60)" "$PY" benchmarks/render_songs.py \
+            "$SONGS/roformer-${ROFORMER_SECONDS}s" --count "$TRACKS" \
+            --seconds "$ROFORMER_SECONDS" | sed -n '/^rendered/p' || true
+    fi
+    timeout "$(left 300)" "$PY" benchmarks/bench_roformer.py \
+        --model all "${rsize[@]}" --device "$DEVICE" --tracks "$TRACKS" \
+        --seconds "$ROFORMER_SECONDS" --threads "$(nproc)" --song-dir "$SONGS" "${ref[@]}" \
+        --json "$OUT/gpu_roformer.json" 2>&1 | grep -v '^{' | tee "$OUT/gpu_roformer.log" \
+        || failed+=("6 bench_roformer ($?)")
 fi
 echo "gpu.sh: done in $SECONDS s (budget $BUDGET_S s); figures in $OUT"
 if (( ${#failed[@]} )); then

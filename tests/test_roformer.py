@@ -600,6 +600,41 @@ def test_service_runs_concurrent_roformer_separations_in_shared_passes(repo, nam
             assert snr >= 100, (stem, snr)
 
 
+def test_bench_roformer_throughput_mode_matches_the_reference(tmp_path, monkeypatch):
+    """benchmarks/bench_roformer.py's throughput mode (issue 21's GPU figure, run by
+    benchmarks/gpu.sh step 6 on CUDA), dry-run on the CPU with the tiny BS-RoFormer: two
+    different tracks at once through the service's separation path and shared WindowBatcher
+    (cross_batch forced) against audio-separator's demix one track after another. Every stem
+    of every track is within 40 dB in bf16 and 100 dB in fp32 of the reference, and the
+    figures the GPU run reports are there."""
+    import argparse
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_roformer.py"
+    spec = importlib.util.spec_from_file_location("bench_roformer_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "roformer.json"
+    args = argparse.Namespace(model="ep317", size="tiny", tracks=2, seconds=5.0, device="cpu",
+                              precision="bf16,fp32", song_dir=None, no_reference=False,
+                              threads=1, json=out)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.throughput(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    [row] = json.loads(out.read_text())
+    assert row["architecture"] == "bs_roformer" and row["tracks"] == 2
+    assert row["reference"]["precision"] == "fp32" and row["reference"]["audio_s_per_s"] > 0
+    for label, bar in (("bf16", 40.0), ("fp32", 100.0)):
+        ours = row["ours"][label]
+        assert ours["precision"] == label and ours["passes"] >= 1
+        assert ours["audio_s_per_s"] > 0 and ours["ratio_vs_reference"] > 0
+        for stem, snrs in ours["snr_db"].items():
+            assert len(snrs) == 2 and min(snrs) >= bar, (label, stem, snrs)
+
+
 def test_model_identity(repo):
     model = roformer.load(repo / "tiny_mel_band_roformer.ckpt",
                           repo / "tiny_mel_band_roformer.yaml")
