@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -82,6 +83,29 @@ def daemon_serving(instance: DagsterInstance) -> bool:
                for kind in ("SENSOR", "QUEUED_RUN_COORDINATOR"))
 
 
+def _group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid`` (Linux: /proc)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # elsewhere: whether the group still exists at all
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the command's ")": state, ppid, pgrp, ...
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry.name))
+    return found
+
+
 class DaemonGuard:
     """Makes sure a Dagster daemon serves the instance while ``imaker ingest`` waits for its
     drops: the running one (``dagster dev``) when there is one, else ``dagster-daemon run``
@@ -95,6 +119,7 @@ class DaemonGuard:
         self.proc: subprocess.Popen | None = None
         self.lock = None
         self.started_at = 0.0
+        self._ours: set[str] | None = None  # our daemon's ids, once asked to stop
 
     def check(self) -> None:
         if self.proc is not None:
@@ -126,22 +151,44 @@ class DaemonGuard:
                                          stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
 
+    @staticmethod
+    def _wait_for_group(pgid: int, timeout: float = 30.0) -> None:
+        """Wait until no process of our daemon's session is left (the code server it
+        started can outlive it by a moment, still writing to $DAGSTER_HOME), then return:
+        `imaker ingest --once` ends with nothing of its own still running. Processes that
+        are only zombies do not count (a container's PID 1 may never reap them). A plain
+        wait with a deadline: the OS has no call that waits for a process group."""
+        deadline = time.monotonic() + timeout
+        while _group_members(pgid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
     def _own_daemon_ids(self) -> set[str]:
         """The daemon ids heartbeating since our daemon started: ours (we started it because
         no daemon served the instance, and hold the lock that makes it the only one)."""
         return {beat.daemon_id for beat in self.instance.get_daemon_heartbeats().values()
                 if beat.timestamp >= self.started_at and beat.daemon_id}
 
-    def close(self) -> None:
-        ours: set[str] = set()
-        if self.proc is not None and self.proc.poll() is None:
-            ours = self._own_daemon_ids()
+    def stop(self) -> None:
+        """Ask our daemon to shut down (SIGINT) without waiting: ``close`` waits."""
+        if self.proc is not None and self.proc.poll() is None and self._ours is None:
+            self._ours = self._own_daemon_ids()
             self.proc.send_signal(signal.SIGINT)
+
+    def close(self) -> None:
+        self.stop()
+        ours: set[str] = self._ours or set()
+        if self.proc is not None and self.proc.poll() is None:
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc is not None:
+            self._wait_for_group(self.proc.pid)
         # Dagster keeps a stopped daemon's last heartbeats: for HEARTBEAT_FRESH_S they would
         # say "a daemon serves this instance" and the next `imaker ingest` would wait for one
         # that is gone. Forget them when every heartbeat is our stopped daemon's (a daemon
@@ -263,9 +310,14 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
             time.sleep(poll_s)
         if guard.proc is not None and settings.notify.urls:
             wait_for_notifications(instance, guard, poll_s)
+    except BaseException:
+        guard.close()
+        raise
+    guard.stop()  # our daemon (if any) shuts down while the catalog is refreshed
+    try:
+        refresh_catalog(instance, settings)
     finally:
         guard.close()
-    refresh_catalog(instance, settings)
     return failures
 
 

@@ -279,3 +279,22 @@ def test_every_track_run_has_the_nas_copy_retry_policy(imaker_env):
     node = job.graph.node_named("nas_copy")
     assert node.retry_policy == NAS_RETRY_POLICY or node.definition.retry_policy == NAS_RETRY_POLICY
     assert "ingest_batch" not in [j.name for j in build_defs(load_settings()).resolve_all_job_defs()]
+
+
+def test_the_daemon_guard_waits_for_every_process_of_its_daemons_group():
+    """`imaker ingest --once` returns only when nothing it started is left: the daemon's
+    code server can outlive the daemon by a moment (still writing to $DAGSTER_HOME). A
+    group whose leader exited and whose child still runs is waited for; zombies are not."""
+    from imaker_assets.operations import DaemonGuard, _group_members
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 0.6 & exit 0"], start_new_session=True)
+    proc.wait()
+    assert _group_members(proc.pid), "the child left in the group"
+    start = time.monotonic()
+    DaemonGuard._wait_for_group(proc.pid)
+    assert _group_members(proc.pid) == [] and time.monotonic() - start > 0.3
+    # a child that never ends is killed at the deadline
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & exit 0"], start_new_session=True)
+    proc.wait()
+    DaemonGuard._wait_for_group(proc.pid, timeout=0.3)
+    _wait(lambda: not _group_members(proc.pid), 10, "the killed child", 0.05)
