@@ -78,70 +78,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-KIM = """\
-audio: {chunk_size: 352800, dim_f: 1024, dim_t: 256, hop_length: 441, n_fft: 2048,
-        num_channels: 2, sample_rate: 44100, min_mean_abs: 0.0}
-model:
-  dim: 384
-  depth: 6
-  stereo: true
-  num_stems: 1
-  time_transformer_depth: 1
-  freq_transformer_depth: 1
-  num_bands: 60
-  dim_head: 64
-  heads: 8
-  attn_dropout: 0
-  ff_dropout: 0
-  flash_attn: True
-  dim_freqs_in: 1025
-  sample_rate: 44100
-  stft_n_fft: 2048
-  stft_hop_length: 441
-  stft_win_length: 2048
-  stft_normalized: False
-  mask_estimator_depth: 2
-  multi_stft_resolution_loss_weight: 1.0
-  multi_stft_resolutions_window_sizes: !!python/tuple [4096, 2048, 1024, 512, 256]
-  multi_stft_hop_size: 147
-  multi_stft_normalized: False
-training: {instruments: [vocals, other], target_instrument: vocals}
-inference: {batch_size: 4, dim_t: 256, num_overlap: 2}
-"""
-
-EP317_BANDS = [2] * 24 + [4] * 12 + [12] * 8 + [24] * 8 + [48] * 8 + [128, 129]
-EP317 = f"""\
-audio: {{chunk_size: 352800, dim_f: 1024, dim_t: 801, hop_length: 441, n_fft: 2048,
-        num_channels: 2, sample_rate: 44100, min_mean_abs: 0.0}}
-model:
-  dim: 512
-  depth: 12
-  stereo: true
-  num_stems: 1
-  time_transformer_depth: 1
-  freq_transformer_depth: 1
-  linear_transformer_depth: 0
-  freqs_per_bands: !!python/tuple {EP317_BANDS}
-  dim_head: 64
-  heads: 8
-  attn_dropout: 0.1
-  ff_dropout: 0.1
-  flash_attn: true
-  dim_freqs_in: 1025
-  stft_n_fft: 2048
-  stft_hop_length: 441
-  stft_win_length: 2048
-  stft_normalized: false
-  mask_estimator_depth: 2
-  multi_stft_resolution_loss_weight: 1.0
-  multi_stft_resolutions_window_sizes: !!python/tuple [4096, 2048, 1024, 512, 256]
-  multi_stft_hop_size: 147
-  multi_stft_normalized: False
-training: {{instruments: [vocals, other], target_instrument: vocals}}
-inference: {{batch_size: 4, dim_t: 801, num_overlap: 2}}
-"""
-
-MODELS = {"kim": ("mel_band_roformer_kim_size", KIM), "ep317": ("bs_roformer_ep317_size", EP317)}
+#: the published configs, verbatim (tests/data/roformer/SOURCE.md: ZFTurbo's files at a
+#: fixed commit, the ones `imaker models fetch` downloads and checks by sha256)
+RELEASED = Path(__file__).resolve().parents[1] / "tests" / "data" / "roformer"
+MODELS = {
+    "kim": ("mel_band_roformer_kim_size",
+            (RELEASED / "config_vocals_mel_band_roformer_kj.yaml").read_text()),
+    "ep317": ("bs_roformer_ep317_size",
+              (RELEASED / "model_bs_roformer_ep_317_sdr_12.9755.yaml").read_text()),
+}
 
 
 def tiny_models() -> dict[str, tuple[str, str]]:
