@@ -111,11 +111,10 @@ def check_variants(output_dir: Path, artifacts: list[dict], source_duration_s: f
     durations = {v: m["duration_s"] for v, m in measured.items()}
     per = {v: {"peak_dbfs": m["peak_dbfs"], "rms_dbfs": m["rms_dbfs"]} for v, m in measured.items()}
     off = {v: d for v, d in durations.items() if abs(d - source_duration_s) > tolerance_s}
-    over = {v: lv["peak_dbfs"] for v, lv in per.items() if lv["peak_dbfs"] > 0.0}
-    # the peak that decides: the PCM's where it was measured, else the decode's
-    clipped = {v: max(sent[v], over.get(v, sent[v])) if v in sent else over[v]
-               for v in measured if (sent[v] > 0.0 if v in sent else v in over)}
-    overshoot = {v: p for v, p in over.items() if v not in clipped}
+    decoded = {v: lv["peak_dbfs"] for v, lv in per.items()}
+    # what decides: the PCM's peak where it was measured while encoding, else the decode's
+    clipped = {v: max(p, sent.get(v, p)) for v, p in decoded.items() if sent.get(v, p) > 0.0}
+    overshoot = {v: p for v, p in decoded.items() if p > 0.0 and v not in clipped}
     silent = {v: lv["rms_dbfs"] for v, lv in per.items() if lv["rms_dbfs"] <= floor_dbfs}
     def outcome(bad: dict, good: str, bad_text: str, details: dict) -> CheckOutcome:
         if broken:

@@ -89,7 +89,7 @@ def _models(settings, args) -> int:
                 print(f"{e.name}{mark}: demucs, incomplete (missing {', '.join(e.missing)}), "
                       f"{len(e.files)} file(s), {e.size_bytes / 1e6:.1f} MB in {repo}")
                 continue
-            info = models.describe(e.name, repo)
+            info = models.describe(e, repo)
             demucs_ok = demucs_ok and info["loads"]
             state = "loads" if info["loads"] else f"does not load: {info['error']}"
             print(f"{e.name}{mark}: demucs, complete, {info['architecture'] or '?'}, stems "

@@ -179,18 +179,18 @@ def installed(repo: Path) -> list[Installed]:
     return out
 
 
-def describe(name: str, repo: Path) -> dict:
-    """What ``imaker models list`` shows of a complete demucs model in ``repo``: its
+def describe(entry: Installed, repo: Path) -> dict:
+    """What ``imaker models list`` shows of a complete demucs model (``installed``) in ``repo``: its
     architecture (the network's class; a bag's members'), stems, the sha256 of each weight
     file, and whether it loads (``error``: the one line saying why not). Loads it on the CPU."""
     from .fsutil import sha256_file
     from .separation import SeparationError, load_model
 
-    files = [repo / f for f in next(e.files for e in installed(repo) if e.name == name)]
-    info = {"architecture": None, "stems": [], "sha256": [sha256_file(f) for f in files],
+    info = {"architecture": None, "stems": [],
+            "sha256": [sha256_file(Path(repo) / f) for f in entry.files],
             "loads": False, "error": None}
     try:
-        loaded = load_model(name, repo, "cpu")
+        loaded = load_model(entry.name, repo, "cpu")
     except SeparationError as exc:
         info["error"] = " ".join(str(exc).split())
         return info

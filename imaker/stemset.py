@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,12 +261,14 @@ def release_except(keep: Iterable[tuple[str, str | None]]) -> list[str]:
                 if (key[0], key[1]) not in wanted:
                     dropped.append(key[0])
                     del cache[key]
-    if dropped:
+    if dropped:  # a model was loaded, so torch is imported already
         import gc
 
+        import torch
+
         gc.collect()
-        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
-            sys.modules["torch"].cuda.empty_cache()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
         from .roformer.net import release_freed_memory
 
         release_freed_memory()

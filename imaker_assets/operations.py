@@ -119,7 +119,6 @@ class DaemonGuard:
         self.proc: subprocess.Popen | None = None
         self.lock = None
         self.started_at = 0.0
-        self._ours: set[str] | None = None  # our daemon's ids, once asked to stop
 
     def check(self) -> None:
         if self.proc is not None:
@@ -172,16 +171,11 @@ class DaemonGuard:
         return {beat.daemon_id for beat in self.instance.get_daemon_heartbeats().values()
                 if beat.timestamp >= self.started_at and beat.daemon_id}
 
-    def stop(self) -> None:
-        """Ask our daemon to shut down (SIGINT) without waiting: ``close`` waits."""
-        if self.proc is not None and self.proc.poll() is None and self._ours is None:
-            self._ours = self._own_daemon_ids()
-            self.proc.send_signal(signal.SIGINT)
-
     def close(self) -> None:
-        self.stop()
-        ours: set[str] = self._ours or set()
+        ours: set[str] = set()
         if self.proc is not None and self.proc.poll() is None:
+            ours = self._own_daemon_ids()
+            self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -310,14 +304,9 @@ def ingest_once(instance: DagsterInstance, settings: Settings, out: TextIO | Non
             time.sleep(poll_s)
         if guard.proc is not None and settings.notify.urls:
             wait_for_notifications(instance, guard, poll_s)
-    except BaseException:
-        guard.close()
-        raise
-    guard.stop()  # our daemon (if any) shuts down while the catalog is refreshed
-    try:
-        refresh_catalog(instance, settings)
     finally:
         guard.close()
+    refresh_catalog(instance, settings)
     return failures
 
 
