@@ -22,8 +22,7 @@ SILENCE_FLOOR_DBFS = -60.0
 
 def levels(wav: np.ndarray) -> dict:
     """Sample peak and RMS in dBFS."""
-    peak = float(np.max(np.abs(wav))) if wav.size else 0.0
-    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64)))) if wav.size else 0.0
+    peak, rms = audio_mod.peak_rms(wav)
     return {"peak_dbfs": audio_mod.dbfs(peak), "rms_dbfs": audio_mod.dbfs(rms)}
 
 

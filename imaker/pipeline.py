@@ -25,7 +25,7 @@ import numpy as np
 
 from . import audio as audio_mod
 from . import stemset
-from .analysis import SILENCE_FLOOR_DBFS, levels
+from .analysis import SILENCE_FLOOR_DBFS
 from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
 from .fsutil import atomic_path, copy_hashing, safe_filename, sha256_file, write_json_atomic
 from .queues import QueueStore, utcnow
@@ -173,11 +173,15 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
         info = audio_mod.probe(src)
         if info["audio"] is None:
             raise StageError(f"{bundle.audio}: no audio stream")
-        wav = audio_mod.decode(src, SOURCE_RATE, SOURCE_CHANNELS)
+        # decoded into an unnamed file on the data disk, mapped (``audio.decode``): a long
+        # input is not held in this process's memory; every pass below is chunked
+        lib.library_dir.mkdir(parents=True, exist_ok=True)
+        wav = audio_mod.decode(src, SOURCE_RATE, SOURCE_CHANNELS, scratch=lib.library_dir)
         duration = wav.shape[1] / SOURCE_RATE
         if duration < 0.5:
             raise StageError(f"{bundle.audio}: only {duration:.2f} s of audio")
-        rms_dbfs = levels(wav)["rms_dbfs"]
+        peak, rms = audio_mod.peak_rms(wav)
+        rms_dbfs = audio_mod.dbfs(rms)
         if rms_dbfs <= SILENCE_FLOOR_DBFS:  # nothing to separate: say so before the model runs
             raise StageError(f"the source is silent: {bundle.audio} has an RMS level of "
                              f"{rms_dbfs} dBFS (at or below {SILENCE_FLOOR_DBFS:g} dBFS)")
@@ -208,7 +212,6 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
         # masters, float WAVs) is stored scaled down by one constant, like the stems, and
         # every reader divides it back (``read_source``) — nothing is clipped before the
         # variants' own anti-clipping gain.
-        peak = float(np.max(np.abs(wav))) if wav.size else 0.0
         ceiling = audio_mod.FLAC24_CEILING
         scale = 1.0 if peak < ceiling else float(ceiling / peak)
         if scale != 1.0:
@@ -252,10 +255,11 @@ def prepare_source(store: QueueStore, lib: Library, job_id: str, drop_id: str | 
 
 
 def read_source(source: Path, samplerate: int = SOURCE_RATE,
-                channels: int = SOURCE_CHANNELS) -> np.ndarray:
+                channels: int = SOURCE_CHANNELS, scratch: Path | None = None) -> np.ndarray:
     """The decoded input exactly as ``prepare_source`` got it: ``source.flac`` divided by the
-    scale in the ``source.json`` beside it (1.0 unless the input went over full scale)."""
-    wav = audio_mod.decode(source, samplerate, channels)
+    scale in the ``source.json`` beside it (1.0 unless the input went over full scale).
+    ``scratch``: ``audio.decode``'s (a folder to map it from, instead of memory)."""
+    wav = audio_mod.decode(source, samplerate, channels, scratch=scratch)
     try:
         scale = float(json.loads((Path(source).parent / "source.json").read_text())
                       .get("scale", 1.0))
@@ -290,7 +294,8 @@ def _separate_model(source: Path, folder: Path, name: str, loaded, key: dict, se
                     progress: Callable[[float], None] | None) -> dict:
     """One model's stems into ``folder/<name>/`` (built in a hidden folder, renamed into
     place complete with its ``model.json``)."""
-    wav = read_source(source, loaded.samplerate, loaded.channels)
+    # mapped from an unnamed file in the stems folder, not held in the service's memory
+    wav = read_source(source, loaded.samplerate, loaded.channels, scratch=folder)
     frames = wav.shape[1]
     part = folder / f".{name}.part"
     shutil.rmtree(part, ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -119,6 +120,64 @@ def test_iter_decode_stopped_early_kills_ffmpeg(tmp_path):
         for _chunk in audio.iter_decode(long, RATE, 2, chunk_frames=1024):
             raise RuntimeError("stop")
     assert not _ffmpeg_children()
+
+
+def test_decode_into_scratch_maps_the_same_samples_from_an_unnamed_file(source_m4a, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    whole = audio.decode(source_m4a, RATE, 2)
+    mapped = audio.decode(source_m4a, RATE, 2, scratch=scratch)
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float32
+    assert mapped.shape == whole.shape and mapped.flags.c_contiguous
+    np.testing.assert_array_equal(mapped, whole)
+    mono = audio.decode(source_m4a, 22050, 1, scratch=scratch)
+    np.testing.assert_array_equal(mono, audio.decode(source_m4a, 22050, 1))
+    assert list(scratch.iterdir()) == []  # unnamed: nothing to clean up after a crash
+    mapped *= np.float32(0.5)  # writable in place (the separation normalises in place)
+    np.testing.assert_array_equal(mapped, whole * np.float32(0.5))
+    assert not _ffmpeg_children()
+
+
+def test_decode_into_scratch_holds_no_whole_track_in_memory(tmp_path):
+    seconds = 120
+    src = make_audio(tmp_path / "long.flac", seconds)
+    whole_track = seconds * RATE * 2 * 4  # 42 MB of float32 stereo
+    peaks = {}
+    for label, scratch in (("memory", None), ("scratch", tmp_path)):
+        tracemalloc.start()  # numpy reports its array buffers to tracemalloc
+        try:
+            wav = audio.decode(src, RATE, 2, scratch=scratch)
+            peak, rms = audio.peak_rms(wav)
+            peaks[label] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert wav.shape == (2, seconds * RATE)
+        assert 0.2 < peak < 1.0 and rms > 0.05
+        del wav
+    # the in-memory decode holds the track (and more while gathering it): the measure works
+    assert peaks["memory"] > whole_track, peaks
+    assert peaks["scratch"] < whole_track / 4, peaks  # a few 2 MiB chunks (7 MB)
+
+
+def test_decode_into_scratch_names_a_full_disk(source_m4a, tmp_path):
+    """Writing the decoded samples fails (here a file size limit, as a full disk or a quota
+    would): one readable reason, naming the folder; no ffmpeg left behind."""
+    code = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from imaker import audio\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    audio.decode(Path(sys.argv[1]), 44100, 2, scratch=Path(sys.argv[2]))\n"
+        "except audio.AudioError as exc:\n"
+        "    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(source_m4a), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (f"cannot decode audio.m4a: writing its samples to {tmp_path} "
+                                   "failed: File too large")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----- streaming encode ------------------------------------------------------------------

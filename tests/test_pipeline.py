@@ -378,3 +378,52 @@ def test_launchpad_resource_config_overrides_a_setting_for_one_run(imaker_env, s
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failures and "DEMUCS_OVERLAP=1.5: Input should be less than 1" in \
         failures[0].step_failure_data.error.to_string()
+
+
+def test_long_inputs_are_never_whole_in_the_stages_memory(imaker_env, tmp_path):
+    """The source stage and the separation decode the track into an unnamed file on the data
+    disk and map it (``audio.decode(scratch=)``), measuring it chunk by chunk, so their
+    memory does not grow with the track: numpy's buffers (reported to tracemalloc; torch's
+    are not) for a 90 s input are those of a 45 s one, where decoding into memory held the
+    track two or three times over (a 1-hour input: 2.5-3.6 GB in a run process and in the
+    separation service). The stored source and stems are still the decoded input's."""
+    import threading
+    import tracemalloc
+
+    from conftest import make_audio
+    from imaker.pipeline import prepare_source, read_source, separate_to_folder
+    from imaker.queues import QueueStore
+    from imaker.separator.service import SeparateRequest, Service, _Separator
+
+    settings = load_settings()
+    store, lib = QueueStore.from_settings(settings), Library.from_settings(settings)
+    peaks: dict[tuple[str, int], int] = {}
+    for seconds in (5, 45, 90):  # 5 s: a warm-up (a backend's first pass allocates once)
+        job_id = f"long{seconds}"
+        src = make_audio(tmp_path / f"{job_id}.flac", seconds)
+        write_bundle(settings.paths.queue_other, job_id, src, audio="audio.flac")
+        claim = store.claim(next(j for j in store.discover() if j.job_id == job_id), by="test")
+        req = SeparateRequest(job_id=job_id, source=str(lib.track_dir(job_id) / "source.flac"),
+                              stems_dir=str(lib.stem_dir(job_id)),
+                              separation=settings.separation, variants=["instrumental"])
+        separator = _Separator(Service(concurrency=1), req, threading.Event())
+        for name in separator.plan.models:
+            separator.load(name)  # as in a warm service: the model is not the stage's memory
+        for stage, run in (
+                ("source", lambda: prepare_source(store, lib, job_id, claim.drop_id)),
+                ("stems", lambda: separate_to_folder(Path(req.source), Path(req.stems_dir),
+                                                     job_id, separator))):
+            tracemalloc.start()
+            try:
+                meta = run()
+                peaks[stage, seconds] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert meta["duration_s"] == pytest.approx(seconds, abs=0.05)
+        stored = read_source(lib.track_dir(job_id) / "source.flac")
+        np.testing.assert_allclose(stored, audio.decode(src, 44100, 2), atol=2.0**-22)
+    added = 45 * 44100 * 2 * 4  # the longer track's extra float32 stereo: 16 MB
+    for stage in ("source", "stems"):
+        assert peaks[stage, 90] - peaks[stage, 45] < added / 4, peaks
+    assert sorted(p.name for p in lib.library_dir.iterdir()) == ["long45", "long5", "long90"]
+    assert not [p for p in lib.stems_dir.rglob("*") if p.name.startswith(".")]  # no scratch
