@@ -18,7 +18,7 @@ every 2 ms by a thread; private memory a host must have free — what an out-of-
 counts) above the process's level before the stage, and the peak resident set
 (``VmHWM``, which also counts file pages mapped from disk: the page cache gives those back
 under pressure), wall and CPU seconds. A stage that held the decoded track whole would show
-about 10.1 MiB of float32 per stereo minute (0.6 GiB per hour) or more in ``peak anon``.
+about 20 MiB of float32 per stereo minute (1.2 GiB per hour) or more in ``peak anon``.
 """
 
 from __future__ import annotations

@@ -49,29 +49,28 @@ def run_ours_child(args) -> None:
     """One fresh process through the real pipeline stages (the separation in-process, as the
     separation service runs it); prints JSON timings."""
     t0 = time.perf_counter()
-    from imaker import separation
+    import threading
+
     from imaker.pipeline import (Library, make_variants, prepare_source, separate_to_folder,
                                  write_manifest)
     from imaker.queues import QueueStore
+    from imaker.separator.service import SeparateRequest, Service, _Separator
     from imaker.settings import load_settings
-
-    class Local:  # what the separation service hands to separate_to_folder
-        segment, overlap, shifts = args.segment, 0.25, 1
-
-        def load(self):
-            return separation.load_model(args.model, Path(args.repo), args.device)
-
-        def separate(self, wav, *, sink=None, inplace=False):
-            return separation.separate(self.load(), wav, segment=args.segment,
-                                       batch_size=args.batch_size, sink=sink, inplace=inplace)
 
     t_import = time.perf_counter() - t0
     settings = load_settings()
     store, lib = QueueStore.from_settings(settings), Library.from_settings(settings)
-    sep = Local()
+    # what the separation service runs for the request (one path): this model, repo, device
+    options = settings.separation.model_copy(update={
+        "model": args.model, "model_repo": Path(args.repo), "device": args.device,
+        "segment": args.segment, "batch_size": args.batch_size})
+    req = SeparateRequest(job_id="bench", source=str(lib.track_dir("bench") / "source.flac"),
+                          stems_dir=str(lib.stem_dir("bench")), separation=options)
+    sep = _Separator(Service(concurrency=1), req, threading.Event())
     times = {"imports": t_import}
     t = time.perf_counter()
-    sep.load()
+    for name in sep.plan.models:
+        sep.load(name)
     times["model_load"] = time.perf_counter() - t
     t = time.perf_counter()
     drop = store.claim(store.discover()[0], by="bench").drop_id
