@@ -412,6 +412,19 @@ def runner(model, backend: str, repo: Path | None, precision: str = "f32") -> Co
         return run
 
 
+def forget(models) -> int:
+    """Drop the runners (converted, compiled engines) of ``models`` (the networks of
+    released models; a bag's members too): ``_RUNNERS`` holds each runner's model, so a
+    model the separation service releases (``stemset.release_except``) would otherwise stay
+    in memory with its engine for the life of the service. Returns how many were dropped."""
+    ids = {id(sub) for m in models for sub in (getattr(m, "models", None) or [m])}
+    with _LOCK:
+        gone = [key for key, run in _RUNNERS.items() if id(run.model) in ids]
+        for key in gone:
+            del _RUNNERS[key]
+    return len(gone)
+
+
 def prepare(setting: str | None, device: str, model, autocast_dtype,
             repo: Path | None) -> tp.Callable[[tp.Any], CoreRunner] | None:
     """``choose`` the backend and make its runners for every model of ``model`` now

@@ -254,18 +254,22 @@ def release_except(keep: Iterable[tuple[str, str | None]]) -> list[str]:
     from . import separation
 
     wanted = {(name, str(repo) if repo else None) for name, repo in keep}
-    dropped = []
+    dropped, networks = [], []
     with _LOAD_LOCK:
         for cache in (separation._CACHE, _ROFORMERS):
             for key in list(cache):
                 if (key[0], key[1]) not in wanted:
                     dropped.append(key[0])
-                    del cache[key]
+                    networks.append(getattr(cache.pop(key), "model", None))
     if dropped:  # a model was loaded, so torch is imported already
         import gc
 
         import torch
 
+        from . import backends
+
+        backends.forget([n for n in networks if n is not None])  # their compiled engines
+        del networks
         gc.collect()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()

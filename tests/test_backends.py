@@ -237,3 +237,25 @@ def test_a_preloaded_service_compiles_before_it_answers(repo, source_m4a, tmp_pa
         assert after["completed"] == 1 and after["compiles"] == ready["compiles"], after
     finally:
         stop_separator(client.port)
+
+
+def test_a_released_model_takes_its_compiled_engine_with_it(repo):
+    """The separation service releases a model no running separation plans
+    (``stemset.release_except``); its converted backend's runner (the compiled engine,
+    which holds the network) goes too, so neither stays in memory for the service's life."""
+    import gc
+    import weakref
+
+    from imaker import stemset
+
+    loaded = stemset.load("tiny_htdemucs", repo, "cpu")
+    separation.separate(loaded, _wav(2.0), backend=WINNER, threads=lambda: 1)
+    members = [weakref.ref(m) for m in getattr(loaded.model, "models", None) or [loaded.model]]
+    assert all(any(run.model is m() for run in backends._RUNNERS.values()) for m in members)
+    del loaded
+    others = [(k[0], k[1]) for cache in (separation._CACHE, stemset._ROFORMERS) for k in cache
+              if (k[0], k[1]) != ("tiny_htdemucs", str(repo))]  # other tests' models stay
+    assert stemset.release_except(others) == ["tiny_htdemucs"]
+    gc.collect()
+    # the networks are gone: no runner (compiled engine) of any backend holds them any more
+    assert all(m() is None for m in members)
