@@ -22,14 +22,19 @@ def build_defs(settings: Settings | None = None) -> Definitions:
     Applies the ``UMASK`` setting to this process (the code server, every run)."""
     settings = settings or load_settings()
     apply_umask(settings.paths.umask)
+    # The notification sensors exist where NOTIFY_URLS is set (a change of settings reloads
+    # the code location): three run status sensors ticking every 5 s to send nothing were
+    # most of an idle stack's CPU (each tick a gRPC call, a DagsterInstance built in the
+    # code server, a tick written by the daemon).
+    notify = list(notify_sensors) if settings.notify.urls else []
     return Definitions(
         assets=[*track_assets, separation_models, nas_copy, catalog],
         asset_checks=track_checks,
         jobs=[ingest_track, retrieve],
         # the daemon that `imaker ingest` starts only drives its claims (it refreshes the
         # catalog itself when its jobs are done) and notifies their outcomes (NOTIFY_URLS)
-        sensors=([queue_sensor, *notify_sensors] if os.environ.get("IMAKER_INGEST_ONLY") == "1"
-                 else [queue_sensor, *notify_sensors, catalog_automation, models_sensor]),
+        sensors=([queue_sensor, *notify] if os.environ.get("IMAKER_INGEST_ONLY") == "1"
+                 else [queue_sensor, *notify, catalog_automation, models_sensor]),
         resources=build_resources(settings),
     )
 

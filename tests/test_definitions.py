@@ -28,8 +28,8 @@ def test_definitions_contents(imaker_env):
     assert keys == {"source_audio", "stems", "variants", "manifest", "nas_copy", "catalog",
                     "separation_models"}
     sensors = {s.name for s in defs.sensors}
-    assert sensors == {"queue_sensor", "notify_done", "notify_failed", "notify_canceled",
-                       "catalog_automation", "models_sensor"}
+    # no notification sensors without NOTIFY_URLS (they would tick every 5 s to send nothing)
+    assert sensors == {"queue_sensor", "catalog_automation", "models_sensor"}
     from imaker_assets.assets import stems
 
     assert stems.op.pool == "gpu"
@@ -39,15 +39,22 @@ def test_definitions_contents(imaker_env):
 
 
 def test_ingest_only_daemon_has_the_queue_and_notification_sensors(imaker_env, monkeypatch):
-    """The daemon `imaker ingest --once` starts (IMAKER_INGEST_ONLY=1) notifies too."""
+    """The daemon `imaker ingest --once` starts (IMAKER_INGEST_ONLY=1) notifies too; the
+    notification sensors exist where NOTIFY_URLS is set."""
     from dagster import DagsterRunStatus, DefaultSensorStatus
 
     from imaker_assets.definitions import build_defs
 
     monkeypatch.setenv("IMAKER_INGEST_ONLY", "1")
+    assert {s.name for s in build_defs().sensors} == {"queue_sensor"}  # NOTIFY_URLS unset
+    monkeypatch.setenv("NOTIFY_URLS", "json://127.0.0.1:9/hook")
     defs = build_defs()
     assert {s.name for s in defs.sensors} == {"queue_sensor", "notify_done", "notify_failed",
                                              "notify_canceled"}
+    monkeypatch.delenv("IMAKER_INGEST_ONLY")
+    assert {s.name for s in build_defs().sensors} == {
+        "queue_sensor", "notify_done", "notify_failed", "notify_canceled", "catalog_automation",
+        "models_sensor"}
     for name, status in (("notify_done", DagsterRunStatus.SUCCESS),
                          ("notify_failed", DagsterRunStatus.FAILURE),
                          ("notify_canceled", DagsterRunStatus.CANCELED)):
