@@ -10,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -86,11 +86,11 @@ def decode(path: Path, samplerate: int, channels: int, scratch: Path | None = No
     under pressure, not in the process's own memory (1.2 GiB of float32 per hour of
     stereo, decoded by the stages that need the whole track at once: the source's scale,
     the separation's normalisation). Without it, in memory."""
-    chunks = iter_decode(path, samplerate, channels)
-    if scratch is None:
-        parts = list(chunks)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-    return _gather_in_file(chunks, channels, Path(scratch), Path(path).name)
+    with closing(iter_decode(path, samplerate, channels)) as chunks:  # a failure kills ffmpeg
+        if scratch is None:
+            parts = list(chunks)
+            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        return _gather_in_file(chunks, channels, Path(scratch), Path(path).name)
 
 
 def _gather_in_file(chunks: Iterator[np.ndarray], channels: int, scratch: Path,

@@ -22,8 +22,8 @@ def build_defs(settings: Settings | None = None) -> Definitions:
     Applies the ``UMASK`` setting to this process (the code server, every run)."""
     settings = settings or load_settings()
     apply_umask(settings.paths.umask)
-    # The notification sensors exist where NOTIFY_URLS is set (a change of settings reloads
-    # the code location): three run status sensors ticking every 5 s to send nothing were
+    # The notification sensors exist where NOTIFY_URLS is set (read when the code location
+    # loads, like every setting): three run status sensors ticking every 5 s to send nothing were
     # most of an idle stack's CPU (each tick a gRPC call, a DagsterInstance built in the
     # code server, a tick written by the daemon).
     notify = list(notify_sensors) if settings.notify.urls else []

@@ -171,12 +171,17 @@ def test_decode_into_scratch_names_a_full_disk(source_m4a, tmp_path):
         "try:\n"
         "    audio.decode(Path(sys.argv[1]), 44100, 2, scratch=Path(sys.argv[2]))\n"
         "except audio.AudioError as exc:\n"
-        "    print(exc)\n")
+        "    print(exc)\n"
+        "import os\n"
+        "kids = [p for p in os.listdir('/proc') if p.isdigit() and\n"
+        "        open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == str(os.getpid())]\n"
+        "print('children', len(kids))\n")
     proc = subprocess.run([sys.executable, "-c", code, str(source_m4a), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == (f"cannot decode audio.m4a: writing its samples to {tmp_path} "
-                                   "failed: File too large")
+    assert proc.stdout.splitlines() == [
+        f"cannot decode audio.m4a: writing its samples to {tmp_path} failed: File too large",
+        "children 0"]  # no ffmpeg left behind
     assert list(tmp_path.iterdir()) == []
 
 
