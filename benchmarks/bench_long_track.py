@@ -3,8 +3,8 @@
 
     .venv/bin/python benchmarks/bench_long_track.py [--minutes 60] [--stages source,stems,variants]
 
-One input of ``--minutes`` (a 220 Hz tone + pink noise, stereo AAC 192k in a job bundle, as
-a retriever leaves it) through the real stages, each in a **fresh process** as a run (or
+One input of ``--minutes`` (the tests' ``make_audio``: a tone + pink noise, stereo AAC 192k,
+in a job bundle as a retriever leaves it) through the real stages, each in a **fresh process** as a run (or
 the separation service) runs it:
 
 * ``source``: ``pipeline.prepare_source`` (decode, checks, ``source.flac``);
@@ -70,18 +70,6 @@ class PeakAnon:
         self.peak = max(self.peak, _status("RssAnon"))
 
 
-def make_input(path: Path, minutes: float) -> Path:
-    seconds = minutes * 60
-    subprocess.run(
-        ["ffmpeg", "-nostdin", "-v", "error", "-y",
-         "-f", "lavfi", "-i", f"sine=frequency=220:sample_rate=44100:duration={seconds}",
-         "-f", "lavfi", "-i", f"anoisesrc=color=pink:amplitude=0.2:sample_rate=44100:"
-                              f"duration={seconds}",
-         "-filter_complex", "[0][1]amix=inputs=2:normalize=0,pan=stereo|c0=c0|c1=0.7*c0",
-         "-c:a", "aac", "-b:a", "192k", str(path)], check=True)
-    return path
-
-
 def child(stage: str) -> dict:
     """One stage in this (fresh) process; the settings come from the environment."""
     import resource
@@ -93,23 +81,20 @@ def child(stage: str) -> dict:
     settings = load_settings()
     store = QueueStore.from_settings(settings)
     lib = pipeline.Library.from_settings(settings)
-    run = None
     if stage == "source":
         drop = store.claim(store.discover()[0], by="bench").drop_id
         run = lambda: pipeline.prepare_source(store, lib, JOB, drop)  # noqa: E731
     elif stage == "stems":
-        import threading as _t
-
         from imaker.separator.service import SeparateRequest, Service, _Separator
 
         req = SeparateRequest(job_id=JOB, source=str(lib.track_dir(JOB) / "source.flac"),
                               stems_dir=str(lib.stem_dir(JOB)), separation=settings.separation)
-        sep = _Separator(Service(concurrency=1), req, _t.Event())
+        sep = _Separator(Service(concurrency=1), req, threading.Event())
         for name in sep.plan.models:  # loaded before the measured part, as a warm service
             sep.load(name)
         run = lambda: pipeline.separate_to_folder(  # noqa: E731
             Path(req.source), Path(req.stems_dir), JOB, sep)
-    elif stage == "variants":
+    else:  # variants
         run = lambda: pipeline.make_variants(settings.output, lib, JOB)  # noqa: E731
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -132,7 +117,7 @@ def main() -> int:
     if args.child:
         print("RESULT " + json.dumps(child(args.child)), flush=True)
         return 0
-    from conftest import write_bundle
+    from conftest import make_audio, write_bundle
 
     with tempfile.TemporaryDirectory(prefix="imaker-long-") as tmp:
         data = Path(tmp) / "data"
@@ -141,7 +126,8 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "imaker.cli", "dev-model", str(data / "models")],
                        check=True, env=env, stdout=subprocess.DEVNULL)
         t = time.perf_counter()
-        src = make_input(Path(tmp) / "input.m4a", args.minutes)
+        src = make_audio(Path(tmp) / "input.m4a", args.minutes * 60,
+                         fmt_args=("-c:a", "aac", "-b:a", "192k"))
         print(f"input: {args.minutes:g} min, {src.stat().st_size / 2**20:.1f} MiB AAC "
               f"(made in {time.perf_counter() - t:.0f} s); decoded float32 stereo: "
               f"{args.minutes * 60 * 44100 * 8 / 2**20:.0f} MiB", flush=True)

@@ -8,8 +8,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from . import audio as audio_mod
 from .bundle import BundleError, read_manifest, schema_errors
 from .fsutil import sha256_file
@@ -18,12 +16,6 @@ DURATION_TOLERANCE_S = 0.050
 SILENCE_FLOOR_DBFS = -60.0
 
 
-
-
-def levels(wav: np.ndarray) -> dict:
-    """Sample peak and RMS in dBFS."""
-    peak, rms = audio_mod.peak_rms(wav)
-    return {"peak_dbfs": audio_mod.dbfs(peak), "rms_dbfs": audio_mod.dbfs(rms)}
 
 
 def waveform_png(path: Path, *, color: str = "0x2f6fdf") -> bytes:
@@ -49,15 +41,12 @@ def measure_file(path: Path, samplerate: int, channels: int) -> dict:
     """One read of a file: a single ffmpeg decodes it at ``samplerate``/``channels`` (known
     from its record: no ffprobe) and its duration (decoded frames / rate), sample peak and
     RMS are taken chunk by chunk, so memory does not grow with the track's length."""
-    peak, squares, count, frames = 0.0, 0.0, 0, 0
+    levels, frames = audio_mod.Levels(), 0
     for chunk in audio_mod.iter_decode(Path(path), samplerate, channels):
-        chunk_peak, chunk_squares = audio_mod.chunk_levels(chunk)
-        peak, squares = max(peak, chunk_peak), squares + chunk_squares
-        count += chunk.size
+        levels.add(chunk)
         frames += chunk.shape[1]
-    rms = float(np.sqrt(squares / count)) if count else 0.0
-    return {"duration_s": round(frames / samplerate, 4), "peak_dbfs": audio_mod.dbfs(peak),
-            "rms_dbfs": audio_mod.dbfs(rms)}
+    return {"duration_s": round(frames / samplerate, 4), "peak_dbfs": audio_mod.dbfs(levels.peak),
+            "rms_dbfs": audio_mod.dbfs(levels.rms)}
 
 
 # ----- checks --------------------------------------------------------------------------

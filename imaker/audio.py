@@ -122,11 +122,10 @@ def _gather_in_file(chunks: Iterator[np.ndarray], channels: int, scratch: Path,
 def peak_rms(wav: np.ndarray, chunk_frames: int = CHUNK_FRAMES) -> tuple[float, float]:
     """Sample peak and RMS of ``(channels, samples)``, chunk by chunk (no whole-track
     temporaries: ``np.abs`` or a float64 square of a 1-hour track are 1.2 and 2.4 GiB)."""
-    peak = total = 0.0
+    levels = Levels()
     for start in range(0, wav.shape[-1], chunk_frames):
-        p, sq = chunk_levels(wav[..., start:start + chunk_frames])
-        peak, total = max(peak, p), total + sq
-    return peak, (float(np.sqrt(total / wav.size)) if wav.size else 0.0)
+        levels.add(wav[..., start:start + chunk_frames])
+    return levels.peak, levels.rms
 
 
 def write_failure(returncode: int, stderr: bytes) -> str | None:
@@ -191,12 +190,28 @@ def dbfs(x: float) -> float:
     return round(float(20 * np.log10(x)), 2) if x > 0 else float("-inf")
 
 
-def chunk_levels(samples: np.ndarray) -> tuple[float, float]:
-    """(sample peak, sum of squares) of a chunk, summed in float64. Not ``np.dot``: that is
-    OpenBLAS, whose worker threads spin after each call — in a run process that mixes and
-    encodes, they burned about as much CPU as the mixing itself (perf, issue 22)."""
-    flat = samples.ravel()
-    return float(np.max(np.abs(flat))), float(np.square(flat, dtype=np.float64).sum())
+class Levels:
+    """Sample peak and RMS of the chunks ``add``-ed so far (the squares summed in float64):
+    the one accumulator of the encoder, the checks' one read of a file and the source
+    stage. Not ``np.dot`` for the squares: that is OpenBLAS, whose worker threads spin
+    after each call — in a run process that mixes and encodes, they burned about as much
+    CPU as the mixing itself (perf, issue 22)."""
+
+    def __init__(self):
+        self.peak = 0.0
+        self.squares = 0.0
+        self.count = 0  # samples (every channel)
+
+    def add(self, samples: np.ndarray) -> None:
+        if samples.size:
+            flat = samples.ravel()
+            self.peak = max(self.peak, float(np.max(np.abs(flat))))
+            self.squares += float(np.square(flat, dtype=np.float64).sum())
+            self.count += flat.size
+
+    @property
+    def rms(self) -> float:
+        return float(np.sqrt(self.squares / self.count)) if self.count else 0.0
 
 
 #: the waveform picture drawn for the UI (``Encoder(waveform=...)``, ``analysis.waveform_png``)
@@ -302,8 +317,7 @@ class Encoder:
         self.loudness: dict | None = None  # measure=True: ``loudness`` of the written audio
         self.waveform: bytes | None = None  # waveform=<color>: the PNG
         self.frames = 0  # written so far
-        self.peak = 0.0  # sample peak of what was written (linear)
-        self._squares = 0.0
+        self._levels = Levels()  # of what was written
         self.sha256: str | None = None  # digest=True: of the final (tagged) file
         self.size_bytes: int | None = None
         self.mtime_ns: int | None = None  # of the published file (after the rename)
@@ -382,17 +396,18 @@ class Encoder:
                 data = data[self._proc.stdin.write(data):]
         except BrokenPipeError:  # ffmpeg exited: report its message
             raise self._failed() from None
-        if samples.size:  # the levels of exactly what ffmpeg was sent
-            peak, squares = chunk_levels(samples)
-            self.peak = max(self.peak, peak)
-            self._squares += squares
+        self._levels.add(samples)  # the levels of exactly what ffmpeg was sent
         self.frames += chunk.shape[1]
+
+    @property
+    def peak(self) -> float:
+        """Sample peak of the written samples (linear)."""
+        return self._levels.peak
 
     @property
     def rms(self) -> float:
         """RMS of the written samples (linear, every channel)."""
-        count = self.frames * self.channels
-        return float(np.sqrt(self._squares / count)) if count else 0.0
+        return self._levels.rms
 
     def finish(self) -> None:
         """End the input, wait for ffmpeg and tag the temporary file; the rename into place

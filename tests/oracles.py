@@ -13,6 +13,14 @@ from imaker.pipeline import Library
 from imaker.variants import VariantSpec, gain_for
 
 
+def levels(wav: np.ndarray) -> dict:
+    """Sample peak and RMS in dBFS of a whole track (the product measures in chunks:
+    ``audio.peak_rms``, ``audio.Encoder``)."""
+    peak = float(np.max(np.abs(wav))) if wav.size else 0.0
+    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64)))) if wav.size else 0.0
+    return {"peak_dbfs": audio_mod.dbfs(peak), "rms_dbfs": audio_mod.dbfs(rms)}
+
+
 def codec_name(fmt: str) -> str:
     """The codec ffprobe reports for a file encoded in ``fmt`` (the manifest's codec)."""
     return audio_mod.FORMATS[fmt][2]
