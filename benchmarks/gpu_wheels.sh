@@ -47,7 +47,7 @@ PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 
     "graphql-core==3.2.14" "graphql-relay==3.2.0" "starlette==1.10.0" "uvicorn==0.54.0" \
     "demucs==4.1.0" "julius==0.2.8" "lameenc==1.9.0" "sphn==0.2.1" "mutagen==1.48.1" \
     "jsonschema==4.26.0" "jsonschema-specifications==2025.9.1" "referencing==0.37.0" \
-    "rpds-py==2026.9.1"
+    "rpds-py==2026.9.1" "soundfile==0.14.0" "cffi==2.1.1" "pycparser==3.12"
 # the RoFormer reference (bench_roformer.py --device cuda: audio-separator 0.47.1's MDXC path)
 # and what its import and that path load that the image lacks (the image has onnxruntime,
 # einops, numba, scipy, scikit-learn, joblib, lazy-loader, msgpack, absl-py, requests, six,
@@ -56,7 +56,7 @@ PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 
 "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$OUT" \
     "audio-separator==0.47.1" "beartype==0.18.5" "ml-collections==1.1.0" "pydub==0.25.1" \
     "rotary-embedding-torch==0.6.5" "librosa==0.11.0" "audioread==3.1.0" "decorator==5.3.1" \
-    "pooch==1.9.0" "soundfile==0.14.0" "soxr==1.1.0" "cffi==2.1.1" "pycparser==3.12"
+    "pooch==1.9.0" "soxr==1.1.0"
 # the generated songs' Python side (pure Python: `pip wheel` builds any that has no wheel)
 "$PY" -m pip wheel -q --no-deps -w "$OUT" "pretty-midi==0.2.11.post0" "pyfluidsynth==1.4.0" \
     "mido==1.3.3" "six==1.17.0" "importlib-resources==7.1.0" "packaging==26.4"

@@ -30,13 +30,12 @@ from .bundle import ArtifactMetadata, BundleError, JobBundle, JobManifest
 from .fsutil import atomic_path, copy_hashing, safe_filename, sha256_file, write_json_atomic
 from .queues import QueueStore, utcnow
 from .settings import Output, Settings
-from .stemstore import RawStemWriter
+from .stemstore import STEM_FORMAT, RawStemWriter
 from .variants import VARIANTS, selected_variants, stream_mix
 from .video import mux_video
 
 SOURCE_RATE = 44100
 SOURCE_CHANNELS = 2
-STEM_FORMAT = "flac"
 #: waveform pictures kept in the track library (drawn by the ffmpeg that encodes the file)
 SOURCE_WAVEFORM = "source.png"
 SOURCE_WAVEFORM_COLOR = "0x2f6fdf"
@@ -316,7 +315,7 @@ def _separate_model(source: Path, folder: Path, name: str, loaded, key: dict, se
         if writer.frames != frames:
             raise StageError(f"{name}: the separation returned {writer.frames} samples for "
                              f"{frames}")
-        scale = writer.encode_all(loaded.samplerate, STEM_FORMAT)
+        scale = writer.encode_all(loaded.samplerate)
         record = {**separator.describe(loaded), "folder": name, "key": key,
                   "sources": list(loaded.sources), "scale": scale,
                   "sample_rate": loaded.samplerate, "channels": loaded.channels,

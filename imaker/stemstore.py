@@ -7,21 +7,25 @@ once the whole track is separated.
 ``RawStemWriter`` therefore appends every chunk the model hands over to one raw float32
 file per stem (in the stem folder, so it is on the same disk; page cache, not process
 memory) while tracking the peak, and ``encode_all`` then encodes the raw files to FLAC
-with the scale, one ffmpeg per stem in parallel, each to a temporary name renamed into
-place. Peak memory is one chunk, whatever the track length.
+with the scale, in this process (``audio.FlacWriter``: libFLAC, one thread per stem in
+parallel), each to a temporary name renamed into place. Peak memory is one chunk, whatever
+the track length.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .audio import FLAC24_CEILING, FORMATS, AudioError, tool_path, write_failure
-from .fsutil import atomic_path, naming
+from .audio import CHUNK_FRAMES, FLAC24_CEILING, AudioError, FlacWriter
+from .fsutil import naming
+
+#: the format of every stored stem (and of the stored source, ``pipeline``): lossless, so a
+#: backfill mixes from exactly what the separation gave
+STEM_FORMAT = "flac"
 
 
 class RawStemWriter:
@@ -65,9 +69,9 @@ class RawStemWriter:
         for path in self.paths.values():
             path.unlink(missing_ok=True)
 
-    def encode_all(self, samplerate: int, fmt: str = "flac") -> float:
-        """Encode every raw stem to ``<name>.<fmt>`` (scaled by ``scale``), in parallel;
-        removes the raw files. Returns the scale."""
+    def encode_all(self, samplerate: int) -> float:
+        """Encode every raw stem to ``<name>.flac`` (``STEM_FORMAT``), scaled by ``scale``,
+        in parallel; removes the raw files. Returns the scale."""
         self.close()
         scale = self.scale
         try:
@@ -77,25 +81,22 @@ class RawStemWriter:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(lambda name: encode_raw(
                     self.paths[name], samplerate, self.channels,
-                    self.folder / f"{name}{FORMATS[fmt][0]}", fmt, gain=scale), self.sources))
+                    self.folder / f"{name}.{STEM_FORMAT}", gain=scale), self.sources))
         finally:
             self.discard()
         return scale
 
 
-def encode_raw(raw: Path, samplerate: int, channels: int, dest: Path, fmt: str,
+def encode_raw(raw: Path, samplerate: int, channels: int, dest: Path,
                gain: float = 1.0) -> Path:
-    """ffmpeg-encode a raw interleaved float32 file to ``dest`` (temp name + rename)."""
-    ext, codec_args, _ = FORMATS[fmt]
-    if Path(dest).suffix != ext:
-        raise AudioError(f"{Path(dest).name}: a {fmt} file must end in {ext}")
-    gain_args = [] if gain == 1.0 else ["-af", f"volume={gain!r}:precision=float"]
-    with atomic_path(Path(dest)) as tmp:
-        proc = subprocess.run(
-            [tool_path("ffmpeg"), "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar",
-             str(samplerate), "-ac", str(channels), "-i", str(raw), *gain_args, *codec_args,
-             str(tmp)], capture_output=True)
-        why = write_failure(proc.returncode, proc.stderr)
-        if why is not None:
-            raise AudioError(f"cannot encode {dest}: {why}")
+    """Encode a raw interleaved float32 file, times ``gain``, to the 24-bit FLAC ``dest``
+    (temp name + rename), chunk by chunk."""
+    with open(raw, "rb") as fh, FlacWriter(dest, samplerate, channels) as out:
+        while True:
+            block = np.fromfile(fh, dtype="<f4", count=CHUNK_FRAMES * channels)
+            if not block.size:
+                break
+            if gain != 1.0:
+                block *= np.float32(gain)
+            out.write(block.reshape(-1, channels).T)  # a view; written without a copy
     return Path(dest)

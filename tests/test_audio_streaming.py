@@ -110,7 +110,7 @@ def test_iter_decode_errors_are_decodes(tmp_path):
 
 
 def test_iter_decode_stopped_early_kills_ffmpeg(tmp_path):
-    long = make_audio(tmp_path / "long.flac", 20.0)
+    long = make_audio(tmp_path / "long.m4a", 20.0)  # ffmpeg decodes it (not a stored FLAC)
     it = audio.iter_decode(long, RATE, 2, chunk_frames=1024)
     assert next(it).shape == (2, 1024)
     assert _ffmpeg_children()  # still decoding (blocked on its full pipe)
@@ -182,6 +182,97 @@ def test_decode_into_scratch_names_a_full_disk(source_m4a, tmp_path):
     assert proc.stdout.splitlines() == [
         f"cannot decode audio.m4a: writing its samples to {tmp_path} failed: File too large",
         "children 0"]  # no ffmpeg left behind
+    assert list(tmp_path.iterdir()) == []
+
+
+def _ffmpeg_samples(path: Path, rate: int = RATE, channels: int = 2) -> np.ndarray:
+    """ffmpeg's own decode of ``path`` (the reference the in-process reader must equal)."""
+    raw = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le",
+                          "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(rate), "pipe:1"],
+                         capture_output=True, check=True).stdout
+    return np.frombuffer(raw, "<f4").reshape(-1, channels).T
+
+
+FLAC_BITS = {16: ["-c:a", "flac", "-sample_fmt", "s16"],
+             24: ["-c:a", "flac", "-sample_fmt", "s32", "-bits_per_raw_sample", "24"]}
+
+
+@pytest.mark.parametrize("bits", sorted(FLAC_BITS))
+def test_a_stored_flac_is_read_in_this_process_as_ffmpeg_reads_it(tmp_path, monkeypatch, bits):
+    """The stored source and stems (FLAC at the pipeline's rate and channels) are read by
+    libsndfile in this process: the same samples as ffmpeg's decode, no ffmpeg started."""
+    path = make_audio(tmp_path / "stem.flac", 7.0, fmt_args=FLAC_BITS[bits])
+    want = _ffmpeg_samples(path)
+    started = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a) or real_popen(*a, **k))
+    chunks = list(audio.iter_decode(path, RATE, 2, chunk_frames=50_000))
+    whole = audio.decode(path, RATE, 2)
+    monkeypatch.undo()
+    assert started == []
+    assert [c.shape[1] for c in chunks[:-1]] == [50_000] * (len(chunks) - 1)
+    assert all(c.flags.c_contiguous and c.dtype == np.float32 for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), want)
+    np.testing.assert_array_equal(whole, want)
+    # another rate or channel count: ffmpeg converts it, as it does any input
+    np.testing.assert_array_equal(audio.decode(path, 22050, 1), _ffmpeg_samples(path, 22050, 1))
+
+
+def test_a_stored_flac_that_is_cut_short_or_damaged_is_an_error(tmp_path):
+    path = make_audio(tmp_path / "cut.flac", 10.0, fmt_args=FLAC_BITS[24])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(audio.AudioError, match="^cannot decode cut.flac: "):
+        list(audio.iter_decode(path, RATE, 2))
+    damaged = bytearray(data)
+    damaged[len(data) // 2: len(data) // 2 + 5000] = bytes(5000)
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(audio.AudioError, match="^cannot decode cut.flac: "):
+        audio.decode(path, RATE, 2)
+    path.write_bytes(b"fLaC" + bytes(100))  # not a FLAC stream: ffmpeg says why
+    with pytest.raises(audio.AudioError, match="^cannot decode cut.flac: "):
+        audio.decode(path, RATE, 2)
+
+
+def test_flac_writer_publishes_a_24_bit_file_or_nothing(tmp_path):
+    import soundfile
+
+    wav = audio.decode(make_audio(tmp_path / "in.wav", 3.0), RATE, 2)
+    out = tmp_path / "out"
+    with audio.FlacWriter(out / "stem.flac", RATE, 2) as writer:
+        for start in range(0, wav.shape[1], 40_000):
+            writer.write(wav[:, start:start + 40_000])
+        assert not (out / "stem.flac").exists()  # only a temporary name while writing
+    info = soundfile.info(str(out / "stem.flac"))
+    assert (info.format, info.subtype, info.frames) == ("FLAC", "PCM_24", wav.shape[1])
+    back = audio.decode(out / "stem.flac", RATE, 2)
+    assert np.abs(back - wav).max() <= LSB24 / 2  # rounded to the nearest 24-bit step
+    np.testing.assert_array_equal(back, _ffmpeg_samples(out / "stem.flac"))
+    with pytest.raises(RuntimeError, match="stop"):
+        with audio.FlacWriter(out / "other.flac", RATE, 2) as writer:
+            writer.write(wav[:, :1000])
+            raise RuntimeError("stop")
+    assert [p.name for p in out.iterdir()] == ["stem.flac"]  # no temporary left behind
+
+
+def test_flac_writer_names_a_full_disk(tmp_path):
+    code = (
+        "import resource, signal, sys\n"
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from imaker import audio\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+        "noise = (0.1 * np.random.default_rng(0).standard_normal((2, 441000))).astype('f4')\n"
+        "try:\n"
+        "    with audio.FlacWriter(Path(sys.argv[1]) / 'drums.flac', 44100, 2) as out:\n"
+        "        out.write(noise)\n"
+        "except audio.AudioError as exc:\n"
+        "    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"cannot encode {tmp_path / 'drums.flac'}: File too large"]
     assert list(tmp_path.iterdir()) == []
 
 
