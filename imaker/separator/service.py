@@ -379,21 +379,28 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - the first separation reports it
             log.warning("preloading %s failed: %s", p.demucs, exc)
             return
-        # one second of noise through the path the first track takes: a converted backend
-        # is compiled now (OpenVINO on 2 cores: 1.2 s for htdemucs' 7.8 s segment, 9-10 s for a
-        # 10 s one; its blob cache does not save that on the CPU) instead of in that
-        # track's `stems` step
-        # On CUDA 60 s: a full batch of 8 windows (7.8 s, overlap 0.25: 48.8 s), so the pass
-        # measured for the admission (``_readmit``) is the size the tracks' passes start from
-        seconds = 60 if str(loaded.device).startswith("cuda") else 1
-        noise = np.random.default_rng(0).standard_normal((loaded.channels,
-                                                          seconds * loaded.samplerate))
+        if not str(loaded.device).startswith("cuda"):
+            # the converted backend the first track runs is compiled now (OpenVINO from its
+            # blob cache: 0.6 s for htdemucs on 2 cores), not in that track's `stems` step;
+            # nothing more (a warm-up separation would add a window of inference)
+            try:
+                separation.prepare_backend(
+                    loaded, threads=self.cores,  # as a track alone: cores // active
+                    batch_size=o.batch_size, autocast=o.autocast,
+                    cpu_autocast=o.cpu_autocast, backend=o.backend)
+            except Exception as exc:  # noqa: BLE001 - the first separation reports it
+                log.warning("preparing %s's backend failed: %s: %s", p.demucs,
+                            type(exc).__name__, exc)
+            return
+        # On CUDA 60 s of noise through the path the first track takes: a full batch of 8
+        # windows (7.8 s, overlap 0.25: 48.8 s), so the pass measured for the admission
+        # (``_readmit``) is the size the tracks' passes start from
+        noise = np.random.default_rng(0).standard_normal((loaded.channels, 60 * loaded.samplerate))
         try:
             separation.separate(loaded, (0.1 * noise).astype(np.float32), segment=o.segment,
                                 overlap=o.overlap, shifts=0, batch_size=o.batch_size,
                                 autocast=o.autocast, cpu_autocast=o.cpu_autocast,
-                                threads=lambda: self.cores,  # as a track alone: cores // active
-                                # on CUDA the model's batcher: its pass is measured, and the
+                                # the model's batcher: its pass is measured, and the
                                 # first request is admitted by memory (``_readmit``)
                                 batcher=self.batcher_for(loaded), backend=o.backend)
         except Exception as exc:  # noqa: BLE001 - a warm-up: the first separation reports it
