@@ -75,10 +75,10 @@ def probe(path: Path) -> dict:
     }
 
 
-def decode(path: Path, samplerate: int, channels: int, scratch: Path | None = None
-           ) -> np.ndarray:
+def decode(path: Path, samplerate: int, channels: int, scratch: Path | None = None, *,
+           stored: bool = False) -> np.ndarray:
     """Decode the first audio stream of ``path`` to float32 ``(channels, samples)``: the
-    chunks of ``iter_decode`` (its errors), gathered.
+    chunks of ``iter_decode`` (its errors; ``stored`` is its), gathered.
 
     With ``scratch`` (a folder) they are gathered in an unnamed temporary file there, which
     the returned array maps (a writable ``np.memmap``; the file is gone with the array): a
@@ -86,7 +86,8 @@ def decode(path: Path, samplerate: int, channels: int, scratch: Path | None = No
     under pressure, not in the process's own memory (1.2 GiB of float32 per hour of
     stereo, decoded by the stages that need the whole track at once: the source's scale,
     the separation's normalisation). Without it, in memory."""
-    with closing(iter_decode(path, samplerate, channels)) as chunks:  # a failure kills ffmpeg
+    # a failure kills ffmpeg (closes the file)
+    with closing(iter_decode(path, samplerate, channels, stored=stored)) as chunks:
         if scratch is None:
             parts = list(chunks)
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
@@ -236,11 +237,13 @@ def _reap(proc: subprocess.Popen) -> None:
 
 
 def iter_decode(path: Path, samplerate: int, channels: int,
-                chunk_frames: int = CHUNK_FRAMES) -> Iterator[np.ndarray]:
+                chunk_frames: int = CHUNK_FRAMES, *, stored: bool = False) -> Iterator[np.ndarray]:
     """Decode the first audio stream of ``path`` chunk by chunk: float32 ``(channels, n)``
-    arrays of ``chunk_frames`` frames (the last one shorter), read from one ffmpeg process
-    (a FLAC file already at ``samplerate`` with ``channels``, as the stored source and stems
-    are, is read in this process instead: ``_open_flac``).
+    arrays of ``chunk_frames`` frames (the last one shorter), read from one ffmpeg process.
+    ``stored=True``: a file the pipeline stored (the source and stems, FLAC at ``samplerate``
+    with ``channels``) is read in this process instead (``_open_flac``); inputs from outside
+    are always read by ffmpeg, which decodes every format alike (and conceals a damaged
+    frame where libsndfile stops).
 
     Concatenated, the chunks equal ``decode(path, samplerate, channels)`` sample for sample.
     Errors are ``decode``'s; an ffmpeg failure late in the file is raised after the chunks
@@ -249,9 +252,9 @@ def iter_decode(path: Path, samplerate: int, channels: int,
     if chunk_frames < 1:
         raise ValueError("chunk_frames must be at least 1")
     name = Path(path).name
-    stored = _open_flac(path, samplerate, channels)
-    if stored is not None:
-        yield from _iter_flac(stored, name, chunk_frames)
+    flac = _open_flac(path, samplerate, channels) if stored else None
+    if flac is not None:
+        yield from _iter_flac(flac, name, chunk_frames)
         return
     frame_bytes = 4 * channels
     with ExitStack() as stack:
@@ -304,7 +307,11 @@ def _open_flac(path: Path, samplerate: int, channels: int) -> "soundfile.SoundFi
         stored = soundfile.SoundFile(str(path))
     except (soundfile.LibsndfileError, OSError):
         return None
-    if stored.format != "FLAC" or stored.samplerate != samplerate or stored.channels != channels:
+    # a length in the header: a FLAC written as a stream (to a pipe) has none, and
+    # libsndfile then fails to read it where ffmpeg does not (it reports 2^63 - 1 frames)
+    known_length = 0 < stored.frames < 2**62
+    if (stored.format != "FLAC" or stored.samplerate != samplerate
+            or stored.channels != channels or not known_length):
         stored.close()
         return None
     return stored

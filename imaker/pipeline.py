@@ -258,7 +258,7 @@ def read_source(source: Path, samplerate: int = SOURCE_RATE,
     """The decoded input exactly as ``prepare_source`` got it: ``source.flac`` divided by the
     scale in the ``source.json`` beside it (1.0 unless the input went over full scale).
     ``scratch``: ``audio.decode``'s (a folder to map it from, instead of memory)."""
-    wav = audio_mod.decode(source, samplerate, channels, scratch=scratch)
+    wav = audio_mod.decode(source, samplerate, channels, scratch=scratch, stored=True)
     try:
         scale = float(json.loads((Path(source).parent / "source.json").read_text())
                       .get("scale", 1.0))

@@ -111,7 +111,8 @@ def _lockstep(paths: Stems, samplerate: int, channels: int, scale: float,
               chunk_frames: int, pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
     """Chunks of every stem, aligned: ``{name: float32 (channels, n)}`` divided by
     ``scale`` (``stems.json``), the same ``n`` for all. Each file is read
-    by its own ffmpeg process in ``pool``, one chunk ahead of the consumer. A stem given
+    by its own decoder (``audio.iter_decode``: libFLAC in this process for the stored
+    FLAC, which releases the GIL) in ``pool``, one chunk ahead of the consumer. A stem given
     as terms (``Term``) is their weighted sum (each file decoded once)."""
     stems = _as_terms(paths, scale)
     files: dict[Path, float] = {}
@@ -140,7 +141,8 @@ def _lockstep_files(scales: Mapping[Path, float], samplerate: int, channels: int
     one_folder = len({Path(n).parent for n in names}) == 1
     label = {n: Path(n).stem if one_folder else f"{Path(n).parent.name}/{Path(n).stem}"
              for n in names}
-    iters = {n: audio_mod.iter_decode(n, samplerate, channels, chunk_frames) for n in names}
+    iters = {n: audio_mod.iter_decode(n, samplerate, channels, chunk_frames, stored=True)
+             for n in names}
 
     def fetch() -> dict[str, Future]:
         return {n: pool.submit(next, it, None) for n, it in iters.items()}
@@ -167,7 +169,7 @@ def _lockstep_files(scales: Mapping[Path, float], samplerate: int, channels: int
         if pending is not None:  # no decoder may be running in a thread when it is closed
             wait(pending.values())
         for it in iters.values():
-            it.close()  # kills ffmpeg when the stem was not read to the end
+            it.close()  # closes the file (kills an ffmpeg) when not read to the end
 
 
 def _file_count(paths: Stems) -> int:
@@ -229,8 +231,8 @@ def stream_mix(paths: Stems, outputs: Mapping[VariantSpec, audio_mod.Encoder], *
         # the pool is left (every write finished) before the encoders close.
         # CPU per run: one ffmpeg encoder per variant, each one core at most (AAC, MP3 and
         # FLAC encoders have no threading: `ffmpeg -h encoder=aac`), beside one decoder per
-        # stem file (FLAC decoding is cheap: 0.2 CPU-s per 4 minutes, with or without its
-        # frame threads) and this thread's sums. So a run encodes on about as many cores as
+        # stem file (FLAC decoding in this process is cheap: 0.26 CPU-s per 4 minutes) and
+        # this thread's sums. So a run encodes on about as many cores as
         # it makes variants (2 by default) and nothing needs capping per run; what spreads
         # the encoding over the host is the number of runs at once (MAX_CONCURRENT_RUNS,
         # auto max(4, cores // 2): imaker.settings.default_max_runs).

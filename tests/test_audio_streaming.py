@@ -200,22 +200,33 @@ FLAC_BITS = {16: ["-c:a", "flac", "-sample_fmt", "s16"],
 @pytest.mark.parametrize("bits", sorted(FLAC_BITS))
 def test_a_stored_flac_is_read_in_this_process_as_ffmpeg_reads_it(tmp_path, monkeypatch, bits):
     """The stored source and stems (FLAC at the pipeline's rate and channels) are read by
-    libsndfile in this process: the same samples as ffmpeg's decode, no ffmpeg started."""
+    libsndfile in this process: the same samples as ffmpeg's decode, no ffmpeg started.
+    An input from outside (``stored=False``, the default) is read by ffmpeg."""
     path = make_audio(tmp_path / "stem.flac", 7.0, fmt_args=FLAC_BITS[bits])
     want = _ffmpeg_samples(path)
     started = []
     real_popen = subprocess.Popen
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a) or real_popen(*a, **k))
-    chunks = list(audio.iter_decode(path, RATE, 2, chunk_frames=50_000))
-    whole = audio.decode(path, RATE, 2)
-    monkeypatch.undo()
+    chunks = list(audio.iter_decode(path, RATE, 2, chunk_frames=50_000, stored=True))
+    whole = audio.decode(path, RATE, 2, stored=True)
     assert started == []
+    np.testing.assert_array_equal(audio.decode(path, RATE, 2), want)
+    assert len(started) == 1 and started[0][0][0].endswith("ffmpeg")
+    monkeypatch.undo()
     assert [c.shape[1] for c in chunks[:-1]] == [50_000] * (len(chunks) - 1)
     assert all(c.flags.c_contiguous and c.dtype == np.float32 for c in chunks)
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1), want)
     np.testing.assert_array_equal(whole, want)
     # another rate or channel count: ffmpeg converts it, as it does any input
-    np.testing.assert_array_equal(audio.decode(path, 22050, 1), _ffmpeg_samples(path, 22050, 1))
+    np.testing.assert_array_equal(audio.decode(path, 22050, 1, stored=True),
+                                  _ffmpeg_samples(path, 22050, 1))
+    # a FLAC written as a stream has no length in its header, which libsndfile cannot read:
+    # ffmpeg decodes it
+    streamed = tmp_path / "streamed.flac"
+    with open(streamed, "wb") as out:
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-c:a", "flac",
+                        "-f", "flac", "pipe:1"], stdout=out, check=True)
+    np.testing.assert_array_equal(audio.decode(streamed, RATE, 2, stored=True), want)
 
 
 def test_a_stored_flac_that_is_cut_short_or_damaged_is_an_error(tmp_path):
@@ -223,15 +234,15 @@ def test_a_stored_flac_that_is_cut_short_or_damaged_is_an_error(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(audio.AudioError, match="^cannot decode cut.flac: "):
-        list(audio.iter_decode(path, RATE, 2))
+        list(audio.iter_decode(path, RATE, 2, stored=True))
     damaged = bytearray(data)
     damaged[len(data) // 2: len(data) // 2 + 5000] = bytes(5000)
     path.write_bytes(bytes(damaged))
     with pytest.raises(audio.AudioError, match="^cannot decode cut.flac: "):
-        audio.decode(path, RATE, 2)
+        audio.decode(path, RATE, 2, stored=True)
     path.write_bytes(b"fLaC" + bytes(100))  # not a FLAC stream: ffmpeg says why
     with pytest.raises(audio.AudioError, match="^cannot decode cut.flac: "):
-        audio.decode(path, RATE, 2)
+        audio.decode(path, RATE, 2, stored=True)
 
 
 def test_flac_writer_publishes_a_24_bit_file_or_nothing(tmp_path):
@@ -245,7 +256,7 @@ def test_flac_writer_publishes_a_24_bit_file_or_nothing(tmp_path):
         assert not (out / "stem.flac").exists()  # only a temporary name while writing
     info = soundfile.info(str(out / "stem.flac"))
     assert (info.format, info.subtype, info.frames) == ("FLAC", "PCM_24", wav.shape[1])
-    back = audio.decode(out / "stem.flac", RATE, 2)
+    back = audio.decode(out / "stem.flac", RATE, 2, stored=True)
     assert np.abs(back - wav).max() <= LSB24 / 2  # rounded to the nearest 24-bit step
     np.testing.assert_array_equal(back, _ffmpeg_samples(out / "stem.flac"))
     with pytest.raises(RuntimeError, match="stop"):
