@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--idle-exit", type=float, default=None,
                        help="exit after this many idle seconds (the auto-started service)")
     serve.add_argument("--preload", action="store_true",
-                       help="load DEMUCS_MODEL and compile its backend (one short separation) "
-                            "before answering: a health check then means ready")
+                       help="load DEMUCS_MODEL and compile its backend (on CUDA: one 60 s "
+                            "separation) before answering: a health check then means ready")
     med = sub.add_parser("media", help="listen from the UI: the static media server for "
                                        "OUTPUTS_DIR and LIBRARY_DIR (HTTP Range)")
     med_sub = med.add_subparsers(dest="media_command", required=True)

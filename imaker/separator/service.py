@@ -80,8 +80,9 @@ class SeparateRequest(BaseModel):
 class Preload(BaseModel):
     """What ``serve --preload`` readies before the service answers: the models the
     settings' tracks use (``stemset.plan`` of ``separation`` for ``variants``: the variants
-    every track makes, None = all), each loaded and kept, and the 4-stem model run on one
-    short separation (which converts and compiles its backend)."""
+    every track makes, None = all), each loaded and kept, and the 4-stem model's converted
+    backend converted and compiled (on CUDA: the model run on one 60 s separation, the
+    pass the memory admission measures)."""
     model_config = ConfigDict(extra="forbid")
     separation: Separation = Field(default_factory=Separation)
     variants: list[str] | None = None
