@@ -195,6 +195,23 @@ def _mono_stats(mix, chunk: int = 1 << 20):
     return mean.float(), std.float()
 
 
+def _engine_plan(loaded: LoadedModel, batch_size: int | None, autocast: bool,
+                 cpu_autocast: bool | None, backend: str | None):
+    """``(batch, autocast dtype, runner_for)`` of a separation with these options: the
+    one plan ``separate`` runs and ``prepare_backend`` makes ready. ``runner_for`` is the
+    converted backend's (``backends.prepare``: converted once per model, cached), or None
+    where torch runs the network (or demucs' ``apply_model``: batch 0); with a converted
+    backend the dtype is None (it computes in its own precision)."""
+    batch, autocast_dtype = inference_plan(loaded.device, batch_size, autocast, cpu_autocast)
+    if not batch:
+        return batch, autocast_dtype, None
+    from imaker import backends
+
+    runner_for = backends.prepare(backend, loaded.device, loaded.model, autocast_dtype,
+                                  loaded.repo)
+    return batch, (None if runner_for is not None else autocast_dtype), runner_for
+
+
 def prepare_backend(loaded: LoadedModel, *, threads: int, batch_size: int | None = None,
                     autocast: bool = True, cpu_autocast: bool | None = False,
                     backend: str | None = "torch") -> bool:
@@ -206,13 +223,7 @@ def prepare_backend(loaded: LoadedModel, *, threads: int, batch_size: int | None
     in fp32) for what the compile alone gives."""
     if getattr(loaded.model, "is_oracle", False):
         return False
-    batch, autocast_dtype = inference_plan(loaded.device, batch_size, autocast, cpu_autocast)
-    if not batch:
-        return False
-    from imaker import backends
-
-    runner_for = backends.prepare(backend, loaded.device, loaded.model, autocast_dtype,
-                                  loaded.repo)
+    _, _, runner_for = _engine_plan(loaded, batch_size, autocast, cpu_autocast, backend)
     if runner_for is None:
         return False
     for sub in getattr(loaded.model, "models", None) or [loaded.model]:
@@ -251,7 +262,8 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
 
     if wav.ndim != 2 or wav.shape[0] != loaded.channels:
         raise SeparationError(f"expected {loaded.channels} channels, got shape {wav.shape}")
-    batch, autocast_dtype = inference_plan(loaded.device, batch_size, autocast, cpu_autocast)
+    batch, autocast_dtype, runner_for = _engine_plan(loaded, batch_size, autocast,
+                                                     cpu_autocast, backend)
     mix = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
     mean, std = _mono_stats(mix)
     if not torch.isfinite(std) or float(std) < 1e-8:
@@ -271,12 +283,8 @@ def separate(loaded: LoadedModel, wav: np.ndarray, *, segment: float | None = No
     threads = threads if batch and str(loaded.device) == "cpu" else None
     with torch.inference_mode():
         if batch:
-            from imaker import backends, fast_apply
+            from imaker import fast_apply
 
-            runner_for = backends.prepare(backend, loaded.device, loaded.model,
-                                          autocast_dtype, loaded.repo)
-            if runner_for is not None:
-                autocast_dtype = None  # the converted backend computes in its own precision
             out = fast_apply.apply_model_batched(
                 loaded.model, mix[None], shifts=shifts, overlap=overlap, segment=segment,
                 batch_size=batch, device=loaded.device, autocast_dtype=autocast_dtype,
