@@ -100,8 +100,8 @@ def test_the_released_architectures_transformer_width_converts_too(tmp_path):
     assert model.bottom_channels == 16 and hasattr(model, "channel_upsampler")
     mix = torch.randn(1, 2, 5 * 44100)
     with torch.inference_mode():
-        assert torch.equal(model(mix), htcore.split_forward(model, mix, htcore.HTCore(model),
-                                                            draw=False))
+        assert _snr_db(model(mix).numpy(), htcore.split_forward(
+            model, mix, htcore.HTCore(model), draw=False).numpy()) >= 120
     random.seed(7)
     ref = separation.separate(loaded, _wav(8.0), batch_size=0, shifts=1, backend="torch")
     random.seed(7)
@@ -113,6 +113,8 @@ def test_the_released_architectures_transformer_width_converts_too(tmp_path):
 
 
 def test_split_forward_is_the_model_forward_and_keeps_random_draws(repo):
+    """The same as ``model(mix)`` to float32 rounding (the masking and iSTFT are
+    ``htcore.masked_ispec``'s, below), drawing from ``random`` as forward does."""
     model = separation.load_model("tiny_htdemucs", repo, "cpu").model.models[0]
     mix = torch.randn(1, 2, 5 * 44100)  # shorter than the segment: padded, cut back
     with torch.inference_mode():
@@ -122,8 +124,32 @@ def test_split_forward_is_the_model_forward_and_keeps_random_draws(repo):
         random.seed(1)
         out = htcore.split_forward(model, mix, htcore.HTCore(model), draw=False)
         after_split = random.random()
-    assert torch.equal(ref, out)
+    assert out.shape == ref.shape
+    assert _snr_db(ref.numpy(), out.numpy()) >= 120
     assert after_ref == after_split  # the torch core draws like forward does
+
+
+def test_masked_ispec_is_demucs_mask_and_ispec(repo):
+    """The frequency branch's masking + iSTFT written once into the padded spectrogram
+    (``htcore.masked_ispec``) against demucs' ``_mask`` + ``_ispec`` (``torch.istft``) on
+    a random network output: float32 rounding apart (>= 120 dB; measured ~140), every
+    sample, at the window's length and at a shorter one."""
+    model = separation.load_model("tiny_htdemucs", repo, "cpu").model.models[0]
+    length = htcore.training_length(model)
+    torch.manual_seed(0)
+    _, z, mag = htcore.core_inputs(model, 0.1 * torch.randn(1, 2, length))
+    x = torch.randn(2, len(model.sources), *mag.shape[1:])  # a batch of two windows
+    z = torch.cat([z, z])
+    with torch.inference_mode():
+        ref = model._ispec(model._mask(z, x), length)
+        ours = htcore.masked_ispec(model, x, length)
+        assert ours.shape == ref.shape == (2, len(model.sources), 2, length)
+        assert _snr_db(ref.numpy(), ours.numpy()) >= 120
+        assert float((ref - ours).abs().max()) < 1e-4 * float(ref.abs().max())
+        shorter = length - 3 * model.hop_length - 77
+        ref = model._ispec(model._mask(z, x), shorter)
+        ours = htcore.masked_ispec(model, x, shorter)
+        assert ours.shape == ref.shape and _snr_db(ref.numpy(), ours.numpy()) >= 120
 
 
 def test_second_start_reuses_the_cached_conversion(tmp_path):
