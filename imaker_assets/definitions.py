@@ -8,6 +8,7 @@ from imaker.fsutil import apply_umask
 from imaker.settings import Settings, load_settings
 from resources import build_resources
 from sensors import models_sensor, notify_sensors, queue_sensor
+from sensors.queue_sensor import INGEST_ONLY_ENV
 
 from .assets import separation_models, track_assets
 from .catalog import catalog, catalog_automation
@@ -33,7 +34,7 @@ def build_defs(settings: Settings | None = None) -> Definitions:
         jobs=[ingest_track, retrieve],
         # the daemon that `imaker ingest` starts only drives its claims (it refreshes the
         # catalog itself when its jobs are done) and notifies their outcomes (NOTIFY_URLS)
-        sensors=([queue_sensor, *notify] if os.environ.get("IMAKER_INGEST_ONLY") == "1"
+        sensors=([queue_sensor, *notify] if os.environ.get(INGEST_ONLY_ENV) == "1"
                  else [queue_sensor, *notify, catalog_automation, models_sensor]),
         resources=build_resources(settings),
     )

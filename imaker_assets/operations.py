@@ -30,6 +30,7 @@ from imaker.queues import Claim, QueueStore
 from imaker.settings import Settings
 from imaker.variants import VARIANTS
 from resources import build_resources
+from sensors.queue_sensor import INGEST_ONLY_ENV
 
 from .assets import manifest, stems, track_assets, variants
 from .catalog import catalog
@@ -42,7 +43,6 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 #: a daemon whose sensor and run-queue heartbeats are younger than this serves the instance
 #: (Dagster's daemons beat every 30 s)
 HEARTBEAT_FRESH_S = 70.0
-INGEST_ONLY_ENV = "IMAKER_INGEST_ONLY"
 WORKSPACE = """load_from:
   - python_module:
       module_name: imaker_assets.definitions
