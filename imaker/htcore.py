@@ -5,9 +5,11 @@
 to ONNX / OpenVINO, so the middle part is wrapped here as ``HTCore``: a plain module that
 takes the padded waveform window and the real CaC spectrogram and returns the frequency
 branch's output spectrogram (real, before masking) and the time branch's waveform. The
-spectral parts stay in torch (``split_forward``), exactly the code of ``HTDemucs``.
+spectral parts stay in torch (``split_forward``): the STFT is ``HTDemucs``' own code, the
+masking + iSTFT ``masked_ispec`` (its arithmetic in fewer passes over memory).
 
-``split_forward(model, mix, core)`` computes what ``model(mix)`` computes, with ``core``
+``split_forward(model, mix, core)`` computes what ``model(mix)`` computes (to float32
+rounding), with ``core``
 being any callable with ``HTCore``'s signature (the module itself, an ONNX Runtime session,
 an OpenVINO compiled model...). The forward below mirrors demucs 4.1.0's
 ``HTDemucs.forward`` (MIT licence) in eval mode.
