@@ -162,17 +162,16 @@ def masked_ispec(model, x: torch.Tensor, length: int) -> torch.Tensor:
     hop-sized blocks of the 75 % overlap and division by the window envelope, as
     ``torch.istft(center=True, normalized=True)`` does: 46 ms (0.08 CPU-s), equal to
     demucs' result within float32 rounding (about 140 dB SNR; tests/test_backends.py).
-    Falls back to demucs' methods where the frame size is not a whole number of hops."""
+    Falls back to demucs' methods for any other layout (a frame size that is not a whole
+    number of hops, a length beyond the padded window)."""
     hop = model.hop_length
     B, S, C2, Fr, T = x.shape
     n_fft = 2 * Fr  # what _ispec's istft derives from the padded Fr + 1 bins
-    if n_fft % hop or C2 % 2:
-        return model._ispec(model._mask(None, x), length)
     C, N, r, frames = C2 // 2, B * S * C2 // 2, n_fft // hop, T + 4
     # istft(center=True) drops n_fft // 2 samples; _ispec then drops its own pad
     start = n_fft // 2 + hop // 2 * 3
-    if start + length > (frames - 1) * hop + n_fft // 2:  # not _ispec's layout: theirs
-        return model._ispec(model._mask(None, x), length)
+    if n_fft % hop or C2 % 2 or start + length > (frames - 1) * hop + n_fft // 2:
+        return model._ispec(model._mask(None, x), length)  # not _ispec's layout: theirs
     x = x.float()
     # _mask's complex view (re/im interleaved per channel) padded as _ispec pads it: one
     # frequency bin at the top, two frames at each end
@@ -184,9 +183,9 @@ def masked_ispec(model, x: torch.Tensor, length: int) -> torch.Tensor:
     if key not in _WINDOWS:
         hann = torch.hann_window(n_fft, device=x.device)
         # the envelope: the squared windows overlap-added (what istft divides by)
-        envelope = hann.new_zeros(frames + r - 1, hop)
+        envelope, squared = hann.new_zeros(frames + r - 1, hop), (hann * hann).view(r, hop)
         for k in range(r):
-            envelope[k:k + frames] += (hann * hann).view(r, hop)[k]
+            envelope[k:k + frames] += squared[k]
         # normalized=True: the inverse FFT is scaled by sqrt(n_fft)
         _WINDOWS[key] = hann * n_fft ** 0.5, envelope.view(-1)
     window, envelope = _WINDOWS[key]
