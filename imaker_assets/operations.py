@@ -108,8 +108,9 @@ def _group_members(pgid: int) -> list[int]:
 
 class DaemonGuard:
     """Makes sure a Dagster daemon serves the instance while ``imaker ingest`` waits for its
-    drops: the running one (``dagster dev``) when there is one, else ``dagster-daemon run``
-    started here for the duration (one per instance: a file lock in ``$DAGSTER_HOME``; its
+    drops: the running one (``dagster dev``) when there is one, else Dagster's daemon
+    started here for the duration, over a code server of its own
+    (``imaker_assets.ingest_daemon``; one per instance: a file lock in ``$DAGSTER_HOME``; its
     queue sensor only drives the claims made by `imaker ingest`, see ``INGEST_ONLY_ENV``).
     The runs themselves are Dagster's: the queue sensor requests them, the run queue
     launches them, run monitoring and run retries watch them."""
@@ -141,8 +142,8 @@ class DaemonGuard:
             workspace.write_text(WORKSPACE)
         self.log = self.home / "logs" / "imaker-ingest-daemon.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        exe = Path(sys.executable).with_name("dagster-daemon")
-        cmd = [str(exe) if exe.exists() else "dagster-daemon", "run", "-w", str(workspace)]
+        # `dagster-daemon run` over code servers of its own (see imaker_assets.ingest_daemon)
+        cmd = [sys.executable, "-m", "imaker_assets.ingest_daemon", str(workspace)]
         env = {**os.environ, INGEST_ONLY_ENV: "1", "DAGSTER_HOME": str(self.home)}
         self.started_at = time.time()
         with open(self.log, "ab") as out:

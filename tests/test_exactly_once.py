@@ -298,3 +298,50 @@ def test_the_daemon_guard_waits_for_every_process_of_its_daemons_group():
     proc.wait()
     DaemonGuard._wait_for_group(proc.pid, timeout=0.3)
     _wait(lambda: not _group_members(proc.pid), 10, "the killed child", 0.05)
+
+
+def _cmdlines(pids) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            pass
+    return out
+
+
+def test_the_ingest_daemon_keeps_its_code_server(imaker_env):
+    """The daemon `imaker ingest` starts serves the instance from code servers that live as
+    long as it does (`imaker_assets.ingest_daemon`). A `dagster-daemon run` on a
+    python_module workspace replaced its code server every 60 s (a new process loading the
+    code location: about 2 CPU-s a minute here). Over 75 s the one code server stays, and
+    closing the guard leaves no process of its group behind."""
+    from dagster import DagsterInstance
+
+    from imaker_assets.operations import DaemonGuard, _group_members, daemon_serving
+
+    home = Path(os.environ["DAGSTER_HOME"])
+    with DagsterInstance.get() as instance:
+        guard = DaemonGuard(instance, home)
+        guard.check()
+        try:
+            assert guard.proc is not None, "no daemon served the instance: the guard starts one"
+            _wait(lambda: daemon_serving(instance), 90, "the daemon's heartbeats")
+
+            def code_servers() -> set[int]:
+                return {pid for pid in _group_members(guard.proc.pid)
+                        if any("api grpc" in cmd for cmd in _cmdlines([pid]))}
+
+            first = code_servers()
+            assert len(first) == 1, _cmdlines(_group_members(guard.proc.pid))
+            seen = set(first)
+            deadline = time.monotonic() + 75
+            while time.monotonic() < deadline:
+                seen |= code_servers()
+                time.sleep(1)
+                guard.check()  # raises if the daemon exited
+            assert seen == first, f"code servers started: {sorted(seen - first)}"
+        finally:
+            pgid = guard.proc.pid if guard.proc is not None else None
+            guard.close()
+    assert pgid is not None and _group_members(pgid) == []
