@@ -6,15 +6,18 @@ Why not plain ``dagster-daemon run -w <python_module workspace>``: a daemon that
 code server of a ``python_module`` location itself replaces it every 60 s
 (``dagster._daemon.controller.RELOAD_WORKSPACE_INTERVAL``: a new ``dagster api grpc``
 process importing Dagster and loading the code location, while the old one finishes its
-runs). Measured on 2 cores: 4.9 CPU-s a minute for an idle daemon and its code servers, of
-which about 2 in those restarts. ``dagster dev`` and the compose stack run code servers the
-daemon only connects to; this does the same with Dagster's own ``ProxyServerManager`` (what
-``dagster dev`` starts its code servers with: it heartbeats them and restarts one that
-died), then runs Dagster's daemon command in this process on a workspace that points at them.
+runs). Measured on 2 cores, an idle daemon and its code servers: 5.5 CPU-s a minute that
+way, 3.6 this way (benchmarks/RESULTS.md). ``dagster dev`` and the compose stack run code
+servers the daemon only connects to; this does the same with Dagster's own
+``ProxyServerManager`` (what ``dagster dev`` starts its code servers with: it heartbeats
+them and restarts one that died), then runs Dagster's daemon command in this process on a
+workspace that points at them.
 
     python -m imaker_assets.ingest_daemon <workspace.yaml>
 
-A SIGINT stops the daemon, then the code servers (which finish the runs in flight first).
+A SIGINT stops the daemon, then the code servers (``DaemonGuard.close`` waits for every
+process of the group). Killed outright, the code servers stop by themselves once their
+heartbeats stop (``--heartbeat``, set by ``ProxyServerManager``).
 """
 
 from __future__ import annotations
