@@ -300,16 +300,6 @@ def test_the_daemon_guard_waits_for_every_process_of_its_daemons_group():
     _wait(lambda: not _group_members(proc.pid), 10, "the killed child", 0.05)
 
 
-def _cmdlines(pids) -> list[str]:
-    out = []
-    for pid in pids:
-        try:
-            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            pass
-    return out
-
-
 def test_the_ingest_daemon_keeps_its_code_server(imaker_env):
     """The daemon `imaker ingest` starts serves the instance from code servers that live as
     long as it does (`imaker_assets.ingest_daemon`). A `dagster-daemon run` on a
@@ -317,6 +307,7 @@ def test_the_ingest_daemon_keeps_its_code_server(imaker_env):
     code location: about 2 CPU-s a minute here). Over 75 s the one code server stays, and
     closing the guard leaves no process of its group behind."""
     from dagster import DagsterInstance
+    from dagster_server import process_tree
 
     from imaker_assets.operations import DaemonGuard, _group_members, daemon_serving
 
@@ -329,11 +320,11 @@ def test_the_ingest_daemon_keeps_its_code_server(imaker_env):
             _wait(lambda: daemon_serving(instance), 90, "the daemon's heartbeats")
 
             def code_servers() -> set[int]:
-                return {pid for pid in _group_members(guard.proc.pid)
-                        if any("api grpc" in cmd for cmd in _cmdlines([pid]))}
+                return {pid for pid, cmd in process_tree(guard.proc.pid).items()
+                        if "api grpc" in cmd}
 
             first = code_servers()
-            assert len(first) == 1, _cmdlines(_group_members(guard.proc.pid))
+            assert len(first) == 1, process_tree(guard.proc.pid)
             seen = set(first)
             deadline = time.monotonic() + 75
             while time.monotonic() < deadline:
