@@ -160,15 +160,17 @@ def main() -> int:
     print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores; "
           f"{args.runs} runs of {len(steps)} no-op steps ({', '.join(sorted(steps))}); "
           f"MAX_CONCURRENT_RUNS={env['MAX_CONCURRENT_RUNS']}; load {loadavg()}", flush=True)
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    # the storage made (and its schema stamped) here, before the daemon's processes all open
+    # it at once (as `imaker ingest` opens it before starting the daemon)
+    instance = DagsterInstance.get()
     daemon = subprocess.Popen([sys.executable, "-m", "imaker_assets.ingest_daemon", str(workspace)],
                               env=env, cwd=work, stdout=open(work / "daemon.log", "wb"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     sampler = TreeSampler({"daemon": daemon.pid}, args.sample_interval)
     sampler.start()
     try:
-        from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
-
-        instance = DagsterInstance.get()
         deadline = time.time() + args.timeout
         while not instance.get_daemon_heartbeats().get("SENSOR"):  # the daemon is up
             if daemon.poll() is not None or time.time() > deadline:
