@@ -55,6 +55,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -271,9 +272,9 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str) -> No
             time.sleep(0.5)
 
 
-def stop_group(proc: subprocess.Popen) -> None:
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     try:
-        os.killpg(proc.pid, 15)
+        os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)

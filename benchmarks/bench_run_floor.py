@@ -27,10 +27,7 @@ our real ``ingest_track`` first (the script stops if they differ).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -41,7 +38,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ceiling import ROOT, TreeSampler, between, loadavg  # noqa: E402
+from bench_batch import _cpu_model  # noqa: E402
+from bench_ceiling import (ROOT, TreeSampler, between, loadavg, run_timelines,  # noqa: E402
+                           stop_group)
 
 JOB = "ingest_track"
 
@@ -165,9 +164,10 @@ def main() -> int:
     # the storage made (and its schema stamped) here, before the daemon's processes all open
     # it at once (as `imaker ingest` opens it before starting the daemon)
     instance = DagsterInstance.get()
-    daemon = subprocess.Popen([sys.executable, "-m", "imaker_assets.ingest_daemon", str(workspace)],
-                              env=env, cwd=work, stdout=open(work / "daemon.log", "wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    with open(work / "daemon.log", "wb") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "imaker_assets.ingest_daemon",
+                                   str(workspace)], env=env, cwd=work, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     sampler = TreeSampler({"daemon": daemon.pid}, args.sample_interval)
     sampler.start()
     try:
@@ -190,20 +190,10 @@ def main() -> int:
                 raise SystemExit(f"timed out; see {home}")
             time.sleep(0.2)
         end = max(r.end_time or 0 for r in instance.get_run_records(done))
-        run_pids = set()
-        for run in instance.get_runs(done):
-            for e in instance.all_logs(run.run_id):
-                m = re.search(r"Started process for run \(pid: (\d+)\)", e.message or "")
-                if m:
-                    run_pids.add(int(m.group(1)))
+        run_pids = {r["pid"] for r in run_timelines(home) if r["pid"] is not None}
     finally:
         sampler.stop()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(daemon.pid, signal.SIGINT)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
+        stop_group(daemon, signal.SIGINT)  # how DaemonGuard stops it: the code servers with it
 
     tree = sampler.series(daemon.pid)
     idle_rate = between(tree, idle_from, drop) / (drop - idle_from)
@@ -222,16 +212,6 @@ def main() -> int:
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":
